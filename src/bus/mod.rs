@@ -1,0 +1,121 @@
+//! The bus between the exchange side and the bot side: traits and the publishing pipeline.
+//!
+//! - [`Sequencer`] turns each [`Event`] into a [`BusMessage`]: it assigns the per-channel
+//!   `seq` of this instance's `src` and serializes the event once, inside its envelope.
+//! - [`Bus`] is the seam for transports: [`memory::MemoryBus`] (demo, hybrid local
+//!   delivery) and [`redis::RedisPublisher`] (pipelined PUBLISH plus latest-value keys).
+//!   [`Tee`] sends one message to two buses (hybrid).
+//! - [`redis::RedisSubscriber`] is the receiving side: it follows the [`Interest`] set the
+//!   gateway publishes, self-filters by `src`, counts lost and duplicate envelopes.
+//! - [`SnapshotStore`] lets the gateway fetch the latest value or book snapshot of a
+//!   channel (`{p}last:` / `{p}snapshot:` keys) when a bot subscribes.
+//!
+//! This module never imports `gateway` or `exchange`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::envelope::BusMessage;
+use crate::event::{now_micros, Channel, Event, Pattern};
+
+pub mod memory;
+pub mod redis;
+
+/// The subscription patterns some local bot holds; the Redis subscriber follows this set.
+pub type Interest = Arc<BTreeSet<Pattern>>;
+
+/// Errors of the bus layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("bad envelope: {0}")]
+    Envelope(#[from] crate::envelope::EnvelopeError),
+    #[error("bus closed")]
+    Closed,
+}
+
+/// A transport that carries published messages.
+pub trait Bus: Send + Sync + 'static {
+    /// Hands `msg` to the transport. Never blocks on the network: a transport that cannot
+    /// keep up drops and counts (Redis) or applies backpressure to the caller (memory).
+    fn publish(&self, msg: BusMessage) -> impl Future<Output = ()> + Send;
+}
+
+/// Sends each message to two buses: hybrid publishes to Redis and delivers locally.
+pub struct Tee<A, B>(pub A, pub B);
+
+impl<A: Bus, B: Bus> Bus for Tee<A, B> {
+    async fn publish(&self, msg: BusMessage) {
+        self.0.publish(msg.clone()).await;
+        self.1.publish(msg).await;
+    }
+}
+
+/// Boxed future returned by [`SnapshotStore`] (object safe, so the gateway can hold a `dyn`).
+pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<BusMessage>, BusError>> + Send + 'a>>;
+
+/// Where the gateway finds what a late joiner needs before live events.
+pub trait SnapshotStore: Send + Sync + 'static {
+    /// `book` channels: the newest full snapshot envelope; `ticker`/`candle`: the newest
+    /// event's envelope; other types: `None`.
+    fn latest(&self, channel: &Channel) -> StoreFuture<'_>;
+}
+
+/// Assigns `seq` per channel for this instance and encodes each event once.
+pub struct Sequencer {
+    src: Uuid,
+    next: HashMap<Channel, u64>,
+}
+
+impl Sequencer {
+    pub fn new(src: Uuid) -> Sequencer {
+        Sequencer {
+            src,
+            next: HashMap::new(),
+        }
+    }
+
+    pub fn src(&self) -> Uuid {
+        self.src
+    }
+
+    /// The envelope for `event`: `seq` is 1 for a channel's first event, then +1 each.
+    pub fn wrap(&mut self, event: Event) -> BusMessage {
+        let channel = event.channel();
+        let seq = self.next.entry(channel).or_insert(0);
+        *seq += 1;
+        BusMessage::encode(self.src, *seq, now_micros(), event)
+    }
+}
+
+/// Runs the publishing side until `events` closes: every event is wrapped once and
+/// handed to `bus`. Returns after the last event was handed over (the flush on shutdown).
+pub async fn run_publisher(mut events: tokio::sync::mpsc::Receiver<Event>, src: Uuid, bus: impl Bus) {
+    let mut sequencer = Sequencer::new(src);
+    while let Some(event) = events.recv().await {
+        crate::metrics::exchange_event(event.exchange(), event.kind());
+        bus.publish(sequencer.wrap(event)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Exchange, StatusState};
+
+    #[test]
+    fn sequence_is_per_channel_from_one() {
+        let mut s = Sequencer::new(Uuid::new_v4());
+        let status = || Event::status(Exchange::Binance, StatusState::Connected, None);
+        let a = s.wrap(status());
+        let b = s.wrap(status());
+        let other = s.wrap(Event::status(Exchange::Kraken, StatusState::Connected, None));
+        assert_eq!((a.seq, b.seq, other.seq), (1, 2, 1));
+        assert_eq!(a.src, s.src());
+    }
+}
