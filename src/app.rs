@@ -1,1 +1,387 @@
-//! (being written)
+//! Wires the parts together for each role — publisher, executor, hybrid, demo — and owns
+//! the shutdown order.
+//!
+//! Every entry point takes already-bound listeners and a [`CancellationToken`]; signals are
+//! caught only in `main`, so tests, `demo` and the roles run exactly the same code.
+//!
+//! Shutdown order, each step bounded by `instance.shutdown_timeout_ms` in total:
+//! 1. stop reading exchange sockets (feeds return);
+//! 2. the publisher pipeline drains what the feeds queued, then the Redis publisher flushes;
+//! 3. the bot server stops accepting, flushes each client's queue, sends a Close frame;
+//! 4. the admin listener stops; the process exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::bus::memory::MemoryBus;
+use crate::bus::redis::{check_connection, RedisPublisher, RedisStore, RedisSubscriber};
+use crate::bus::{run_publisher, Bus, Interest, SnapshotStore, Tee};
+use crate::config::{Config, FeedChannel, FeedConfig, Role};
+use crate::envelope::BusMessage;
+use crate::event::{Event, Exchange};
+use crate::gateway::Gateway;
+use crate::health::Health;
+use crate::http::AdminState;
+
+/// Capacity of the queue between exchange feeds and the publisher pipeline.
+const EVENT_QUEUE: usize = 65_536;
+/// Capacity of the queue between the bus (local or Redis) and the bot router.
+const DELIVERY_QUEUE: usize = 65_536;
+
+/// Errors that stop an instance from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot reach Redis at {url}: {cause}")]
+    RedisUnreachable { url: String, cause: String },
+    #[error("cannot listen on {addr} ({what}): {cause}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        cause: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The sockets an instance serves on, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub http: TcpListener,
+    /// The bot server; unused by a pure publisher.
+    pub bots: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses from `config` (the bot port only for roles that serve bots).
+    pub async fn bind(config: &Config, role: Role) -> Result<Listeners, AppError> {
+        let http = bind("admin HTTP (http.listen)", &config.http.listen).await?;
+        let bots = if role == Role::Publisher {
+            None
+        } else {
+            Some(bind("bot WebSocket (bots.listen)", &config.bots.listen).await?)
+        };
+        Ok(Listeners { http, bots })
+    }
+}
+
+pub async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).await.map_err(|cause| AppError::Bind {
+        what,
+        addr: addr.to_string(),
+        cause,
+    })
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Publisher => "publisher",
+        Role::Executor => "executor",
+        Role::Hybrid => "hybrid",
+    }
+}
+
+/// Runs `role` until `shutdown` is cancelled, then shuts down in order.
+pub async fn run(role: Role, config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AppError> {
+    let metrics = crate::metrics::install();
+    let timeout = Duration::from_millis(config.redis.probe_timeout_ms.max(2_000));
+    check_connection(&config.redis.url, timeout)
+        .await
+        .map_err(|e| AppError::RedisUnreachable {
+            url: config.redis.url.clone(),
+            cause: e.to_string(),
+        })?;
+    let src = Uuid::new_v4();
+    let health = Health::new();
+    info!(
+        role = role_name(role),
+        instance = %config.instance.name,
+        src = %src,
+        "starting"
+    );
+
+    let stops = Stops::new();
+    let admin = AdminState {
+        instance: config.instance.name.clone(),
+        role: role_name(role),
+        health: health.clone(),
+        metrics,
+        redis: redis::Client::open(config.redis.url.as_str()).ok(),
+    };
+    let http_task = spawn_http(listeners.http, admin, stops.http.clone());
+
+    // Bot side: executor and hybrid.
+    let mut gateway_task = None;
+    let mut local_delivery = None;
+    let mut subscriber_task = None;
+    if role != Role::Publisher {
+        let (tx, rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
+        let (interest_tx, interest_rx) = watch::channel::<Interest>(Interest::default());
+        subscriber_task = Some(RedisSubscriber::spawn(
+            config.redis.clone(),
+            src,
+            interest_rx,
+            tx.clone(),
+            health.register("redis_subscriber"),
+            stops.gateway.clone(),
+        ));
+        let store: Arc<dyn SnapshotStore> = Arc::new(RedisStore::new(&config.redis).map_err(|e| {
+            AppError::RedisUnreachable {
+                url: config.redis.url.clone(),
+                cause: e.to_string(),
+            }
+        })?);
+        let gateway = Gateway::new(
+            config.bots.clone(),
+            rx,
+            interest_tx,
+            Some(store),
+            health.register("bot_server"),
+        );
+        if let Some(listener) = listeners.bots {
+            log_listen("bots", &listener);
+            gateway_task = Some(tokio::spawn(gateway.serve(listener, stops.gateway.clone())));
+        }
+        local_delivery = Some(tx);
+    }
+
+    // Exchange side: publisher and hybrid.
+    let mut feeds = Vec::new();
+    let mut pipeline = None;
+    let mut redis_pub_task = None;
+    if role != Role::Executor {
+        let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
+        feeds = spawn_feeds(&config.feeds, &events_tx, &health, &stops.feeds);
+        drop(events_tx);
+        let (publisher, task) = RedisPublisher::spawn(
+            config.redis.clone(),
+            src,
+            health.register("redis_publisher"),
+            stops.publisher.clone(),
+        );
+        redis_pub_task = Some(task);
+        pipeline = Some(match local_delivery.take() {
+            Some(tx) => spawn_pipeline(events_rx, src, Tee(publisher, MemoryBus::new(tx))),
+            None => spawn_pipeline(events_rx, src, publisher),
+        });
+    }
+    drop(local_delivery);
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
+    stops.feeds.cancel();
+    join_all_by(feeds, deadline, "exchange feeds").await;
+    join_by(pipeline, deadline, "publisher pipeline").await;
+    stops.publisher.cancel();
+    join_by(redis_pub_task, deadline, "redis publisher").await;
+    stops.gateway.cancel();
+    if let Some(task) = gateway_task {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Err(e))) => warn!(cause = %e, "bot server ended with an error"),
+            Ok(_) => {}
+            Err(_) => warn!("bot server did not finish in time"),
+        }
+    }
+    join_by(subscriber_task, deadline, "redis subscriber").await;
+    stops.http.cancel();
+    join_by(Some(http_task), deadline, "admin HTTP").await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Options of `mdbridge demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub symbols: Vec<String>,
+    pub rate: u32,
+    pub summary_every: Duration,
+}
+
+/// The zero-dependency demo: simulator + publisher + bot server on the in-process bus.
+pub async fn run_demo(
+    options: DemoOptions,
+    config: Config,
+    bots: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let metrics = crate::metrics::install();
+    let health = Health::new();
+    let stops = Stops::new();
+    let src = Uuid::new_v4();
+
+    let sim_listener = bind("simulator", "127.0.0.1:0").await?;
+    let sim_addr = sim_listener.local_addr()?;
+    let sim_config = crate::simulator::SimConfig {
+        symbols: options.symbols.clone(),
+        rate: options.rate,
+        ..crate::simulator::SimConfig::default()
+    };
+    let sim_stop = CancellationToken::new();
+    let sim_task = tokio::spawn(crate::simulator::serve_binance(sim_listener, sim_config, sim_stop.clone()));
+
+    let mut feed = FeedConfig::new(
+        Exchange::Sim,
+        options.symbols.clone(),
+        vec![
+            FeedChannel::Trade,
+            FeedChannel::Ticker,
+            FeedChannel::Book,
+            FeedChannel::Candle("1m".to_string()),
+        ],
+    );
+    feed.url = Some(format!("ws://{sim_addr}/stream"));
+    feed.rest_url = Some(format!("http://{sim_addr}"));
+
+    let admin = AdminState {
+        instance: config.instance.name.clone(),
+        role: "demo",
+        health: health.clone(),
+        metrics,
+        redis: None,
+    };
+    let bots_addr = bots.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let http_task = spawn_http(http, admin, stops.http.clone());
+
+    let (tx, rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
+    let (interest_tx, _interest_rx) = watch::channel::<Interest>(Interest::default());
+    let gateway = Gateway::new(config.bots.clone(), rx, interest_tx, None, health.register("bot_server"));
+    let stats = gateway.stats();
+    let gateway_task = tokio::spawn(gateway.serve(bots, stops.gateway.clone()));
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
+    let feeds = spawn_feeds(std::slice::from_ref(&feed), &events_tx, &health, &stops.feeds);
+    drop(events_tx);
+    let pipeline = spawn_pipeline(events_rx, src, MemoryBus::new(tx));
+
+    println!("mdbridge demo: simulated Binance-format exchange on {sim_addr} (events are labelled `sim`)");
+    println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
+    println!("  metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
+    println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
+    println!("  Ctrl-C to stop");
+
+    let mut ticker = tokio::time::interval(options.summary_every);
+    ticker.tick().await;
+    let mut last = stats.snapshot();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {
+                let now = stats.snapshot();
+                let secs = options.summary_every.as_secs_f64().max(0.001);
+                println!(
+                    "[demo] clients {} | subscriptions {} | frames sent {} ({:.0}/s) | dropped {} | health {}",
+                    now.clients,
+                    now.subscriptions,
+                    now.frames_sent,
+                    (now.frames_sent.saturating_sub(last.frames_sent)) as f64 / secs,
+                    now.frames_dropped,
+                    if health.all_healthy() { "ok" } else { "degraded" },
+                );
+                last = now;
+            }
+        }
+    }
+    println!("mdbridge demo: stopping");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
+    stops.feeds.cancel();
+    join_all_by(feeds, deadline, "exchange feeds").await;
+    join_by(Some(pipeline), deadline, "publisher pipeline").await;
+    stops.gateway.cancel();
+    if tokio::time::timeout_at(deadline, gateway_task).await.is_err() {
+        warn!("bot server did not finish in time");
+    }
+    sim_stop.cancel();
+    if tokio::time::timeout_at(deadline, sim_task).await.is_err() {
+        warn!("simulator did not finish in time");
+    }
+    stops.http.cancel();
+    join_by(Some(http_task), deadline, "admin HTTP").await;
+    Ok(())
+}
+
+/// One token per stage, cancelled in shutdown order.
+struct Stops {
+    feeds: CancellationToken,
+    publisher: CancellationToken,
+    gateway: CancellationToken,
+    http: CancellationToken,
+}
+
+impl Stops {
+    fn new() -> Stops {
+        Stops {
+            feeds: CancellationToken::new(),
+            publisher: CancellationToken::new(),
+            gateway: CancellationToken::new(),
+            http: CancellationToken::new(),
+        }
+    }
+}
+
+fn spawn_feeds(
+    feeds: &[FeedConfig],
+    events: &mpsc::Sender<Event>,
+    health: &Health,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    feeds
+        .iter()
+        .enumerate()
+        .map(|(i, feed)| {
+            let handle = health.register(format!("feed:{}:{i}", feed.exchange));
+            tokio::spawn(crate::exchange::run_feed(
+                feed.clone(),
+                events.clone(),
+                handle,
+                stop.clone(),
+            ))
+        })
+        .collect()
+}
+
+fn spawn_pipeline(events: mpsc::Receiver<Event>, src: Uuid, bus: impl Bus) -> JoinHandle<()> {
+    tokio::spawn(run_publisher(events, src, bus))
+}
+
+fn spawn_http(listener: TcpListener, state: AdminState, stop: CancellationToken) -> JoinHandle<()> {
+    log_listen("admin http", &listener);
+    tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, state, stop).await {
+            warn!(cause = %e, "admin HTTP listener failed");
+        }
+    })
+}
+
+fn log_listen(what: &str, listener: &TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(addr = %addr, "{what} listening");
+    }
+}
+
+async fn join_by(task: Option<JoinHandle<()>>, deadline: tokio::time::Instant, what: &str) {
+    if let Some(task) = task {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            warn!("{what} did not finish before the shutdown deadline");
+        }
+    }
+}
+
+async fn join_all_by(tasks: Vec<JoinHandle<()>>, deadline: tokio::time::Instant, what: &str) {
+    for task in tasks {
+        join_by(Some(task), deadline, what).await;
+    }
+}
+
+/// The address a listener actually bound (port 0 resolved).
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

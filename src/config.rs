@@ -484,3 +484,96 @@ impl Config {
         p.exists().then_some(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn shipped_config_is_the_documented_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let shipped = Config::load(Some(&path), Role::Hybrid).unwrap();
+        let mut expected = Config::default();
+        expected.feeds = vec![FeedConfig::new(
+            Exchange::Binance,
+            vec!["BTC-USDT".into(), "ETH-USDT".into()],
+            vec![
+                FeedChannel::Trade,
+                FeedChannel::Ticker,
+                FeedChannel::Book,
+                FeedChannel::Candle("1m".into()),
+            ],
+        )];
+        assert_eq!(shipped, expected);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_file_key_and_reason() {
+        let f = write(
+            r#"
+[redis]
+url = "http://nope"
+publish_queue_size = 0
+[bots]
+listen = "not-an-address"
+[[feeds]]
+exchange = "binance"
+symbols = ["btcusdt"]
+channels = ["trade"]
+depth_limit = 0
+"#,
+        );
+        let err = Config::load(Some(f.path()), Role::Hybrid).unwrap_err();
+        let file = f.path().display().to_string();
+        let text = err.to_string();
+        for key in [
+            "redis.url",
+            "redis.publish_queue_size",
+            "bots.listen",
+            "feeds[0].symbols",
+            "feeds[0].depth_limit",
+        ] {
+            assert!(
+                err.problems.iter().any(|p| p.starts_with(&format!("{file}: {key}: "))),
+                "{key} missing in:\n{text}"
+            );
+        }
+        assert_eq!(err.problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let f = write("[redis]\nurll = \"redis://x\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.problems[0].contains("redis"), "{err}");
+        assert!(err.problems[0].contains("urll"), "{err}");
+
+        let f = write("[bots]\nqueue_size = \"big\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.problems[0].contains("bots.queue_size"), "{err}");
+
+        let f = write("[bots]\nslow_client = \"ignore\"\n");
+        assert!(Config::load(Some(f.path()), Role::Executor).is_err());
+
+        let f = write("[[feeds]]\nexchange = \"binance\"\nsymbols = [\"BTC-USDT\"]\nchannels = [\"candle:7q\"]\n");
+        let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
+        assert!(err.to_string().contains("candle:7q"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_and_missing_feeds() {
+        let err = Config::load(Some(Path::new("/nonexistent/mdbridge.toml")), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("file not found"));
+        let f = write("");
+        let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
+        assert!(err.to_string().contains("feeds"), "{err}");
+        assert!(Config::load(Some(f.path()), Role::Executor).is_ok());
+    }
+}

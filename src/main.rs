@@ -1,1 +1,275 @@
-fn main(){}
+//! The `mdbridge` command line: parses arguments, loads config, catches signals, and hands
+//! over to the library (`app`, `simulator`, `exchange::normalize`). Nothing else lives here.
+
+use std::io::{BufReader, BufWriter};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use mdbridge::app::{self, DemoOptions, Listeners};
+use mdbridge::config::{Config, Role};
+use mdbridge::event::{valid_symbol, Exchange};
+use mdbridge::simulator::{Faults, SimConfig};
+
+/// Exit status for a configuration that was refused.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "mdbridge",
+    version,
+    about = "Market-data fan-out bridge: exchange WebSockets -> normalized events -> Redis pub/sub -> bot WebSockets",
+    long_about = "mdbridge holds exchange WebSocket connections, normalizes trades, tickers, order books and candles \
+into one JSON format, publishes each event once to Redis pub/sub, and fans events out to many local bots over its \
+own WebSocket server.\n\nStart with `mdbridge demo`: it needs nothing but this binary."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Host role: connect to exchanges, normalize, publish to Redis.
+    Publisher(RoleArgs),
+    /// Bot role: subscribe to Redis for what local bots want, serve them over WebSocket.
+    Executor(RoleArgs),
+    /// Both in one process: own events are delivered in-process, own echoes from Redis dropped.
+    Hybrid(RoleArgs),
+    /// Zero-dependency demo: simulated exchange, publisher and bot server on an in-process bus.
+    Demo(DemoArgs),
+    /// Serve an exchange-compatible feed (WebSocket + REST) with deterministic simulated data.
+    Simulate(SimulateArgs),
+    /// Normalize raw exchange frames (one per line on stdin) into events (one per line on stdout).
+    Normalize(NormalizeArgs),
+}
+
+#[derive(clap::Args)]
+struct RoleArgs {
+    /// Config file (TOML). Default: ./config.toml when present, else built-in defaults.
+    /// Every key can be overridden with MDBRIDGE_<SECTION>_<KEY>.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Where bots connect.
+    #[arg(long, default_value = "127.0.0.1:8765")]
+    listen: String,
+    /// Admin HTTP (/metrics, /health).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    http: String,
+    /// Simulated market ticks per second per symbol.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Comma-separated symbols.
+    #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
+    symbols: Vec<String>,
+    /// Seconds between summary lines.
+    #[arg(long, default_value_t = 5)]
+    summary_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Exchange protocol to simulate.
+    #[arg(long, default_value = "binance")]
+    exchange: String,
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    listen: String,
+    /// Market ticks per second per symbol (each tick: a trade and a depth update); 0 = flat out.
+    #[arg(long, default_value_t = 50)]
+    rate: u32,
+    /// Comma-separated symbols.
+    #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
+    symbols: Vec<String>,
+    /// Seed of the deterministic market.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Fault: drop every WebSocket connection every N seconds.
+    #[arg(long)]
+    fault_drop_every_secs: Option<u64>,
+    /// Fault: skip a depth update id every N depth updates.
+    #[arg(long)]
+    fault_gap_every: Option<u64>,
+    /// Fault: send a malformed frame every N frames.
+    #[arg(long)]
+    fault_malformed_every: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct NormalizeArgs {
+    #[arg(long)]
+    exchange: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Normalize(args) => normalize(args),
+        Command::Publisher(args) => run_role(Role::Publisher, args),
+        Command::Executor(args) => run_role(Role::Executor, args),
+        Command::Hybrid(args) => run_role(Role::Hybrid, args),
+        Command::Demo(args) => report(runtime().and_then(|rt| rt.block_on(demo(args)))),
+        Command::Simulate(args) => simulate(args),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mdbridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_role(role: Role, args: RoleArgs) -> ExitCode {
+    let path = args.config.or_else(Config::default_path);
+    let config = match Config::load(path.as_deref(), role) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mdbridge: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    report(runtime().and_then(|rt| {
+        rt.block_on(async move {
+            let listeners = Listeners::bind(&config, role).await?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            app::run(role, config, listeners, shutdown).await?;
+            Ok(())
+        })
+    }))
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(bad) = args.symbols.iter().find(|s| !valid_symbol(s)) {
+        anyhow::bail!("--symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
+    }
+    let mut config = Config::default();
+    config.bots.listen = args.listen.clone();
+    config.http.listen = args.http.clone();
+    let bots = app::bind("bot WebSocket (--listen)", &args.listen).await?;
+    let http = app::bind("admin HTTP (--http)", &args.http).await?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let options = DemoOptions {
+        symbols: args.symbols,
+        rate: args.rate,
+        summary_every: Duration::from_secs(args.summary_secs.max(1)),
+    };
+    app::run_demo(options, config, bots, http, shutdown).await?;
+    Ok(())
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    if args.exchange != "binance" {
+        eprintln!(
+            "mdbridge: --exchange {}: not simulated yet (available: binance)",
+            args.exchange
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    if let Some(bad) = args.symbols.iter().find(|s| !valid_symbol(s)) {
+        eprintln!("mdbridge: --symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    report(runtime().and_then(|rt| {
+        rt.block_on(async move {
+            let listener = app::bind("simulator (--listen)", &args.listen).await?;
+            println!(
+                "mdbridge simulate: binance on ws://{0}/stream, ws://{0}/ws, http://{0}/api/v3/depth",
+                listener.local_addr()?
+            );
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            let config = SimConfig {
+                symbols: args.symbols,
+                rate: args.rate,
+                seed: args.seed,
+                faults: Faults {
+                    drop_every_secs: args.fault_drop_every_secs,
+                    gap_every_updates: args.fault_gap_every,
+                    malformed_every_frames: args.fault_malformed_every,
+                },
+            };
+            mdbridge::simulator::serve_binance(listener, config, shutdown).await?;
+            Ok(())
+        })
+    }))
+}
+
+fn normalize(args: NormalizeArgs) -> ExitCode {
+    let exchange: Exchange = match args.exchange.parse() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("mdbridge: --exchange: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let result = mdbridge::exchange::normalize(
+        exchange,
+        BufReader::new(stdin.lock()),
+        BufWriter::new(stdout.lock()),
+        std::io::stderr(),
+    );
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mdbridge: normalize: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGINT or SIGTERM cancel `shutdown`; a second signal exits at once.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(cause = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        error!("second signal: exiting without finishing shutdown");
+        std::process::exit(130);
+    });
+}
