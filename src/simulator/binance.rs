@@ -422,11 +422,9 @@ fn render_ticker(sym: &str, e: i64, st: &Stats, bbo: Option<Bbo>) -> String {
     };
     let _ = write!(s, r#"","P":"{pct:.3}","w":""#);
     // Weighted average price in 1e-8 units: quote(1e-10) / volume(1e-8) * 1e6.
-    let w = if st.volume > 0 {
-        st.quote_volume * 1_000_000 / st.volume
-    } else {
-        st.last as u128 * 1_000_000
-    };
+    let w = (st.quote_volume * 1_000_000)
+        .checked_div(st.volume)
+        .unwrap_or(st.last as u128 * 1_000_000);
     push_qty(&mut s, w);
     s.push_str(r#"","x":""#);
     push_price(&mut s, st.prev_price);
@@ -954,7 +952,7 @@ async fn run_connection(
     // Dropping sink + stream drops the TCP stream.
 }
 
-fn parse_stream_list(shared: &Shared, list: &str) -> Result<Vec<Sub>, Response> {
+fn parse_stream_list(shared: &Shared, list: &str) -> Result<Vec<Sub>, ApiError> {
     let mut subs: Vec<Sub> = Vec::new();
     for name in list.split('/').filter(|s| !s.is_empty()) {
         match shared.parse_stream(name) {
@@ -964,12 +962,12 @@ fn parse_stream_list(shared: &Shared, list: &str) -> Result<Vec<Sub>, Response> 
                 }
             }
             None => {
-                return Err(bad_request(2, &format!("Invalid stream name `{name}`")));
+                return Err(api_error(2, &format!("Invalid stream name `{name}`")));
             }
         }
     }
     if subs.len() > MAX_STREAMS_PER_CONNECTION {
-        return Err(bad_request(2, "Too many streams"));
+        return Err(api_error(2, "Too many streams"));
     }
     Ok(subs)
 }
@@ -985,7 +983,7 @@ async fn ws_combined(
 ) -> Response {
     match parse_stream_list(&shared, q.get("streams").map_or("", String::as_str)) {
         Ok(subs) => upgrade(ws, shared, subs, true),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -1000,7 +998,7 @@ async fn ws_raw(
 ) -> Response {
     match parse_stream_list(&shared, &streams) {
         Ok(subs) => upgrade(ws, shared, subs, false),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -1008,12 +1006,31 @@ async fn ws_raw(
 // REST
 // ---------------------------------------------------------------------------
 
+/// A Binance-style `{"code":..,"msg":..}` answered with HTTP 400.
+struct ApiError {
+    code: i64,
+    msg: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "code": self.code, "msg": self.msg })),
+        )
+            .into_response()
+    }
+}
+
+fn api_error(code: i64, msg: &str) -> ApiError {
+    ApiError {
+        code,
+        msg: msg.to_string(),
+    }
+}
+
 fn bad_request(code: i64, msg: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({ "code": code, "msg": msg })),
-    )
-        .into_response()
+    api_error(code, msg).into_response()
 }
 
 fn json_text(body: String) -> Response {
@@ -1071,16 +1088,16 @@ async fn rest_time() -> Response {
 // Test control endpoints (/_sim/)
 // ---------------------------------------------------------------------------
 
-fn sim_symbol(shared: &Shared, q: &HashMap<String, String>) -> Result<usize, Response> {
+fn sim_symbol(shared: &Shared, q: &HashMap<String, String>) -> Result<usize, ApiError> {
     let Some(s) = q.get("symbol") else {
-        return Err(bad_request(
+        return Err(api_error(
             -1102,
             "Mandatory parameter 'symbol' was not sent.",
         ));
     };
     shared
         .find_any(s)
-        .ok_or_else(|| bad_request(-1121, "Invalid symbol."))
+        .ok_or_else(|| api_error(-1121, "Invalid symbol."))
 }
 
 async fn sim_drop(State(shared): State<AppState>) -> Response {
@@ -1099,7 +1116,7 @@ async fn sim_gap(
                 .store(true, Ordering::Relaxed);
             ok()
         }
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -1151,7 +1168,7 @@ async fn sim_book(
 ) -> Response {
     match sim_symbol(&shared, &q) {
         Ok(sym) => json_text(render_book(&lock(&shared.symbols[sym].market), usize::MAX)),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
