@@ -1268,13 +1268,17 @@ mod tests {
 
     impl Sim {
         async fn start(rate: u32) -> Sim {
+            Self::start_with(SimConfig {
+                rate,
+                ..SimConfig::default()
+            })
+            .await
+        }
+
+        async fn start_with(config: SimConfig) -> Sim {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let shutdown = CancellationToken::new();
-            let config = SimConfig {
-                rate,
-                ..SimConfig::default()
-            };
             let handle = tokio::spawn(serve_binance(listener, config, shutdown.clone()));
             Sim {
                 addr,
@@ -1703,6 +1707,60 @@ mod tests {
             .await
             .err();
         assert!(err.is_some());
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn periodic_faults_and_ticker_kline_streams() {
+        let sim = Sim::start_with(SimConfig {
+            rate: 200,
+            faults: crate::simulator::Faults {
+                gap_every_updates: Some(5),
+                malformed_every_frames: Some(7),
+                drop_every_secs: None,
+            },
+            ..SimConfig::default()
+        })
+        .await;
+        let mut ws = sim
+            .ws("/stream?streams=ethusdt@depth/ethusdt@ticker/ethusdt@kline_1s")
+            .await;
+        let (mut prev_u, mut gaps, mut garbage, mut ticker, mut kline) =
+            (None::<u64>, 0, 0, false, false);
+        tokio::time::timeout(WAIT, async {
+            while gaps < 2 || garbage < 2 || !ticker || !kline {
+                let text = next_text(&mut ws).await;
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    assert_eq!(text, GARBAGE_FRAME);
+                    garbage += 1;
+                    continue;
+                };
+                let d = &v["data"];
+                match v["stream"].as_str().unwrap() {
+                    "ethusdt@depth" => {
+                        let big_u = d["U"].as_u64().unwrap();
+                        if prev_u.is_some_and(|p| big_u != p + 1) {
+                            gaps += 1;
+                        }
+                        prev_u = d["u"].as_u64();
+                    }
+                    "ethusdt@ticker" => {
+                        assert_eq!(d["e"], "24hrTicker");
+                        assert!(d["n"].as_u64().is_some() && d["c"].is_string());
+                        ticker = true;
+                    }
+                    "ethusdt@kline_1s" => {
+                        assert_eq!(d["e"], "kline");
+                        assert_eq!(d["k"]["i"], "1s");
+                        assert!(d["k"]["x"].is_boolean());
+                        kline = true;
+                    }
+                    other => panic!("unexpected stream {other}"),
+                }
+            }
+        })
+        .await
+        .expect("periodic faults / ticker / kline not observed");
         sim.stop().await;
     }
 }
