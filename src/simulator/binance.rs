@@ -1,0 +1,1766 @@
+//! Binance-spot-compatible front-end of the simulator: wire rendering of the
+//! [`Market`] model plus the HTTP/WebSocket routes, all on one port.
+//!
+//! Written from Binance's official spot API documentation:
+//! * WebSocket streams (URLs, combined wrapper, SUBSCRIBE & co, error codes,
+//!   trade/aggTrade/kline/24hrTicker/bookTicker/depthUpdate payloads, ping
+//!   every 20 s): <https://developers.binance.com/docs/binance-spot-api-docs/web-socket-streams>
+//!   (source: <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md>)
+//! * REST market data (`/api/v3/depth`, `/api/v3/ping`, `/api/v3/time`):
+//!   <https://developers.binance.com/docs/binance-spot-api-docs/rest-api/market-data-endpoints>
+//! * Error codes (`-1121 Invalid symbol.`, `-1100`, `-1102`):
+//!   <https://developers.binance.com/docs/binance-spot-api-docs/errors>
+//!
+//! Deliberate simplifications (documented so tests do not rely on them):
+//! * `@depth` and `@depth@100ms` both push every diff in real time instead of
+//!   aggregating over 1000/100 ms; ids still follow the `U`/`u` rules.
+//! * The trade payload follows the current docs: the buyer/seller order ids
+//!   (`b`/`a`) that older docs listed are not sent.
+//! * `@ticker` statistics cover the time since the simulator started.
+//! * Klines are pushed every second for every interval (docs: 1 s for `1s`,
+//!   2 s otherwise); `1M` is not supported.
+//!
+//! Test-control endpoints (not Binance) live under `/_sim/`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    Bbo, BookDiff, Candle, Market, Price, Qty, SimConfig, Stats, Trade, KLINE_INTERVALS,
+    PRICE_DECIMALS,
+};
+
+/// Binance sends a ping frame every 20 seconds.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// ... and disconnects when no pong arrives within a minute.
+const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+/// Capacity of the fan-out channel. A connection that falls further behind
+/// than this is disconnected as a slow consumer (no unbounded buffering).
+const CHANNEL_CAPACITY: usize = 8192;
+/// Flat-out mode (`rate == 0`): ticks produced per batch before yielding.
+const FLAT_OUT_BATCH: usize = 32;
+/// Flat-out mode: pause producing while the channel holds more than this
+/// many frames, so the pace follows the readers...
+const FLAT_OUT_HIGH_WATER: usize = CHANNEL_CAPACITY / 2;
+/// ... but not longer than this, so one stuck client cannot stall everyone
+/// (it will lag and be disconnected instead).
+const FLAT_OUT_MAX_STALL: Duration = Duration::from_millis(100);
+/// Binance: a single connection can listen to a maximum of 1024 streams.
+const MAX_STREAMS_PER_CONNECTION: usize = 1024;
+/// REST depth: default and maximum `limit`.
+const DEPTH_DEFAULT_LIMIT: usize = 100;
+const DEPTH_MAX_LIMIT: usize = 5000;
+/// Text sent by the malformed-frame fault: truncated JSON.
+const GARBAGE_FRAME: &str = r#"{"e":"trade","s":"#;
+
+// ---------------------------------------------------------------------------
+// Streams and frames
+// ---------------------------------------------------------------------------
+
+/// A subscribable stream type (the part after `<symbol>@`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Trade,
+    AggTrade,
+    Depth,
+    Depth100,
+    Ticker,
+    BookTicker,
+    Kline(usize),
+}
+
+/// What a rendered frame carries; several kinds can share one topic
+/// (`@depth` and `@depth@100ms` both carry the diff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topic {
+    Trade,
+    AggTrade,
+    Depth,
+    Ticker,
+    BookTicker,
+    Kline(usize),
+    /// Fault injection: sent to every connection regardless of subscriptions.
+    Garbage,
+}
+
+impl Kind {
+    fn topic(self) -> Topic {
+        match self {
+            Kind::Trade => Topic::Trade,
+            Kind::AggTrade => Topic::AggTrade,
+            Kind::Depth | Kind::Depth100 => Topic::Depth,
+            Kind::Ticker => Topic::Ticker,
+            Kind::BookTicker => Topic::BookTicker,
+            Kind::Kline(i) => Topic::Kline(i),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "trade" => Kind::Trade,
+            "aggTrade" => Kind::AggTrade,
+            "depth" => Kind::Depth,
+            "depth@100ms" => Kind::Depth100,
+            "ticker" => Kind::Ticker,
+            "bookTicker" => Kind::BookTicker,
+            _ => {
+                let iv = s.strip_prefix("kline_")?;
+                Kind::Kline(KLINE_INTERVALS.iter().position(|(n, _)| *n == iv)?)
+            }
+        })
+    }
+
+    fn suffix(self) -> String {
+        match self {
+            Kind::Trade => "trade".into(),
+            Kind::AggTrade => "aggTrade".into(),
+            Kind::Depth => "depth".into(),
+            Kind::Depth100 => "depth@100ms".into(),
+            Kind::Ticker => "ticker".into(),
+            Kind::BookTicker => "bookTicker".into(),
+            Kind::Kline(i) => format!("kline_{}", KLINE_INTERVALS[i].0),
+        }
+    }
+}
+
+/// One rendered payload, shared (cheaply cloned `Utf8Bytes`) by every
+/// connection: rendered once per tick, never per client.
+struct FrameInner {
+    sym: usize,
+    topic: Topic,
+    /// Raw payload for `/ws` connections.
+    raw: Utf8Bytes,
+    /// `{"stream":..,"data":..}` per stream kind for combined connections.
+    wrapped: Vec<(Kind, Utf8Bytes)>,
+}
+
+#[derive(Clone)]
+struct Frame(Arc<FrameInner>);
+
+/// A connection's subscription.
+#[derive(Debug, Clone)]
+struct Sub {
+    sym: usize,
+    kind: Kind,
+    name: String,
+}
+
+// ---------------------------------------------------------------------------
+// Shared server state
+// ---------------------------------------------------------------------------
+
+struct SymbolEntry {
+    /// "BTC-USDT"
+    normalized: String,
+    /// "BTCUSDT"
+    wire: String,
+    /// "btcusdt" (stream names)
+    lower: String,
+    market: Mutex<Market>,
+    /// Set by `/_sim/gap`: withhold the next diff.
+    gap_pending: AtomicBool,
+    diffs: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections_open: AtomicU64,
+    connections_total: AtomicU64,
+    frames_produced: AtomicU64,
+    frames_sent: AtomicU64,
+    slow_disconnects: AtomicU64,
+    dropped_connections: AtomicU64,
+    gaps: AtomicU64,
+    malformed_sent: AtomicU64,
+}
+
+struct Shared {
+    config: SimConfig,
+    symbols: Vec<SymbolEntry>,
+    tx: broadcast::Sender<Frame>,
+    paused: watch::Sender<bool>,
+    snapshot_delay_ms: AtomicU64,
+    /// Cancelled (and replaced) to drop every current WebSocket connection.
+    drop_token: Mutex<CancellationToken>,
+    shutdown: CancellationToken,
+    counters: Counters,
+    tracker: TaskTracker,
+}
+
+type AppState = Arc<Shared>;
+
+/// Lock a mutex, recovering from poisoning (a panicked tick must not take
+/// the whole simulator down).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn wire_symbol(normalized: &str) -> String {
+    normalized.replace(['-', '/', '_'], "").to_uppercase()
+}
+
+impl Shared {
+    fn new(config: SimConfig, shutdown: CancellationToken) -> Self {
+        let now = now_ms();
+        let symbols = config
+            .symbols
+            .iter()
+            .map(|s| {
+                let wire = wire_symbol(s);
+                SymbolEntry {
+                    normalized: s.clone(),
+                    lower: wire.to_lowercase(),
+                    wire,
+                    market: Mutex::new(Market::new(s, config.seed, now)),
+                    gap_pending: AtomicBool::new(false),
+                    diffs: AtomicU64::new(0),
+                }
+            })
+            .collect();
+        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let (paused, _) = watch::channel(false);
+        Self {
+            config,
+            symbols,
+            tx,
+            paused,
+            snapshot_delay_ms: AtomicU64::new(0),
+            drop_token: Mutex::new(CancellationToken::new()),
+            shutdown,
+            counters: Counters::default(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Binance wire symbol ("BTCUSDT", case-insensitive).
+    fn find_wire(&self, s: &str) -> Option<usize> {
+        self.symbols
+            .iter()
+            .position(|e| e.wire.eq_ignore_ascii_case(s))
+    }
+
+    /// Normalized ("BTC-USDT") or wire symbol, for the `/_sim/` endpoints.
+    fn find_any(&self, s: &str) -> Option<usize> {
+        self.symbols
+            .iter()
+            .position(|e| e.normalized.eq_ignore_ascii_case(s))
+            .or_else(|| self.find_wire(s))
+    }
+
+    /// Parse "btcusdt@depth@100ms" into a subscription.
+    fn parse_stream(&self, name: &str) -> Option<Sub> {
+        let (sym, kind) = name.split_once('@')?;
+        let sym = self.symbols.iter().position(|e| e.lower == sym)?;
+        Some(Sub {
+            sym,
+            kind: Kind::parse(kind)?,
+            name: name.to_string(),
+        })
+    }
+
+    fn publish(&self, frame: FrameInner) {
+        self.counters
+            .frames_produced
+            .fetch_add(1, Ordering::Relaxed);
+        // An error only means nobody is listening right now.
+        let _ = self.tx.send(Frame(Arc::new(frame)));
+    }
+
+    fn drop_all_connections(&self) {
+        let mut token = lock(&self.drop_token);
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rendering (Binance number formats: strings with 8 decimals)
+// ---------------------------------------------------------------------------
+
+fn push_price(s: &mut String, p: Price) {
+    let scale = 10i64.pow(PRICE_DECIMALS);
+    let sign = if p < 0 { "-" } else { "" };
+    let a = p.unsigned_abs();
+    let _ = write!(
+        s,
+        "{sign}{}.{:02}000000",
+        a / scale as u64,
+        a % scale as u64
+    );
+}
+
+/// Quantity in 1e-8 units.
+fn push_qty(s: &mut String, q: u128) {
+    let _ = write!(s, "{}.{:08}", q / 100_000_000, q % 100_000_000);
+}
+
+/// Quote amount in 1e-10 units (price ticks * qty units), rendered with 8
+/// decimals (truncated).
+fn push_quote(s: &mut String, v: u128) {
+    push_qty(s, v / 100);
+}
+
+#[cfg(test)]
+fn price_str(p: Price) -> String {
+    let mut s = String::with_capacity(24);
+    push_price(&mut s, p);
+    s
+}
+
+#[cfg(test)]
+fn qty_str(q: Qty) -> String {
+    let mut s = String::with_capacity(24);
+    push_qty(&mut s, q as u128);
+    s
+}
+
+fn push_levels<'a>(s: &mut String, levels: impl Iterator<Item = (&'a Price, &'a Qty)>) {
+    s.push('[');
+    for (i, (p, q)) in levels.enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str("[\"");
+        push_price(s, *p);
+        s.push_str("\",\"");
+        push_qty(s, *q as u128);
+        s.push_str("\"]");
+    }
+    s.push(']');
+}
+
+fn render_trade(sym: &str, e: i64, t: &Trade) -> String {
+    let mut s = String::with_capacity(160);
+    let _ = write!(s, r#"{{"e":"trade","E":{e},"s":"{sym}","t":{},"p":""#, t.id);
+    push_price(&mut s, t.price);
+    s.push_str(r#"","q":""#);
+    push_qty(&mut s, t.qty as u128);
+    let _ = write!(s, r#"","T":{},"m":{},"M":true}}"#, t.time, t.buyer_is_maker);
+    s
+}
+
+fn render_agg_trade(sym: &str, e: i64, t: &Trade) -> String {
+    // One aggregate per trade: the simulator's taker orders fill one level.
+    let mut s = String::with_capacity(180);
+    let _ = write!(
+        s,
+        r#"{{"e":"aggTrade","E":{e},"s":"{sym}","a":{},"p":""#,
+        t.id
+    );
+    push_price(&mut s, t.price);
+    s.push_str(r#"","q":""#);
+    push_qty(&mut s, t.qty as u128);
+    let _ = write!(
+        s,
+        r#"","f":{id},"l":{id},"T":{},"m":{},"M":true}}"#,
+        t.time,
+        t.buyer_is_maker,
+        id = t.id
+    );
+    s
+}
+
+fn render_depth_update(sym: &str, e: i64, d: &BookDiff) -> String {
+    let mut s = String::with_capacity(128 + 48 * (d.bids.len() + d.asks.len()));
+    let _ = write!(
+        s,
+        r#"{{"e":"depthUpdate","E":{e},"s":"{sym}","U":{},"u":{},"b":"#,
+        d.first_update_id, d.last_update_id
+    );
+    push_levels(&mut s, d.bids.iter().map(|(p, q)| (p, q)));
+    s.push_str(r#","a":"#);
+    push_levels(&mut s, d.asks.iter().map(|(p, q)| (p, q)));
+    s.push('}');
+    s
+}
+
+fn render_book_ticker(sym: &str, u: u64, b: &Bbo) -> String {
+    let mut s = String::with_capacity(128);
+    let _ = write!(s, r#"{{"u":{u},"s":"{sym}","b":""#);
+    push_price(&mut s, b.bid.0);
+    s.push_str(r#"","B":""#);
+    push_qty(&mut s, b.bid.1 as u128);
+    s.push_str(r#"","a":""#);
+    push_price(&mut s, b.ask.0);
+    s.push_str(r#"","A":""#);
+    push_qty(&mut s, b.ask.1 as u128);
+    s.push_str("\"}");
+    s
+}
+
+fn render_ticker(sym: &str, e: i64, st: &Stats, bbo: Option<Bbo>) -> String {
+    let mut s = String::with_capacity(512);
+    let _ = write!(s, r#"{{"e":"24hrTicker","E":{e},"s":"{sym}","p":""#);
+    push_price(&mut s, st.last - st.open);
+    let pct = if st.open != 0 {
+        (st.last - st.open) as f64 * 100.0 / st.open as f64
+    } else {
+        0.0
+    };
+    let _ = write!(s, r#"","P":"{pct:.3}","w":""#);
+    // Weighted average price in 1e-8 units: quote(1e-10) / volume(1e-8) * 1e6.
+    let w = (st.quote_volume * 1_000_000)
+        .checked_div(st.volume)
+        .unwrap_or(st.last as u128 * 1_000_000);
+    push_qty(&mut s, w);
+    s.push_str(r#"","x":""#);
+    push_price(&mut s, st.prev_price);
+    s.push_str(r#"","c":""#);
+    push_price(&mut s, st.last);
+    s.push_str(r#"","Q":""#);
+    push_qty(&mut s, st.last_qty as u128);
+    let (bid, ask) = bbo.map_or(((0, 0), (0, 0)), |b| (b.bid, b.ask));
+    s.push_str(r#"","b":""#);
+    push_price(&mut s, bid.0);
+    s.push_str(r#"","B":""#);
+    push_qty(&mut s, bid.1 as u128);
+    s.push_str(r#"","a":""#);
+    push_price(&mut s, ask.0);
+    s.push_str(r#"","A":""#);
+    push_qty(&mut s, ask.1 as u128);
+    s.push_str(r#"","o":""#);
+    push_price(&mut s, st.open);
+    s.push_str(r#"","h":""#);
+    push_price(&mut s, st.high);
+    s.push_str(r#"","l":""#);
+    push_price(&mut s, st.low);
+    s.push_str(r#"","v":""#);
+    push_qty(&mut s, st.volume);
+    s.push_str(r#"","q":""#);
+    push_quote(&mut s, st.quote_volume);
+    // Binance uses -1 for the first/last trade id when there were no trades.
+    let (first, last) = if st.count == 0 {
+        (-1, -1)
+    } else {
+        (st.first_trade_id as i64, st.last_trade_id as i64)
+    };
+    let _ = write!(
+        s,
+        r#"","O":{},"C":{e},"F":{first},"L":{last},"n":{}}}"#,
+        st.open_time, st.count
+    );
+    s
+}
+
+fn render_kline(sym: &str, e: i64, c: &Candle, closed: bool) -> String {
+    let mut s = String::with_capacity(400);
+    let (first, last) = (
+        c.first_trade_id.map_or(-1, |v| v as i64),
+        c.last_trade_id.map_or(-1, |v| v as i64),
+    );
+    let _ = write!(
+        s,
+        r#"{{"e":"kline","E":{e},"s":"{sym}","k":{{"t":{},"T":{},"s":"{sym}","i":"{}","f":{first},"L":{last},"o":""#,
+        c.start, c.end, KLINE_INTERVALS[c.interval].0
+    );
+    push_price(&mut s, c.open);
+    s.push_str(r#"","c":""#);
+    push_price(&mut s, c.close);
+    s.push_str(r#"","h":""#);
+    push_price(&mut s, c.high);
+    s.push_str(r#"","l":""#);
+    push_price(&mut s, c.low);
+    s.push_str(r#"","v":""#);
+    push_qty(&mut s, c.volume);
+    let _ = write!(s, r#"","n":{},"x":{closed},"q":""#, c.count);
+    push_quote(&mut s, c.quote_volume);
+    s.push_str(r#"","V":""#);
+    push_qty(&mut s, c.taker_buy_volume);
+    s.push_str(r#"","Q":""#);
+    push_quote(&mut s, c.taker_buy_quote_volume);
+    s.push_str(r#"","B":"0"}}"#);
+    s
+}
+
+/// `{"lastUpdateId":N,"bids":[..],"asks":[..]}`, best levels first.
+fn render_book(m: &Market, limit: usize) -> String {
+    let mut s = String::with_capacity(64 + 48 * 2 * limit.min(m.bids.len().max(m.asks.len())));
+    let _ = write!(s, r#"{{"lastUpdateId":{},"bids":"#, m.last_update_id);
+    push_levels(&mut s, m.bids.iter().rev().take(limit));
+    s.push_str(r#","asks":"#);
+    push_levels(&mut s, m.asks.iter().take(limit));
+    s.push('}');
+    s
+}
+
+/// Build a frame: the raw payload and its combined-stream wrappers.
+fn frame(entry: &SymbolEntry, sym: usize, topic: Topic, raw: String) -> FrameInner {
+    let kinds: &[Kind] = match topic {
+        Topic::Trade => &[Kind::Trade],
+        Topic::AggTrade => &[Kind::AggTrade],
+        Topic::Depth => &[Kind::Depth, Kind::Depth100],
+        Topic::Ticker => &[Kind::Ticker],
+        Topic::BookTicker => &[Kind::BookTicker],
+        Topic::Kline(i) => &[Kind::Kline(i)][..],
+        Topic::Garbage => &[],
+    };
+    let wrapped = kinds
+        .iter()
+        .map(|k| {
+            let w = format!(
+                r#"{{"stream":"{}@{}","data":{raw}}}"#,
+                entry.lower,
+                k.suffix()
+            );
+            (*k, Utf8Bytes::from(w))
+        })
+        .collect();
+    FrameInner {
+        sym,
+        topic,
+        raw: Utf8Bytes::from(raw),
+        wrapped,
+    }
+}
+
+fn kline_frame(entry: &SymbolEntry, sym: usize, e: i64, c: &Candle, closed: bool) -> FrameInner {
+    // The Kline kind needs its index at runtime, so build it here.
+    let raw = render_kline(&entry.wire, e, c, closed);
+    let kind = Kind::Kline(c.interval);
+    let w = format!(
+        r#"{{"stream":"{}@{}","data":{raw}}}"#,
+        entry.lower,
+        kind.suffix()
+    );
+    FrameInner {
+        sym,
+        topic: Topic::Kline(c.interval),
+        raw: Utf8Bytes::from(raw),
+        wrapped: vec![(kind, Utf8Bytes::from(w))],
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Market tasks
+// ---------------------------------------------------------------------------
+
+/// Run `n` market ticks for one symbol and publish their frames.
+fn run_ticks(shared: &Shared, sym: usize, n: usize) {
+    let entry = &shared.symbols[sym];
+    let mut market = lock(&entry.market);
+    // Checked under the market lock so `/_sim/pause` (which takes the lock
+    // after setting the flag) guarantees no tick happens after it returns.
+    if *shared.paused.borrow() {
+        return;
+    }
+    let e = now_ms();
+    for _ in 0..n {
+        let out = market.tick(e);
+        let w = &entry.wire;
+        shared.publish(frame(
+            entry,
+            sym,
+            Topic::Trade,
+            render_trade(w, e, &out.trade),
+        ));
+        shared.publish(frame(
+            entry,
+            sym,
+            Topic::AggTrade,
+            render_agg_trade(w, e, &out.trade),
+        ));
+        let count = entry.diffs.fetch_add(1, Ordering::Relaxed) + 1;
+        let periodic_gap = shared
+            .config
+            .faults
+            .gap_every_updates
+            .is_some_and(|every| every > 0 && count % every == 0);
+        if entry.gap_pending.swap(false, Ordering::Relaxed) || periodic_gap {
+            // The book changed, but this diff is never sent: clients see
+            // `U > previous u + 1`.
+            shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.publish(frame(
+                entry,
+                sym,
+                Topic::Depth,
+                render_depth_update(w, e, &out.diff),
+            ));
+        }
+        if let Some(bbo) = out.bbo_changed {
+            shared.publish(frame(
+                entry,
+                sym,
+                Topic::BookTicker,
+                render_book_ticker(w, market.last_update_id, &bbo),
+            ));
+        }
+    }
+}
+
+/// Once a second: 24hrTicker and kline updates.
+fn publish_periodic(shared: &Shared, sym: usize) {
+    let entry = &shared.symbols[sym];
+    let mut market = lock(&entry.market);
+    let e = now_ms();
+    let bbo = market
+        .best_bid()
+        .zip(market.best_ask())
+        .map(|(bid, ask)| Bbo { bid, ask });
+    shared.publish(frame(
+        entry,
+        sym,
+        Topic::Ticker,
+        render_ticker(&entry.wire, e, &market.stats, bbo),
+    ));
+    for up in market.kline_updates(e) {
+        shared.publish(kline_frame(entry, sym, e, &up.candle, up.closed));
+    }
+}
+
+/// Wait until the next batch of ticks is due; returns how many to run.
+async fn next_ticks(
+    shared: &Shared,
+    ticker: &mut Option<tokio::time::Interval>,
+    stall_since: &mut Option<Instant>,
+) -> usize {
+    if let Some(t) = ticker {
+        t.tick().await;
+        return 1;
+    }
+    // Flat out: as fast as the readers drain the channel.
+    if shared.tx.receiver_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        return 0;
+    }
+    if shared.tx.len() > FLAT_OUT_HIGH_WATER {
+        let since = *stall_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < FLAT_OUT_MAX_STALL {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            return 0;
+        }
+    }
+    *stall_since = None;
+    tokio::task::yield_now().await;
+    FLAT_OUT_BATCH
+}
+
+async fn market_task(shared: AppState, sym: usize) {
+    let mut paused = shared.paused.subscribe();
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticker = (shared.config.rate > 0).then(|| {
+        // Burst (the default) keeps the average rate even above timer resolution.
+        tokio::time::interval(Duration::from_secs_f64(1.0 / shared.config.rate as f64))
+    });
+    let mut stall_since = None;
+    loop {
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                r = paused.changed() => if r.is_err() { return },
+            }
+            if let Some(t) = ticker.as_mut() {
+                t.reset();
+            }
+            continue;
+        }
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return,
+            r = paused.changed() => if r.is_err() { return },
+            _ = second.tick() => publish_periodic(&shared, sym),
+            n = next_ticks(&shared, &mut ticker, &mut stall_since) => {
+                if n > 0 {
+                    run_ticks(&shared, sym, n);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket connections
+// ---------------------------------------------------------------------------
+
+/// Decrements the open-connection gauge however the connection ends.
+struct OpenGuard<'a>(&'a Counters);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn ws_reply(result: Value, id: &Value) -> Message {
+    Message::Text(json!({ "result": result, "id": id }).to_string().into())
+}
+
+fn ws_error(code: i64, msg: &str, id: &Value) -> Message {
+    Message::Text(
+        json!({ "error": { "code": code, "msg": msg }, "id": id })
+            .to_string()
+            .into(),
+    )
+}
+
+/// Handle one client request (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS,
+/// SET_PROPERTY, GET_PROPERTY) and build the reply.
+fn handle_request(
+    shared: &Shared,
+    text: &str,
+    subs: &mut Vec<Sub>,
+    combined: &mut bool,
+) -> Message {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return ws_error(3, &format!("Invalid JSON: {e}"), &Value::Null),
+    };
+    let Some(obj) = v.as_object() else {
+        return ws_error(2, "Invalid request", &Value::Null);
+    };
+    // id: 64-bit integer, alphanumeric string of at most 36 chars, or null.
+    let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    let id_ok = match &id {
+        Value::Null => true,
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        Value::String(s) => s.len() <= 36 && s.chars().all(|c| c.is_ascii_alphanumeric()),
+        _ => false,
+    };
+    if !id_ok {
+        return ws_error(
+            2,
+            "Invalid request: request ID must be an unsigned integer",
+            &Value::Null,
+        );
+    }
+    let method = match obj.get("method") {
+        Some(Value::String(m)) => m.as_str(),
+        Some(_) => return ws_error(2, "Invalid request: method must be a string", &id),
+        None => return ws_error(2, "Invalid request: missing field `method`", &id),
+    };
+    let params = obj.get("params");
+    match method {
+        "SUBSCRIBE" | "UNSUBSCRIBE" => {
+            let Some(list) = params.and_then(Value::as_array) else {
+                return ws_error(
+                    2,
+                    "Invalid request: params must be an array of streams",
+                    &id,
+                );
+            };
+            let mut parsed = Vec::with_capacity(list.len());
+            for p in list {
+                let Some(name) = p.as_str() else {
+                    return ws_error(2, "Invalid request: stream name must be a string", &id);
+                };
+                match shared.parse_stream(name) {
+                    Some(s) => parsed.push(s),
+                    None => {
+                        return ws_error(
+                            2,
+                            &format!("Invalid request: invalid stream `{name}`"),
+                            &id,
+                        )
+                    }
+                }
+            }
+            if method == "SUBSCRIBE" {
+                for s in parsed {
+                    if !subs.iter().any(|x| x.name == s.name) {
+                        if subs.len() >= MAX_STREAMS_PER_CONNECTION {
+                            return ws_error(2, "Invalid request: too many streams", &id);
+                        }
+                        subs.push(s);
+                    }
+                }
+            } else {
+                subs.retain(|x| !parsed.iter().any(|s| s.name == x.name));
+            }
+            ws_reply(Value::Null, &id)
+        }
+        "LIST_SUBSCRIPTIONS" => ws_reply(
+            Value::Array(subs.iter().map(|s| Value::String(s.name.clone())).collect()),
+            &id,
+        ),
+        "SET_PROPERTY" => match params.and_then(Value::as_array).map(Vec::as_slice) {
+            Some([Value::String(p), Value::Bool(b)]) if p == "combined" => {
+                *combined = *b;
+                ws_reply(Value::Null, &id)
+            }
+            Some([Value::String(p), _]) if p == "combined" => {
+                ws_error(1, "Invalid value type: expected Boolean", &id)
+            }
+            Some([Value::String(_), _]) => ws_error(0, "Unknown property", &id),
+            _ => ws_error(2, "Invalid request: property name must be a string", &id),
+        },
+        "GET_PROPERTY" => match params.and_then(Value::as_array).map(Vec::as_slice) {
+            Some([Value::String(p)]) if p == "combined" => ws_reply(Value::Bool(*combined), &id),
+            Some([Value::String(_)]) => ws_error(0, "Unknown property", &id),
+            _ => ws_error(2, "Invalid request: property name must be a string", &id),
+        },
+        other => ws_error(
+            2,
+            &format!(
+                "Invalid request: unknown variant `{other}`, expected one of `SUBSCRIBE`, \
+                 `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`"
+            ),
+            &id,
+        ),
+    }
+}
+
+/// Messages a frame turns into for this connection (one per matching stream).
+fn route_frame(f: &FrameInner, subs: &[Sub], combined: bool, out: &mut Vec<Message>) {
+    if f.topic == Topic::Garbage {
+        out.push(Message::Text(f.raw.clone()));
+        return;
+    }
+    for s in subs
+        .iter()
+        .filter(|s| s.sym == f.sym && s.kind.topic() == f.topic)
+    {
+        let text = if combined {
+            match f.wrapped.iter().find(|(k, _)| *k == s.kind) {
+                Some((_, w)) => w.clone(),
+                None => continue,
+            }
+        } else {
+            f.raw.clone()
+        };
+        out.push(Message::Text(text));
+    }
+}
+
+enum Exit {
+    /// Drop the TCP stream without a close frame.
+    Abrupt,
+    /// Send a close frame first.
+    Graceful,
+}
+
+async fn run_connection(
+    shared: AppState,
+    socket: WebSocket,
+    mut subs: Vec<Sub>,
+    mut combined: bool,
+) {
+    // Keeps `serve_binance` from returning while this connection is open.
+    let _tracked = shared.tracker.token();
+    let c = &shared.counters;
+    c.connections_total.fetch_add(1, Ordering::Relaxed);
+    c.connections_open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(c);
+    let kill = lock(&shared.drop_token).clone();
+    let mut rx = shared.tx.subscribe();
+    let (mut sink, mut stream) = socket.split();
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut awaiting_pong: Option<Instant> = None;
+    let malformed_every = shared
+        .config
+        .faults
+        .malformed_every_frames
+        .filter(|n| *n > 0);
+    let mut since_malformed = 0u64;
+    let mut out: Vec<Message> = Vec::with_capacity(4);
+
+    let exit = 'conn: loop {
+        tokio::select! {
+            biased;
+            _ = kill.cancelled() => {
+                c.dropped_connections.fetch_add(1, Ordering::Relaxed);
+                break Exit::Abrupt;
+            }
+            _ = shared.shutdown.cancelled() => break Exit::Graceful,
+            _ = ping.tick() => {
+                if awaiting_pong.is_some_and(|t| t.elapsed() >= PONG_TIMEOUT) {
+                    break Exit::Graceful;
+                }
+                awaiting_pong.get_or_insert_with(Instant::now);
+                out.push(Message::Ping(Bytes::from_static(b"sim")));
+            }
+            msg = stream.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Exit::Abrupt,
+                Some(Ok(Message::Text(t))) => {
+                    out.push(handle_request(&shared, t.as_str(), &mut subs, &mut combined));
+                }
+                Some(Ok(Message::Pong(_))) => awaiting_pong = None,
+                // Pings are answered by the WebSocket layer; binary is ignored.
+                Some(Ok(_)) => {}
+            },
+            f = rx.recv() => match f {
+                Ok(f) => {
+                    let before = out.len();
+                    route_frame(&f.0, &subs, combined, &mut out);
+                    if f.0.topic != Topic::Garbage {
+                        if let Some(every) = malformed_every {
+                            since_malformed += (out.len() - before) as u64;
+                            if since_malformed >= every {
+                                since_malformed = 0;
+                                out.push(Message::Text(Utf8Bytes::from_static(GARBAGE_FRAME)));
+                                c.malformed_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Too slow to keep up: disconnect like a real exchange.
+                    c.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    break Exit::Graceful;
+                }
+                Err(broadcast::error::RecvError::Closed) => break Exit::Graceful,
+            },
+        }
+        for m in out.drain(..) {
+            let is_data = matches!(m, Message::Text(_));
+            tokio::select! {
+                biased;
+                _ = kill.cancelled() => {
+                    c.dropped_connections.fetch_add(1, Ordering::Relaxed);
+                    break 'conn Exit::Abrupt;
+                }
+                _ = shared.shutdown.cancelled() => break 'conn Exit::Graceful,
+                r = sink.send(m) => {
+                    if r.is_err() {
+                        break 'conn Exit::Abrupt;
+                    }
+                    if is_data {
+                        c.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    };
+    if let Exit::Graceful = exit {
+        // Bounded, so a client that stopped reading cannot hold shutdown.
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+    }
+    // Dropping sink + stream drops the TCP stream.
+}
+
+fn parse_stream_list(shared: &Shared, list: &str) -> Result<Vec<Sub>, ApiError> {
+    let mut subs: Vec<Sub> = Vec::new();
+    for name in list.split('/').filter(|s| !s.is_empty()) {
+        match shared.parse_stream(name) {
+            Some(s) => {
+                if !subs.iter().any(|x| x.name == s.name) {
+                    subs.push(s);
+                }
+            }
+            None => {
+                return Err(api_error(2, &format!("Invalid stream name `{name}`")));
+            }
+        }
+    }
+    if subs.len() > MAX_STREAMS_PER_CONNECTION {
+        return Err(api_error(2, "Too many streams"));
+    }
+    Ok(subs)
+}
+
+fn upgrade(ws: WebSocketUpgrade, shared: AppState, subs: Vec<Sub>, combined: bool) -> Response {
+    ws.on_upgrade(move |socket| run_connection(shared, socket, subs, combined))
+}
+
+async fn ws_combined(
+    ws: WebSocketUpgrade,
+    State(shared): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match parse_stream_list(&shared, q.get("streams").map_or("", String::as_str)) {
+        Ok(subs) => upgrade(ws, shared, subs, true),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn ws_raw_root(ws: WebSocketUpgrade, State(shared): State<AppState>) -> Response {
+    upgrade(ws, shared, Vec::new(), false)
+}
+
+async fn ws_raw(
+    ws: WebSocketUpgrade,
+    State(shared): State<AppState>,
+    Path(streams): Path<String>,
+) -> Response {
+    match parse_stream_list(&shared, &streams) {
+        Ok(subs) => upgrade(ws, shared, subs, false),
+        Err(r) => r.into_response(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// REST
+// ---------------------------------------------------------------------------
+
+/// A Binance-style `{"code":..,"msg":..}` answered with HTTP 400.
+struct ApiError {
+    code: i64,
+    msg: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "code": self.code, "msg": self.msg })),
+        )
+            .into_response()
+    }
+}
+
+fn api_error(code: i64, msg: &str) -> ApiError {
+    ApiError {
+        code,
+        msg: msg.to_string(),
+    }
+}
+
+fn bad_request(code: i64, msg: &str) -> Response {
+    api_error(code, msg).into_response()
+}
+
+fn json_text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn ok() -> Response {
+    Json(json!({ "ok": true })).into_response()
+}
+
+async fn rest_depth(
+    State(shared): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(symbol) = q.get("symbol").filter(|s| !s.is_empty()) else {
+        return bad_request(
+            -1102,
+            "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.",
+        );
+    };
+    let limit = match q.get("limit") {
+        None => DEPTH_DEFAULT_LIMIT,
+        Some(l) => match l.parse::<usize>() {
+            // Binance truncates limits above 5000 to 5000.
+            Ok(n) if n >= 1 => n.min(DEPTH_MAX_LIMIT),
+            _ => {
+                return bad_request(
+                    -1100,
+                    "Illegal characters found in parameter 'limit'; legal range is '1-5000'.",
+                )
+            }
+        },
+    };
+    let Some(sym) = shared.find_wire(symbol) else {
+        return bad_request(-1121, "Invalid symbol.");
+    };
+    let delay = shared.snapshot_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        // The snapshot is taken after the delay, as a slow request would be.
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let body = render_book(&lock(&shared.symbols[sym].market), limit);
+    json_text(body)
+}
+
+async fn rest_ping() -> Response {
+    json_text("{}".into())
+}
+
+async fn rest_time() -> Response {
+    Json(json!({ "serverTime": now_ms() })).into_response()
+}
+
+// ---------------------------------------------------------------------------
+// Test control endpoints (/_sim/)
+// ---------------------------------------------------------------------------
+
+fn sim_symbol(shared: &Shared, q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    let Some(s) = q.get("symbol") else {
+        return Err(api_error(
+            -1102,
+            "Mandatory parameter 'symbol' was not sent.",
+        ));
+    };
+    shared
+        .find_any(s)
+        .ok_or_else(|| api_error(-1121, "Invalid symbol."))
+}
+
+async fn sim_drop(State(shared): State<AppState>) -> Response {
+    shared.drop_all_connections();
+    ok()
+}
+
+async fn sim_gap(
+    State(shared): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match sim_symbol(&shared, &q) {
+        Ok(sym) => {
+            shared.symbols[sym]
+                .gap_pending
+                .store(true, Ordering::Relaxed);
+            ok()
+        }
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn sim_malformed(State(shared): State<AppState>) -> Response {
+    shared
+        .counters
+        .malformed_sent
+        .fetch_add(1, Ordering::Relaxed);
+    shared.publish(FrameInner {
+        sym: usize::MAX,
+        topic: Topic::Garbage,
+        raw: Utf8Bytes::from_static(GARBAGE_FRAME),
+        wrapped: Vec::new(),
+    });
+    ok()
+}
+
+async fn sim_pause(State(shared): State<AppState>) -> Response {
+    shared.paused.send_replace(true);
+    // Wait out any tick batch in progress; later ones see the flag under the
+    // lock. So when this returns the books are at rest.
+    for e in &shared.symbols {
+        drop(lock(&e.market));
+    }
+    ok()
+}
+
+async fn sim_resume(State(shared): State<AppState>) -> Response {
+    shared.paused.send_replace(false);
+    ok()
+}
+
+async fn sim_snapshot_delay(
+    State(shared): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match q.get("ms").map(|v| v.parse::<u64>()) {
+        Some(Ok(ms)) => {
+            shared.snapshot_delay_ms.store(ms, Ordering::Relaxed);
+            ok()
+        }
+        _ => bad_request(-1100, "Parameter 'ms' must be a non-negative integer."),
+    }
+}
+
+async fn sim_book(
+    State(shared): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match sim_symbol(&shared, &q) {
+        Ok(sym) => json_text(render_book(&lock(&shared.symbols[sym].market), usize::MAX)),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn sim_stats(State(shared): State<AppState>) -> Response {
+    let c = &shared.counters;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "connections_open": g(&c.connections_open),
+        "connections_total": g(&c.connections_total),
+        "frames_produced": g(&c.frames_produced),
+        "frames_sent": g(&c.frames_sent),
+        "slow_disconnects": g(&c.slow_disconnects),
+        "dropped_connections": g(&c.dropped_connections),
+        "gaps": g(&c.gaps),
+        "malformed_sent": g(&c.malformed_sent),
+        "paused": *shared.paused.borrow(),
+    }))
+    .into_response()
+}
+
+fn router(shared: AppState) -> Router {
+    Router::new()
+        .route("/stream", get(ws_combined))
+        .route("/ws", get(ws_raw_root))
+        .route("/ws/{*streams}", get(ws_raw))
+        .route("/api/v3/depth", get(rest_depth))
+        .route("/api/v3/ping", get(rest_ping))
+        .route("/api/v3/time", get(rest_time))
+        .route("/_sim/drop", post(sim_drop))
+        .route("/_sim/gap", post(sim_gap))
+        .route("/_sim/malformed", post(sim_malformed))
+        .route("/_sim/pause", post(sim_pause))
+        .route("/_sim/resume", post(sim_resume))
+        .route("/_sim/snapshot_delay", post(sim_snapshot_delay))
+        .route("/_sim/book", get(sim_book))
+        .route("/_sim/stats", get(sim_stats))
+        .with_state(shared)
+}
+
+/// Serve the Binance-compatible simulator on `listener` until `shutdown` is
+/// cancelled. Returns when every connection (HTTP and WebSocket) is closed.
+pub async fn serve_binance(
+    listener: tokio::net::TcpListener,
+    config: SimConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let drop_every = config.faults.drop_every_secs.filter(|s| *s > 0);
+    let shared: AppState = Arc::new(Shared::new(config, shutdown.clone()));
+    for sym in 0..shared.symbols.len() {
+        shared.tracker.spawn(market_task(shared.clone(), sym));
+    }
+    if let Some(secs) = drop_every {
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            let period = Duration::from_secs(secs);
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return,
+                    _ = t.tick() => s.drop_all_connections(),
+                }
+            }
+        });
+    }
+    tracing::info!(addr = ?listener.local_addr().ok(), symbols = shared.symbols.len(), "binance simulator listening");
+    let result = axum::serve(listener, router(shared.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // If serving failed, still stop the market tasks and connections.
+    shutdown.cancel();
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+
+    use tokio_tungstenite::tungstenite::Message as WsMsg;
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// Upper bound for every wait in these tests (conditions, never sleeps).
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct Sim {
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        handle: tokio::task::JoinHandle<std::io::Result<()>>,
+        http: reqwest::Client,
+    }
+
+    impl Sim {
+        async fn start(rate: u32) -> Sim {
+            Self::start_with(SimConfig {
+                rate,
+                ..SimConfig::default()
+            })
+            .await
+        }
+
+        async fn start_with(config: SimConfig) -> Sim {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            let handle = tokio::spawn(serve_binance(listener, config, shutdown.clone()));
+            Sim {
+                addr,
+                shutdown,
+                handle,
+                http: reqwest::Client::new(),
+            }
+        }
+
+        async fn ws(&self, path: &str) -> Client {
+            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{path}", self.addr))
+                .await
+                .unwrap();
+            ws
+        }
+
+        async fn get(&self, path: &str) -> (u16, Value) {
+            let r = self
+                .http
+                .get(format!("http://{}{path}", self.addr))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                serde_json::from_str(&r.text().await.unwrap()).unwrap(),
+            )
+        }
+
+        async fn post(&self, path: &str) -> u16 {
+            let r = self
+                .http
+                .post(format!("http://{}{path}", self.addr))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(WAIT, self.handle)
+                .await
+                .expect("serve_binance did not return")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Next text frame (skipping pings), parsed when it is valid JSON.
+    async fn next_text(ws: &mut Client) -> String {
+        loop {
+            let m = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("stream ended")
+                .expect("ws error");
+            if let WsMsg::Text(t) = m {
+                return t.as_str().to_string();
+            }
+        }
+    }
+
+    async fn next_json(ws: &mut Client) -> Value {
+        serde_json::from_str(&next_text(ws).await).unwrap()
+    }
+
+    /// Next reply to a request (frames without an `id` are market data).
+    async fn next_reply(ws: &mut Client) -> Value {
+        loop {
+            let v = next_json(ws).await;
+            if v.get("id").is_some() {
+                return v;
+            }
+        }
+    }
+
+    async fn send(ws: &mut Client, v: Value) {
+        ws.send(WsMsg::Text(v.to_string().into())).await.unwrap();
+    }
+
+    type Side = BTreeMap<String, String>;
+
+    fn apply(side: &mut Side, levels: &Value) {
+        for l in levels.as_array().unwrap() {
+            let (p, q) = (l[0].as_str().unwrap(), l[1].as_str().unwrap());
+            if q == "0.00000000" {
+                side.remove(p);
+            } else {
+                side.insert(p.to_string(), q.to_string());
+            }
+        }
+    }
+
+    fn side_from(levels: &Value) -> Side {
+        let mut s = Side::new();
+        apply(&mut s, levels);
+        s
+    }
+
+    #[test]
+    fn number_formats_match_binance() {
+        assert_eq!(price_str(6_000_001), "60000.01000000");
+        assert_eq!(price_str(5), "0.05000000");
+        assert_eq!(price_str(-150), "-1.50000000");
+        assert_eq!(qty_str(12_345_000), "0.12345000");
+        assert_eq!(qty_str(2_00000000), "2.00000000");
+        let t = Trade {
+            id: 12345,
+            price: 2535,
+            qty: 100_000_000,
+            time: 7,
+            buyer_is_maker: true,
+        };
+        assert_eq!(
+            render_trade("BNBBTC", 8, &t),
+            r#"{"e":"trade","E":8,"s":"BNBBTC","t":12345,"p":"25.35000000","q":"1.00000000","T":7,"m":true,"M":true}"#
+        );
+    }
+
+    #[test]
+    fn every_payload_is_valid_json() {
+        let mut m = Market::new("BTC-USDT", 42, 1_000);
+        let out = m.tick(1_000);
+        let e = 2_000;
+        let bbo = m
+            .best_bid()
+            .zip(m.best_ask())
+            .map(|(bid, ask)| Bbo { bid, ask });
+        let mut payloads = vec![
+            render_trade("BTCUSDT", e, &out.trade),
+            render_agg_trade("BTCUSDT", e, &out.trade),
+            render_depth_update("BTCUSDT", e, &out.diff),
+            render_ticker("BTCUSDT", e, &m.stats, bbo),
+            render_book(&m, 10),
+        ];
+        if let Some(b) = bbo {
+            payloads.push(render_book_ticker("BTCUSDT", m.last_update_id, &b));
+        }
+        for k in m.kline_updates(e) {
+            payloads.push(render_kline("BTCUSDT", e, &k.candle, k.closed));
+        }
+        for p in payloads {
+            let v: Value = serde_json::from_str(&p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            assert!(v.is_object());
+        }
+        let t: Value = serde_json::from_str(&render_ticker("BTCUSDT", e, &m.stats, bbo)).unwrap();
+        for f in [
+            "e", "E", "s", "p", "P", "w", "x", "c", "Q", "b", "B", "a", "A", "o", "h", "l", "v",
+            "q", "O", "C", "F", "L", "n",
+        ] {
+            assert!(t.get(f).is_some(), "ticker lacks {f}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rest_depth_limit_ordering_and_errors() {
+        let sim = Sim::start(100).await;
+        let (st, v) = sim.get("/api/v3/depth?symbol=BTCUSDT&limit=5").await;
+        assert_eq!(st, 200);
+        assert!(v["lastUpdateId"].as_u64().unwrap() >= 1000);
+        let px = |side: &str| -> Vec<f64> {
+            v[side]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l[0].as_str().unwrap().parse().unwrap())
+                .collect()
+        };
+        let (bids, asks) = (px("bids"), px("asks"));
+        assert_eq!((bids.len(), asks.len()), (5, 5));
+        assert!(bids.windows(2).all(|w| w[0] > w[1]), "bids best first");
+        assert!(asks.windows(2).all(|w| w[0] < w[1]), "asks best first");
+        assert!(bids[0] < asks[0]);
+        assert!(bids[0] > 50_000.0 && bids[0] < 70_000.0);
+        let p = v["bids"][0][0].as_str().unwrap();
+        assert_eq!(p.split('.').nth(1).map(str::len), Some(8));
+
+        // Default limit (100) covers the whole simulated book.
+        let (_, full) = sim.get("/api/v3/depth?symbol=ETHUSDT").await;
+        assert!(full["bids"].as_array().unwrap().len() >= 40);
+
+        let (st, v) = sim.get("/api/v3/depth?symbol=NOPEUSDT").await;
+        assert_eq!(st, 400);
+        assert_eq!(v, json!({"code": -1121, "msg": "Invalid symbol."}));
+        let (st, v) = sim.get("/api/v3/depth?symbol=BTCUSDT&limit=abc").await;
+        assert_eq!((st, v["code"].as_i64()), (400, Some(-1100)));
+        let (st, v) = sim.get("/api/v3/depth").await;
+        assert_eq!((st, v["code"].as_i64()), (400, Some(-1102)));
+
+        assert_eq!(sim.get("/api/v3/ping").await, (200, json!({})));
+        let (_, t) = sim.get("/api/v3/time").await;
+        assert!(t["serverTime"].as_i64().unwrap() > 1_600_000_000_000);
+        let (st, _) = sim.get("/_sim/book?symbol=DOGE-USDT").await;
+        assert_eq!(st, 400);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn subscribe_list_unsubscribe_and_errors() {
+        let sim = Sim::start(200).await;
+        let mut ws = sim.ws("/ws").await;
+        send(
+            &mut ws,
+            json!({"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":1}),
+        )
+        .await;
+        assert_eq!(next_reply(&mut ws).await, json!({"result": null, "id": 1}));
+        // Raw stream: payload not wrapped.
+        let t = loop {
+            let v = next_json(&mut ws).await;
+            if v.get("id").is_none() {
+                break v;
+            }
+        };
+        assert_eq!(t["e"], "trade");
+        assert_eq!(t["s"], "BTCUSDT");
+        assert!(t["t"].is_u64() && t["T"].is_i64() && t["m"].is_boolean());
+
+        send(&mut ws, json!({"method":"LIST_SUBSCRIPTIONS","id":2})).await;
+        assert_eq!(
+            next_reply(&mut ws).await,
+            json!({"result": ["btcusdt@trade"], "id": 2})
+        );
+        send(&mut ws, json!({"method":"FOO","id":3})).await;
+        let e = next_reply(&mut ws).await;
+        assert_eq!(
+            (e["error"]["code"].as_i64(), e["id"].as_i64()),
+            (Some(2), Some(3))
+        );
+        send(
+            &mut ws,
+            json!({"method":"SUBSCRIBE","params":["btcusdt@nope"],"id":4}),
+        )
+        .await;
+        assert_eq!(next_reply(&mut ws).await["error"]["code"], 2);
+        ws.send(WsMsg::Text("{not json".into())).await.unwrap();
+        assert_eq!(next_reply(&mut ws).await["error"]["code"], 3);
+        send(
+            &mut ws,
+            json!({"method":"UNSUBSCRIBE","params":["btcusdt@trade"],"id":"abc"}),
+        )
+        .await;
+        assert_eq!(
+            next_reply(&mut ws).await,
+            json!({"result": null, "id": "abc"})
+        );
+        send(&mut ws, json!({"method":"LIST_SUBSCRIPTIONS","id":5})).await;
+        assert_eq!(next_reply(&mut ws).await, json!({"result": [], "id": 5}));
+
+        // Combined endpoint wraps payloads with the stream name.
+        let mut c = sim.ws("/stream").await;
+        send(
+            &mut c,
+            json!({"method":"SUBSCRIBE","params":["ethusdt@depth@100ms","ethusdt@bookTicker"],"id":9}),
+        )
+        .await;
+        assert_eq!(next_reply(&mut c).await, json!({"result": null, "id": 9}));
+        let mut seen = (false, false);
+        tokio::time::timeout(WAIT, async {
+            while seen != (true, true) {
+                let v = next_json(&mut c).await;
+                match v["stream"].as_str() {
+                    Some("ethusdt@depth@100ms") => {
+                        assert_eq!(v["data"]["e"], "depthUpdate");
+                        seen.0 = true;
+                    }
+                    Some("ethusdt@bookTicker") => {
+                        assert!(v["data"]["u"].is_u64() && v["data"]["b"].is_string());
+                        seen.1 = true;
+                    }
+                    other => panic!("unexpected frame {other:?}: {v}"),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn snapshot_plus_diffs_equals_simulator_book() {
+        let sim = Sim::start(500).await;
+        let mut ws = sim.ws("/stream?streams=btcusdt@depth").await;
+        // Buffer diffs, then take the snapshot (Binance's documented recipe).
+        let mut buffered = vec![next_json(&mut ws).await["data"].clone()];
+        let (_, snap) = sim.get("/api/v3/depth?symbol=BTCUSDT&limit=5000").await;
+        let last_id = snap["lastUpdateId"].as_u64().unwrap();
+        let (mut bids, mut asks) = (side_from(&snap["bids"]), side_from(&snap["asks"]));
+        while buffered.last().unwrap()["u"].as_u64().unwrap() <= last_id {
+            buffered.push(next_json(&mut ws).await["data"].clone());
+        }
+        let mut local_u = last_id;
+        let mut first = true;
+        for d in buffered {
+            let (big_u, u) = (d["U"].as_u64().unwrap(), d["u"].as_u64().unwrap());
+            if u <= last_id {
+                continue;
+            }
+            if first {
+                assert!(big_u <= last_id + 1 && u > last_id);
+                first = false;
+            } else {
+                assert_eq!(big_u, local_u + 1);
+            }
+            apply(&mut bids, &d["b"]);
+            apply(&mut asks, &d["a"]);
+            local_u = u;
+        }
+
+        assert_eq!(sim.post("/_sim/pause").await, 200);
+        let (_, book) = sim.get("/_sim/book?symbol=BTC-USDT").await;
+        let target = book["lastUpdateId"].as_u64().unwrap();
+        while local_u < target {
+            let d = next_json(&mut ws).await["data"].clone();
+            assert_eq!(d["U"].as_u64().unwrap(), local_u + 1);
+            apply(&mut bids, &d["b"]);
+            apply(&mut asks, &d["a"]);
+            local_u = d["u"].as_u64().unwrap();
+        }
+        assert_eq!(local_u, target);
+        assert_eq!(bids, side_from(&book["bids"]));
+        assert_eq!(asks, side_from(&book["asks"]));
+
+        // At rest the book does not move.
+        let (_, again) = sim.get("/_sim/book?symbol=BTCUSDT").await;
+        assert_eq!(again, book);
+        assert_eq!(sim.post("/_sim/resume").await, 200);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn gap_fault_skips_exactly_one_diff() {
+        let sim = Sim::start(300).await;
+        let mut ws = sim.ws("/ws/btcusdt@depth").await;
+        let mut prev_u = next_json(&mut ws).await["u"].as_u64().unwrap();
+        for _ in 0..5 {
+            let d = next_json(&mut ws).await;
+            assert_eq!(
+                d["U"].as_u64().unwrap(),
+                prev_u + 1,
+                "contiguous before gap"
+            );
+            prev_u = d["u"].as_u64().unwrap();
+        }
+        assert_eq!(sim.post("/_sim/gap?symbol=BTC-USDT").await, 200);
+        let mut gaps = 0;
+        tokio::time::timeout(WAIT, async {
+            while gaps == 0 {
+                let d = next_json(&mut ws).await;
+                if d["U"].as_u64().unwrap() != prev_u + 1 {
+                    assert!(d["U"].as_u64().unwrap() > prev_u + 1);
+                    gaps += 1;
+                }
+                prev_u = d["u"].as_u64().unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        for _ in 0..10 {
+            let d = next_json(&mut ws).await;
+            assert_eq!(d["U"].as_u64().unwrap(), prev_u + 1, "contiguous after gap");
+            prev_u = d["u"].as_u64().unwrap();
+        }
+        assert_eq!(sim.post("/_sim/gap?symbol=XRP-USDT").await, 400);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_and_drop_faults() {
+        let sim = Sim::start(100).await;
+        let mut ws = sim.ws("/ws/ethusdt@trade").await;
+        next_json(&mut ws).await;
+        assert_eq!(sim.post("/_sim/malformed").await, 200);
+        tokio::time::timeout(WAIT, async {
+            while serde_json::from_str::<Value>(&next_text(&mut ws).await).is_ok() {}
+        })
+        .await
+        .expect("no malformed frame");
+
+        let (_, stats) = sim.get("/_sim/stats").await;
+        assert_eq!(stats["connections_open"], 1);
+        assert!(stats["frames_sent"].as_u64().unwrap() > 0);
+
+        assert_eq!(sim.post("/_sim/drop").await, 200);
+        // The connection ends without a close frame.
+        let end = tokio::time::timeout(WAIT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(WsMsg::Close(_))) => return "close frame",
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return "dropped",
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(end, "dropped");
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn flat_out_and_shutdown_with_open_connection() {
+        let sim = Sim::start(0).await;
+        let mut ws = sim
+            .ws("/stream?streams=btcusdt@trade/btcusdt@kline_1s")
+            .await;
+        let mut last = 0;
+        for _ in 0..2_000 {
+            let v = next_json(&mut ws).await;
+            if v["stream"] == "btcusdt@trade" {
+                let t = v["data"]["t"].as_u64().unwrap();
+                assert!(t > last);
+                last = t;
+            }
+        }
+        // Open connection: shutdown must still complete.
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_stream_in_url_is_rejected() {
+        let sim = Sim::start(10).await;
+        let err = tokio_tungstenite::connect_async(format!("ws://{}/ws/btcusdt@bogus", sim.addr))
+            .await
+            .err();
+        assert!(err.is_some());
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn periodic_faults_and_ticker_kline_streams() {
+        let sim = Sim::start_with(SimConfig {
+            rate: 200,
+            faults: crate::simulator::Faults {
+                gap_every_updates: Some(5),
+                malformed_every_frames: Some(7),
+                drop_every_secs: None,
+            },
+            ..SimConfig::default()
+        })
+        .await;
+        let mut ws = sim
+            .ws("/stream?streams=ethusdt@depth/ethusdt@ticker/ethusdt@kline_1s")
+            .await;
+        let (mut prev_u, mut gaps, mut garbage, mut ticker, mut kline) =
+            (None::<u64>, 0, 0, false, false);
+        tokio::time::timeout(WAIT, async {
+            while gaps < 2 || garbage < 2 || !ticker || !kline {
+                let text = next_text(&mut ws).await;
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    assert_eq!(text, GARBAGE_FRAME);
+                    garbage += 1;
+                    continue;
+                };
+                let d = &v["data"];
+                match v["stream"].as_str().unwrap() {
+                    "ethusdt@depth" => {
+                        let big_u = d["U"].as_u64().unwrap();
+                        if prev_u.is_some_and(|p| big_u != p + 1) {
+                            gaps += 1;
+                        }
+                        prev_u = d["u"].as_u64();
+                    }
+                    "ethusdt@ticker" => {
+                        assert_eq!(d["e"], "24hrTicker");
+                        assert!(d["n"].as_u64().is_some() && d["c"].is_string());
+                        ticker = true;
+                    }
+                    "ethusdt@kline_1s" => {
+                        assert_eq!(d["e"], "kline");
+                        assert_eq!(d["k"]["i"], "1s");
+                        assert!(d["k"]["x"].is_boolean());
+                        kline = true;
+                    }
+                    other => panic!("unexpected stream {other}"),
+                }
+            }
+        })
+        .await
+        .expect("periodic faults / ticker / kline not observed");
+        sim.stop().await;
+    }
+}
