@@ -148,6 +148,20 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
         bots: Some(bots),
         name: "demo".into(),
     };
+    // Collect stdout on a thread so the test can wait for the summary line.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    if let Some(out) = demo.child.stdout.take() {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(mut p) = printed.lock() {
+                    p.push_str(&line);
+                    p.push('\n');
+                }
+            }
+        });
+    }
     demo.wait_healthy().await;
     let mut bot = Bot::connect(&demo.bots_url()).await;
     bot.subscribe(&["trade:sim:BTC-USDT", "book:sim:BTC-USDT", "ticker:sim:*"]).await;
@@ -156,13 +170,11 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     assert_eq!(trade["symbol"], "BTC-USDT");
     let (book, _) = bot.until(WAIT, |v| v["type"] == "book").await;
     assert_eq!(book["action"], "snapshot");
+    let text = || printed.lock().map(|p| p.clone()).unwrap_or_default();
+    wait_until("a summary line", WAIT, || async { text().contains("[demo] clients") }).await;
     demo.sigterm();
     assert_eq!(demo.wait_exit().await, Some(0));
-    let mut stdout = String::new();
-    if let Some(mut out) = demo.child.stdout.take() {
-        use std::io::Read;
-        out.read_to_string(&mut stdout).expect("read stdout");
-    }
+    let stdout = text();
     assert!(stdout.contains(&format!("ws://127.0.0.1:{bots}")), "{stdout}");
     assert!(stdout.contains("[demo] clients"), "summary line missing: {stdout}");
 }
