@@ -1,0 +1,118 @@
+//! Micro-benchmarks along the event path: envelope encode/decode, pattern matching,
+//! order-book delta apply. Each benchmark checks its output once before timing.
+//!
+//! Run: `cargo bench --bench event_path`. Results: benches/BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use mdbridge::book::OrderBook;
+use mdbridge::envelope::BusMessage;
+use mdbridge::event::{Book, BookAction, Channel, Event, Exchange, Level, Pattern, Side, Trade};
+use uuid::Uuid;
+
+fn trade(i: u64) -> Event {
+    Event::Trade(Trade {
+        exchange: Exchange::Binance,
+        symbol: "BTC-USDT".into(),
+        ts: Some(1_672_515_782_136_000 + i),
+        ts_recv: 1_672_515_782_140_000 + i,
+        trade_id: i.to_string(),
+        price: "60012.34000000".into(),
+        size: "0.01234000".into(),
+        side: Some(Side::Buy),
+    })
+}
+
+fn envelope(c: &mut Criterion) {
+    let src = Uuid::new_v4();
+    let msg = BusMessage::encode(src, 1, 2, trade(1));
+    assert!(msg.event_json().starts_with(b"{\"type\":\"trade\""));
+    c.bench_function("envelope_encode_trade", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            black_box(BusMessage::encode(src, i, i, trade(i)))
+        })
+    });
+    let channel = msg.channel.clone();
+    let payload: Bytes = msg.envelope.clone();
+    let decoded = BusMessage::decode(channel.clone(), payload.clone()).expect("decode");
+    assert_eq!(decoded.event_json(), msg.event_json());
+    c.bench_function("envelope_decode_trade", |b| {
+        b.iter(|| black_box(BusMessage::decode(channel.clone(), payload.clone())))
+    });
+}
+
+fn patterns(c: &mut Criterion) {
+    let symbols: Vec<String> = (0..2_500).map(|i| format!("C{i}-USDT")).collect();
+    let mut pats = Vec::new();
+    for s in &symbols {
+        for kind in ["trade", "ticker", "book"] {
+            pats.push(Pattern::parse(&format!("{kind}:binance:{s}")).expect("pattern"));
+        }
+        pats.push(Pattern::parse(&format!("trade:*:{s}")).expect("pattern"));
+    }
+    assert_eq!(pats.len(), 10_000);
+    let chan = Channel::parse("trade:binance:C1234-USDT").expect("channel");
+    assert_eq!(pats.iter().filter(|p| p.matches(&chan)).count(), 2);
+    c.bench_function("match_10k_patterns_one_channel", |b| {
+        b.iter(|| black_box(pats.iter().filter(|p| p.matches(&chan)).count()))
+    });
+}
+
+fn book(c: &mut Criterion) {
+    let level = |p: u64, q: &str| Level(format!("{}.{:02}", 60_000 + p / 100, p % 100).into(), q.into());
+    let snapshot = Book {
+        exchange: Exchange::Binance,
+        symbol: "BTC-USDT".into(),
+        ts: None,
+        ts_recv: 0,
+        action: BookAction::Snapshot,
+        bids: (0..1000).map(|i| level(10_000 - i, "1.00000000")).collect(),
+        asks: (0..1000).map(|i| level(10_001 + i, "1.00000000")).collect(),
+        seq: Some(1),
+        prev_seq: None,
+    };
+    let mut ob = OrderBook::new();
+    ob.apply(&snapshot).expect("snapshot");
+    assert_eq!(ob.bids().count(), 1000);
+    let mut seq = 1;
+    c.bench_function("book_apply_delta_4_levels_on_2000", |b| {
+        b.iter(|| {
+            let delta = Book {
+                action: BookAction::Delta,
+                bids: vec![level(9_990, "2.00000000"), level(9_995, "0.00000000")],
+                asks: vec![level(10_005, "3.50000000"), level(10_995, "1.00000000")],
+                seq: Some(seq + 1),
+                prev_seq: Some(seq),
+                ..snapshot.clone_header()
+            };
+            seq += 1;
+            ob.apply(&delta).expect("delta");
+        })
+    });
+}
+
+trait CloneHeader {
+    fn clone_header(&self) -> Book;
+}
+impl CloneHeader for Book {
+    fn clone_header(&self) -> Book {
+        Book {
+            exchange: self.exchange,
+            symbol: self.symbol.clone(),
+            ts: self.ts,
+            ts_recv: self.ts_recv,
+            action: self.action,
+            bids: Vec::new(),
+            asks: Vec::new(),
+            seq: self.seq,
+            prev_seq: self.prev_seq,
+        }
+    }
+}
+
+criterion_group!(benches, envelope, patterns, book);
+criterion_main!(benches);
