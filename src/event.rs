@@ -383,6 +383,12 @@ impl From<&str> for Decimal {
     }
 }
 
+impl From<String> for Decimal {
+    fn from(s: String) -> Self {
+        Decimal(s)
+    }
+}
+
 /// Taker side of a trade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
