@@ -20,9 +20,11 @@
 //! - [`config`]: every setting, one place.
 //! - [`simulator`]: exchange-compatible servers for tests, demo and benchmarks.
 //! - [`app`]: wires the parts for each role and owns shutdown.
+//! - [`bench`]: the end-to-end measuring bot behind `mdbridge bench`.
 
 #[cfg(any())] // WIP until the parts land
 pub mod app;
+pub mod bench;
 pub mod book;
 pub mod bus;
 pub mod config;

@@ -47,6 +47,24 @@ enum Command {
     Simulate(SimulateArgs),
     /// Normalize raw exchange frames (one per line on stdin) into events (one per line on stdout).
     Normalize(NormalizeArgs),
+    /// Measure a running bot server: events per second and ts_recv-to-bot latency.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Bot server to measure.
+    #[arg(long, default_value = "ws://127.0.0.1:8765")]
+    url: String,
+    /// Comma-separated channel patterns to subscribe to.
+    #[arg(long, default_value = "trade:*:*,book:*:*,ticker:*:*", value_delimiter = ',')]
+    channels: Vec<String>,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Parallel bot connections.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +137,7 @@ fn main() -> ExitCode {
         Command::Hybrid(args) => run_role(Role::Hybrid, args),
         Command::Demo(args) => report(runtime().and_then(|rt| rt.block_on(demo(args)))),
         Command::Simulate(args) => simulate(args),
+        Command::Bench(args) => report(runtime().and_then(|rt| rt.block_on(bench(args)))),
     }
 }
 
@@ -185,6 +204,27 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         summary_every: Duration::from_secs(args.summary_secs.max(1)),
     };
     app::run_demo(options, config, bots, http, shutdown).await?;
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = mdbridge::bench::BenchOptions {
+        url: args.url,
+        channels: args.channels,
+        duration: Duration::from_secs(args.secs.max(1)),
+        clients: args.clients,
+    };
+    let r = mdbridge::bench::run(options).await?;
+    println!(
+        "events {} in {:.1} s = {:.0} events/s | latency ts_recv->bot p50 {} us, p99 {} us, max {} us | errors {}",
+        r.events,
+        r.seconds,
+        r.events_per_second(),
+        r.latency_us_p50,
+        r.latency_us_p99,
+        r.latency_us_max,
+        r.errors
+    );
     Ok(())
 }
 

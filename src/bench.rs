@@ -1,0 +1,142 @@
+//! `mdbridge bench`: an end-to-end measuring bot. It connects to a bot server like any
+//! client, subscribes, and reports events per second and the latency from `ts_recv` (the
+//! host read the exchange frame) to the moment this client parsed the event.
+//!
+//! It measures a running deployment (demo, hybrid, publisher + executor); it does not start
+//! one. Run it on the same machine as the host so `ts_recv` and this clock agree.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::event::now_micros;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub url: String,
+    pub channels: Vec<String>,
+    pub duration: Duration,
+    /// Parallel bot connections, each with the same subscription.
+    pub clients: usize,
+}
+
+/// What one run measured, over all clients.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub events: u64,
+    pub seconds: f64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+    pub latency_us_max: u64,
+    pub errors: u64,
+}
+
+impl BenchReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.seconds.max(1e-9)
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    ts_recv: Option<u64>,
+}
+
+/// Errors of the measuring client.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot connect to {url}: {cause}")]
+    Connect { url: String, cause: String },
+    #[error("the server refused the subscription: {0}")]
+    Refused(String),
+}
+
+/// Runs the measurement and returns the combined report.
+pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
+    let mut tasks = Vec::new();
+    for _ in 0..options.clients.max(1) {
+        let (mut ws, _) = tokio_tungstenite::connect_async(options.url.as_str())
+            .await
+            .map_err(|e| BenchError::Connect {
+                url: options.url.clone(),
+                cause: e.to_string(),
+            })?;
+        let sub = serde_json::json!({"op":"subscribe","channels":options.channels,"req":"bench"});
+        ws.send(Message::text(sub.to_string()))
+            .await
+            .map_err(|e| BenchError::Connect {
+                url: options.url.clone(),
+                cause: e.to_string(),
+            })?;
+        let duration = options.duration;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let mut events = 0u64;
+            let mut errors = 0u64;
+            let mut refused = None;
+            let started = Instant::now();
+            let deadline = tokio::time::Instant::now() + duration;
+            loop {
+                let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(Err(_))) => break,
+                    Ok(Some(Ok(m))) => m,
+                };
+                let Message::Text(text) = msg else { continue };
+                let Ok(head) = serde_json::from_str::<Head>(text.as_str()) else {
+                    errors += 1;
+                    continue;
+                };
+                match head.kind.as_str() {
+                    "subscribed" | "pong" => {}
+                    "error" => {
+                        errors += 1;
+                        refused.get_or_insert_with(|| text.to_string());
+                    }
+                    _ => {
+                        events += 1;
+                        if let Some(t) = head.ts_recv {
+                            latencies.push(now_micros().saturating_sub(t));
+                        }
+                    }
+                }
+            }
+            let _ = ws.close(None).await;
+            (events, errors, latencies, started.elapsed().as_secs_f64(), refused)
+        }));
+    }
+    let mut report = BenchReport::default();
+    let mut all = Vec::new();
+    for task in tasks {
+        let Ok((events, errors, latencies, secs, refused)) = task.await else {
+            continue;
+        };
+        if events == 0 {
+            if let Some(r) = refused {
+                return Err(BenchError::Refused(r));
+            }
+        }
+        report.events += events;
+        report.errors += errors;
+        report.seconds = report.seconds.max(secs);
+        all.extend(latencies);
+    }
+    all.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if all.is_empty() {
+            0
+        } else {
+            all[((all.len() - 1) as f64 * p) as usize]
+        }
+    };
+    report.latency_us_p50 = pct(0.50);
+    report.latency_us_p99 = pct(0.99);
+    report.latency_us_max = all.last().copied().unwrap_or(0);
+    Ok(report)
+}
