@@ -24,6 +24,8 @@ use crate::event::{now_micros, Channel, Event, Pattern};
 
 pub mod memory;
 pub mod redis;
+#[cfg(test)]
+pub(crate) mod redis_test_server;
 
 /// The subscription patterns some local bot holds; the Redis subscriber follows this set.
 pub type Interest = Arc<BTreeSet<Pattern>>;
@@ -37,6 +39,9 @@ pub enum BusError {
     Envelope(#[from] crate::envelope::EnvelopeError),
     #[error("bus closed")]
     Closed,
+    /// Redis could not be reached (refused, timed out, bad URL): the one-line startup error.
+    #[error("redis at {url} is unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
 }
 
 /// A transport that carries published messages.
