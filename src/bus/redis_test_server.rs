@@ -30,7 +30,11 @@ impl RedisTestServer {
             .expect("no free local port")
             .port();
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
-        let mut server = RedisTestServer { port, dir, child: None };
+        let mut server = RedisTestServer {
+            port,
+            dir,
+            child: None,
+        };
         server.spawn();
         server
     }
@@ -75,7 +79,10 @@ impl RedisTestServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     fn ping(&self) -> bool {

@@ -33,6 +33,9 @@ pub use publisher::RedisPublisher;
 pub use store::RedisStore;
 pub use subscriber::RedisSubscriber;
 
+#[cfg(test)]
+mod live_tests;
+
 /// Pub/sub channel name of `channel`: `{p}{channel}`.
 pub fn channel_key(prefix: &str, channel: &Channel) -> String {
     format!("{prefix}{channel}")
@@ -69,17 +72,25 @@ pub async fn check_connection(url: &str, timeout: Duration) -> Result<(), BusErr
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {} ms",
+            timeout.as_millis()
+        ))),
     }
 }
 
 /// A multiplexed connection whose connect and every reply are bounded by `timeout`, so a
 /// dead server turns into an error (and a reconnect) instead of a hang.
-pub(crate) async fn connect(client: &Client, timeout: Duration) -> ::redis::RedisResult<MultiplexedConnection> {
+pub(crate) async fn connect(
+    client: &Client,
+    timeout: Duration,
+) -> ::redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(timeout)
         .set_response_timeout(timeout);
-    client.get_multiplexed_async_connection_with_config(&config).await
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 /// Reconnect delays: exponential from `reconnect_min_ms` to `reconnect_max_ms`, with jitter
@@ -127,22 +138,36 @@ mod tests {
         };
         let delays: Vec<Duration> = backoff(&config).take(20).collect();
         assert_eq!(delays.len(), 20, "the iterator never ends");
-        assert!(delays.iter().all(|d| *d >= Duration::from_millis(10) && *d <= Duration::from_millis(200)));
-        assert!(delays[19] >= Duration::from_millis(100), "grows to the ceiling: {delays:?}");
+        assert!(delays
+            .iter()
+            .all(|d| *d >= Duration::from_millis(10) && *d <= Duration::from_millis(200)));
+        assert!(
+            delays[19] >= Duration::from_millis(100),
+            "grows to the ceiling: {delays:?}"
+        );
     }
 
     #[test]
     fn redact_hides_passwords_only() {
         assert_eq!(redact("redis://:secret@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redact("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
     }
 
     #[tokio::test]
     async fn check_connection_reports_an_unreachable_server_in_one_line() {
         // Bind then drop a listener: nothing listens on that port any more.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("redis://127.0.0.1:{port}/0");
-        let err = check_connection(&url, Duration::from_millis(500)).await.unwrap_err();
+        let err = check_connection(&url, Duration::from_millis(500))
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(text.contains(&url), "{text}");
         assert!(!text.contains('\n'), "{text}");
@@ -151,6 +176,8 @@ mod tests {
     #[tokio::test]
     async fn check_connection_succeeds_against_a_server() {
         let server = crate::bus::redis_test_server::RedisTestServer::start();
-        check_connection(&server.url(), Duration::from_secs(2)).await.unwrap();
+        check_connection(&server.url(), Duration::from_secs(2))
+            .await
+            .unwrap();
     }
 }

@@ -20,8 +20,11 @@
 //!
 //! Reconnect behaviour:
 //!
-//! - The first connection is made in the background at spawn; until it is up, batches are
-//!   dropped and counted (`publish_failed{reason="redis_down"}`).
+//! - The first connection is made in the background at spawn; until it is up, envelopes
+//!   wait in the queue (beyond its bound they are dropped as `queue_full`), so a normal
+//!   start loses nothing.
+//! - An idle connection is checked with a `PING` every `snapshot_interval_ms`, so a dead
+//!   Redis shows in health even when nothing is published.
 //! - Any error on a pipeline (including a reply slower than `probe_timeout_ms`) counts the
 //!   whole batch as failed, marks health down, sets `redis_connected{role="publish"}` to 0
 //!   and drops the connection.
@@ -79,7 +82,11 @@ impl RedisPublisher {
         let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
         let task = tokio::spawn(async move {
             match Client::open(config.url.as_str()) {
-                Ok(client) => Writer::new(config, src, client, health).run(rx, shutdown).await,
+                Ok(client) => {
+                    Writer::new(config, src, client, health)
+                        .run(rx, shutdown)
+                        .await
+                }
                 Err(e) => {
                     // Config validation refuses such URLs; stay alive and count, never panic.
                     health.down(format!("bad redis url: {e}"));
@@ -95,8 +102,12 @@ impl Bus for RedisPublisher {
     async fn publish(&self, msg: BusMessage) {
         match self.tx.try_send(msg) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => metrics::envelopes_publish_failed(1, "queue_full"),
-            Err(mpsc::error::TrySendError::Closed(_)) => metrics::envelopes_publish_failed(1, "shutdown"),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::envelopes_publish_failed(1, "queue_full")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                metrics::envelopes_publish_failed(1, "shutdown")
+            }
         }
     }
 }
@@ -142,6 +153,8 @@ struct Writer {
     delays: Box<dyn Iterator<Item = Duration> + Send>,
     /// A connection was up before: the next success is a reconnect.
     was_connected: bool,
+    /// A pipeline went out since the last refresh tick (else the tick pings).
+    sent_since_tick: bool,
     books: HashMap<Channel, BookState>,
 }
 
@@ -157,6 +170,7 @@ impl Writer {
             connecting: None,
             delays,
             was_connected: false,
+            sent_since_tick: false,
             books: HashMap::new(),
         }
     }
@@ -174,7 +188,9 @@ impl Writer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 done = wait_connecting(&mut self.connecting) => self.connected(done),
-                n = rx.recv_many(&mut batch, batch_max) => {
+                // Before the very first connection the queue holds what arrives (up to its
+                // bound) so a normal start loses nothing; after that, see `send_batch`.
+                n = rx.recv_many(&mut batch, batch_max), if self.was_connected => {
                     if n == 0 {
                         // Every handle is gone: the queue is drained, nothing more can come.
                         self.refresh_snapshots().await;
@@ -182,7 +198,12 @@ impl Writer {
                     }
                     self.send_batch(&mut batch).await;
                 }
-                _ = refresh.tick() => self.refresh_snapshots().await,
+                _ = refresh.tick() => {
+                    if !std::mem::replace(&mut self.sent_since_tick, false) {
+                        self.ping().await;
+                    }
+                    self.refresh_snapshots().await;
+                }
             }
         }
         self.flush(rx).await;
@@ -194,7 +215,9 @@ impl Writer {
         let deadline = Instant::now() + FLUSH_DEADLINE;
         if self.conn.is_none() {
             // Give a reconnect in progress its chance, within the same deadline.
-            if let Ok(done) = tokio::time::timeout_at(deadline, wait_connecting(&mut self.connecting)).await {
+            if let Ok(done) =
+                tokio::time::timeout_at(deadline, wait_connecting(&mut self.connecting)).await
+            {
                 self.connected(done);
             }
         }
@@ -204,7 +227,10 @@ impl Writer {
             if rx.recv_many(&mut batch, batch_max).await == 0 {
                 break;
             }
-            if tokio::time::timeout_at(deadline, self.send_batch(&mut batch)).await.is_err() {
+            if tokio::time::timeout_at(deadline, self.send_batch(&mut batch))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -214,7 +240,10 @@ impl Writer {
         }
         if left > 0 {
             metrics::envelopes_publish_failed(left, "shutdown");
-            warn!(dropped = left, "publisher flush deadline passed; envelopes dropped");
+            warn!(
+                dropped = left,
+                "publisher flush deadline passed; envelopes dropped"
+            );
         }
         if self.conn.is_some() {
             let _ = tokio::time::timeout(FLUSH_DEADLINE, self.refresh_snapshots()).await;
@@ -235,7 +264,10 @@ impl Writer {
         }));
     }
 
-    fn connected(&mut self, done: Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError>) {
+    fn connected(
+        &mut self,
+        done: Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError>,
+    ) {
         self.connecting = None;
         match done {
             Ok(Ok(conn)) => {
@@ -324,6 +356,7 @@ impl Writer {
             }
         }
         batch.clear();
+        self.sent_since_tick = true;
         metrics::publish_batch(n);
         match pipe.query_async::<()>(conn).await {
             Ok(()) => metrics::envelopes_published(n as u64),
@@ -338,13 +371,16 @@ impl Writer {
         let Some(event) = msg.book.as_deref() else {
             return;
         };
-        let state = self.books.entry(msg.channel.clone()).or_insert_with(|| BookState {
-            book: OrderBook::new(),
-            template: event.clone(),
-            last_seq: 0,
-            dirty: false,
-            broken: true,
-        });
+        let state = self
+            .books
+            .entry(msg.channel.clone())
+            .or_insert_with(|| BookState {
+                book: OrderBook::new(),
+                template: event.clone(),
+                last_seq: 0,
+                dirty: false,
+                broken: true,
+            });
         state.last_seq = msg.seq;
         state.template = event.clone();
         match state.book.apply(event) {
@@ -365,6 +401,17 @@ impl Writer {
         }
     }
 
+    /// An idle connection can die unnoticed; a PING per idle refresh period keeps health
+    /// true and starts the reconnect before the next envelope needs it.
+    async fn ping(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = ::redis::cmd("PING").query_async::<()>(conn).await {
+            self.lost_connection(&e);
+        }
+    }
+
     /// Writes a fresh snapshot envelope for every book that changed since its last write.
     async fn refresh_snapshots(&mut self) {
         let Some(conn) = self.conn.as_mut() else {
@@ -378,9 +425,17 @@ impl Writer {
                 continue;
             }
             let snapshot = state.book.to_snapshot(&state.template);
-            let msg = BusMessage::encode(self.src, state.last_seq, now_micros(), Event::Book(snapshot));
+            let msg = BusMessage::encode(
+                self.src,
+                state.last_seq,
+                now_micros(),
+                Event::Book(snapshot),
+            );
             let payload: &[u8] = &msg.envelope;
-            pipe.cmd("SET").arg(super::snapshot_key(prefix, channel)).arg(payload).ignore();
+            pipe.cmd("SET")
+                .arg(super::snapshot_key(prefix, channel))
+                .arg(payload)
+                .ignore();
             written.push(channel.clone());
         }
         if written.is_empty() {
@@ -400,7 +455,9 @@ impl Writer {
 }
 
 fn is_snapshot(msg: &BusMessage) -> bool {
-    msg.book.as_deref().is_some_and(|b| b.action == BookAction::Snapshot)
+    msg.book
+        .as_deref()
+        .is_some_and(|b| b.action == BookAction::Snapshot)
 }
 
 /// Resolves when the background connect finishes; pending forever when none runs.

@@ -42,7 +42,9 @@ impl RedisStore {
         };
         let client = Client::open(config.url.as_str()).map_err(|e| unreachable(e.to_string()))?;
         let timeout = io_timeout(config);
-        let conn = connect(&client, timeout).await.map_err(|e| unreachable(e.to_string()))?;
+        let conn = connect(&client, timeout)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(RedisStore {
             client,
             prefix: config.key_prefix.clone(),
@@ -73,7 +75,8 @@ impl RedisStore {
                 }
             }
         };
-        let reply: ::redis::RedisResult<Option<Vec<u8>>> = ::redis::cmd("GET").arg(key).query_async(&mut conn).await;
+        let reply: ::redis::RedisResult<Option<Vec<u8>>> =
+            ::redis::cmd("GET").arg(key).query_async(&mut conn).await;
         match reply {
             Ok(v) => Ok(v),
             Err(e) => {

@@ -178,14 +178,15 @@ impl Subscriber {
                 delays = backoff(&self.config);
             }
             sessions += 1;
-            let delay = delays.next().unwrap_or(Duration::from_millis(self.config.reconnect_max_ms));
+            let delay = delays
+                .next()
+                .unwrap_or(Duration::from_millis(self.config.reconnect_max_ms));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
     }
-
 
     /// One connection's life: connect, subscribe everything, pump messages until it fails.
     async fn session(&mut self, shutdown: &CancellationToken, sessions: u64) -> End {
@@ -206,7 +207,15 @@ impl Subscriber {
         }
         let interest = self.interest.borrow_and_update().clone();
         let mut filter = Filter::new(&interest);
-        if let Err(e) = reconcile(&mut sink, &mut subscribed, &interest, &self.config.key_prefix, timeout).await {
+        if let Err(e) = reconcile(
+            &mut sink,
+            &mut subscribed,
+            &interest,
+            &self.config.key_prefix,
+            timeout,
+        )
+        .await
+        {
             return End::Reconnect(format!("subscribe: {e}"));
         }
         if sessions > 0 {
@@ -302,7 +311,10 @@ impl Subscriber {
             metrics::envelope_self_filtered();
             return None;
         }
-        match self.tracker.observe(decoded.src, &decoded.channel, decoded.seq) {
+        match self
+            .tracker
+            .observe(decoded.src, &decoded.channel, decoded.seq)
+        {
             Seen::InOrder => {}
             Seen::Gap(lost) => {
                 metrics::envelopes_lost(lost);
@@ -319,7 +331,10 @@ impl Subscriber {
     fn invalid(&mut self, channel: &str, cause: &str) {
         metrics::envelope_invalid();
         if let Some(suppressed) = self.invalid_log.allow() {
-            warn!(channel, cause, suppressed, "malformed envelope from redis skipped");
+            warn!(
+                channel,
+                cause, suppressed, "malformed envelope from redis skipped"
+            );
         }
     }
 }
@@ -365,7 +380,10 @@ async fn reconcile(
 }
 
 /// A subscription command that takes longer than `timeout` means a dead connection.
-async fn bounded(timeout: Duration, fut: impl std::future::Future<Output = ::redis::RedisResult<()>>) -> ::redis::RedisResult<()> {
+async fn bounded(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = ::redis::RedisResult<()>>,
+) -> ::redis::RedisResult<()> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(::redis::RedisError::from((
@@ -391,7 +409,10 @@ fn send_probe(mut conn: MultiplexedConnection, channel: String, nonce: u64) {
 }
 
 fn probe_payload(msg: &Msg) -> Option<u64> {
-    std::str::from_utf8(msg.get_payload_bytes()).ok()?.parse().ok()
+    std::str::from_utf8(msg.get_payload_bytes())
+        .ok()?
+        .parse()
+        .ok()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -485,18 +506,34 @@ mod tests {
         let b = Uuid::new_v4();
         let c = Channel::parse("trade:binance:BTC-USDT").unwrap();
         let d = Channel::parse("trade:binance:ETH-USDT").unwrap();
-        assert_eq!(t.observe(a, &c, 7), Seen::InOrder, "a new src starts wherever it is");
+        assert_eq!(
+            t.observe(a, &c, 7),
+            Seen::InOrder,
+            "a new src starts wherever it is"
+        );
         assert_eq!(t.observe(a, &c, 8), Seen::InOrder);
         assert_eq!(t.observe(a, &c, 8), Seen::Duplicate);
         assert_eq!(t.observe(a, &c, 5), Seen::Duplicate);
         assert_eq!(t.observe(a, &c, 11), Seen::Gap(2));
-        assert_eq!(t.observe(b, &c, 1), Seen::InOrder, "sources are tracked apart");
-        assert_eq!(t.observe(a, &d, 3), Seen::InOrder, "channels are tracked apart");
+        assert_eq!(
+            t.observe(b, &c, 1),
+            Seen::InOrder,
+            "sources are tracked apart"
+        );
+        assert_eq!(
+            t.observe(a, &d, 3),
+            Seen::InOrder,
+            "channels are tracked apart"
+        );
         assert_eq!(t.observe(a, &c, 1), Seen::InOrder, "restart");
         assert_eq!(t.observe(a, &c, 1), Seen::Duplicate);
         assert_eq!(t.observe(a, &c, 2), Seen::InOrder);
         t.retain(|ch| ch == &d);
-        assert_eq!(t.observe(a, &c, 9), Seen::InOrder, "forgotten channel starts afresh");
+        assert_eq!(
+            t.observe(a, &c, 9),
+            Seen::InOrder,
+            "forgotten channel starts afresh"
+        );
     }
 
     #[test]
