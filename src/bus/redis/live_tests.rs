@@ -610,3 +610,134 @@ async fn publisher_and_subscriber_reconnect_after_a_redis_restart() {
     shutdown.cancel();
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
 }
+
+/// A TCP proxy to Redis that can silently black-hole its existing connections: the
+/// sockets stay open but no byte passes, like a half-open connection after a network cut.
+struct FreezingProxy {
+    port: u16,
+    /// Connections numbered below this are black-holed.
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream_port: u16) -> FreezingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let frozen = frozen_below.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut next_id = 0u64;
+            while let Ok((client, _)) = listener.accept().await {
+                let id = next_id;
+                next_id += 1;
+                counter.store(next_id, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let frozen = frozen.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            // Black-holed: swallow the bytes, keep both sockets open.
+                            if id < frozen.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezingProxy {
+            port,
+            frozen_below,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn freeze_existing(&self, connections_so_far: u64) {
+        self.frozen_below
+            .store(connections_so_far, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_found_by_the_probe_and_rebuilt() {
+    let server = RedisTestServer::start();
+    let admin = raw(&server.url()).await;
+    let proxy = FreezingProxy::start(server.port()).await;
+    let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let health = Health::new();
+    let mut sub = subscriber(
+        &via_proxy,
+        Uuid::new_v4(),
+        &["trade:binance:BTC-USDT"],
+        health.register("sub"),
+    );
+    wait_until("subscription", || async {
+        numsub(&admin, "md:trade:binance:BTC-USDT").await == 1
+    })
+    .await;
+    let other = Uuid::new_v4();
+    let m = |s: u64| BusMessage::encode(other, s, 1, trade(Exchange::Binance, "BTC-USDT", s));
+    publish_raw(&admin, "trade:binance:BTC-USDT", &m(1).envelope).await;
+    assert_eq!(recv(&mut sub.rx).await.seq, 1);
+
+    // The session uses two connections (pub/sub and probe): freeze both, silently.
+    proxy.freeze_existing(2);
+    // Without the probe nothing would ever notice: no error, no EOF. Keep publishing
+    // until one arrives through a rebuilt session.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut s = 1;
+    let got = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent subscription was never rebuilt"
+        );
+        s += 1;
+        publish_raw(&admin, "trade:binance:BTC-USDT", &m(s).envelope).await;
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(50), sub.rx.recv()).await
+        {
+            break got;
+        }
+    };
+    assert!(got.seq >= 2);
+    assert!(
+        proxy.accepted() >= 4,
+        "a new session was built through the proxy"
+    );
+    wait_until("healthy again", || async { health.all_healthy() }).await;
+}
