@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::publisher::FLUSH_DEADLINE;
 use super::*;
 use crate::bus::redis_test_server::RedisTestServer;
 use crate::bus::{Bus, Interest, Sequencer, SnapshotStore};
@@ -740,4 +741,38 @@ async fn a_silent_subscription_is_found_by_the_probe_and_rebuilt() {
         "a new session was built through the proxy"
     );
     wait_until("healthy again", || async { health.all_healthy() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_never_blocks_when_redis_is_unreachable() {
+    // Nothing listens on this port: the queue fills and the rest is dropped, not awaited.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = RedisConfig {
+        publish_queue_size: 8,
+        ..config(&format!("redis://127.0.0.1:{port}/0"))
+    };
+    let src = Uuid::new_v4();
+    let shutdown = CancellationToken::new();
+    let (bus, task) =
+        RedisPublisher::spawn(cfg, src, HealthHandle::detached("pub"), shutdown.clone());
+    let mut seq = Sequencer::new(src);
+    let all = async {
+        for i in 0..10_000 {
+            bus.publish(seq.wrap(trade(Exchange::Binance, "BTC-USDT", i)))
+                .await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .expect("publish blocked");
+    shutdown.cancel();
+    // The flush gives up after its deadline when Redis never comes.
+    tokio::time::timeout(FLUSH_DEADLINE + WAIT, task)
+        .await
+        .unwrap()
+        .unwrap();
 }

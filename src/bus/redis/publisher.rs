@@ -188,21 +188,22 @@ impl Writer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 done = wait_connecting(&mut self.connecting) => self.connected(done),
-                // Before the very first connection the queue holds what arrives (up to its
-                // bound) so a normal start loses nothing; after that, see `send_batch`.
-                n = rx.recv_many(&mut batch, batch_max), if self.was_connected => {
-                    if n == 0 {
-                        // Every handle is gone: the queue is drained, nothing more can come.
-                        self.refresh_snapshots().await;
-                        return;
-                    }
-                    self.send_batch(&mut batch).await;
-                }
+                // Before the queue: under sustained load the queue is always ready and would
+                // starve the refresh; the tick is ready only once per period.
                 _ = refresh.tick() => {
                     if !std::mem::replace(&mut self.sent_since_tick, false) {
                         self.ping().await;
                     }
                     self.refresh_snapshots().await;
+                }
+                // Before the very first connection the queue holds what arrives (up to its
+                // bound) so a normal start loses nothing; after that, see `send_batch`.
+                n = rx.recv_many(&mut batch, batch_max), if self.was_connected => {
+                    if n == 0 {
+                        // Every handle is gone and the queue is empty: finish as on shutdown.
+                        break;
+                    }
+                    self.send_batch(&mut batch).await;
                 }
             }
         }
