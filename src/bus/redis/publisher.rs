@@ -36,7 +36,8 @@
 //!   from the minimum, and every book snapshot is rewritten at the next refresh (a
 //!   restarted Redis has lost its keys).
 //! - On shutdown the queue is closed, what is already queued is flushed (for at most
-//!   [`FLUSH_DEADLINE`]), the books' snapshots are written once more, and the task exits.
+//!   [`FLUSH_DEADLINE`]), the books' snapshots are written once more (at most 500 ms more),
+//!   and the task exits.
 //!   It also exits, after flushing, when every [`RedisPublisher`] handle is dropped.
 
 use std::collections::HashMap;
@@ -228,10 +229,13 @@ impl Writer {
             if rx.recv_many(&mut batch, batch_max).await == 0 {
                 break;
             }
+            let n = batch.len() as u64;
             if tokio::time::timeout_at(deadline, self.send_batch(&mut batch))
                 .await
                 .is_err()
             {
+                // Cut off mid-pipeline: whether Redis got it is unknown; count it as failed.
+                metrics::envelopes_publish_failed(n, "shutdown");
                 break;
             }
         }
@@ -247,7 +251,9 @@ impl Writer {
             );
         }
         if self.conn.is_some() {
-            let _ = tokio::time::timeout(FLUSH_DEADLINE, self.refresh_snapshots()).await;
+            // A short extra allowance: the snapshot keys are worth one more write.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), self.refresh_snapshots()).await;
         }
         if let Some(task) = self.connecting.take() {
             task.abort();
