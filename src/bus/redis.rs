@@ -1,1 +1,0 @@
-//! Redis pub/sub transport (being written).

@@ -1,0 +1,478 @@
+//! The publishing side of the Redis bus: a bounded queue, one writer task, one pipeline
+//! per batch.
+//!
+//! [`RedisPublisher::publish`] never waits on the network: it puts the already-encoded
+//! envelope into a bounded queue and, when that is full, drops and counts it. The writer
+//! task waits for the first queued envelope and then takes whatever else is already queued
+//! (up to `publish_batch_max`) without waiting, so an idle bridge adds no latency and a busy
+//! one batches naturally. Each batch is one pipeline:
+//!
+//! - `PUBLISH {p}{channel} <envelope>` for every envelope;
+//! - `SET {p}last:{channel} <envelope>` for `ticker` and `candle` events;
+//! - `SET {p}snapshot:{channel} <envelope>` for `book` snapshots.
+//!
+//! The writer also keeps an [`OrderBook`] per book channel and, every
+//! `snapshot_interval_ms`, writes a fresh full snapshot of each changed book to
+//! `{p}snapshot:{channel}`: the envelope `seq` is that of the last message published on the
+//! channel and the book `seq` is the last delta's, so a reader can chain the next delta on.
+//!
+//! Pub/sub is fire-and-forget: what is lost shows as a `seq` gap at the subscribers.
+//!
+//! Reconnect behaviour:
+//!
+//! - The first connection is made in the background at spawn; until it is up, envelopes
+//!   wait in the queue (beyond its bound they are dropped as `queue_full`), so a normal
+//!   start loses nothing.
+//! - An idle connection is checked with a `PING` every `snapshot_interval_ms`, so a dead
+//!   Redis shows in health even when nothing is published.
+//! - Any error on a pipeline (including a reply slower than `probe_timeout_ms`) counts the
+//!   whole batch as failed, marks health down, sets `redis_connected{role="publish"}` to 0
+//!   and drops the connection.
+//! - A background task reconnects after an exponential backoff with jitter
+//!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
+//!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
+//!   connection returns.
+//! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
+//!   from the minimum, and every book snapshot is rewritten at the next refresh (a
+//!   restarted Redis has lost its keys).
+//! - On shutdown the queue is closed, what is already queued is flushed (for at most
+//!   [`FLUSH_DEADLINE`]), the books' snapshots are written once more (at most 500 ms more),
+//!   and the task exits.
+//!   It also exits, after flushing, when every [`RedisPublisher`] handle is dropped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{Client, Pipeline};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{backoff, connect, io_timeout, redact};
+use crate::book::OrderBook;
+use crate::bus::Bus;
+use crate::config::RedisConfig;
+use crate::envelope::BusMessage;
+use crate::event::{now_micros, Book, BookAction, Channel, Event, EventType};
+use crate::health::HealthHandle;
+use crate::metrics;
+
+/// Longest the writer spends flushing the queue at shutdown.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Handle to the Redis publishing pipeline; cheap to clone. Implements [`Bus`].
+#[derive(Clone)]
+pub struct RedisPublisher {
+    tx: mpsc::Sender<BusMessage>,
+}
+
+impl RedisPublisher {
+    /// Starts the writer task. `src` is this instance's uuid (the `src` of the periodic
+    /// snapshot envelopes). The task runs until `shutdown` is cancelled or every handle is
+    /// dropped, flushing what is queued before it returns.
+    pub fn spawn(
+        config: RedisConfig,
+        src: Uuid,
+        health: HealthHandle,
+        shutdown: CancellationToken,
+    ) -> (RedisPublisher, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
+        let task = tokio::spawn(async move {
+            match Client::open(config.url.as_str()) {
+                Ok(client) => {
+                    Writer::new(config, src, client, health)
+                        .run(rx, shutdown)
+                        .await
+                }
+                Err(e) => {
+                    // Config validation refuses such URLs; stay alive and count, never panic.
+                    health.down(format!("bad redis url: {e}"));
+                    drain_forever(rx, shutdown).await;
+                }
+            }
+        });
+        (RedisPublisher { tx }, task)
+    }
+}
+
+impl Bus for RedisPublisher {
+    async fn publish(&self, msg: BusMessage) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::envelopes_publish_failed(1, "queue_full")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                metrics::envelopes_publish_failed(1, "shutdown")
+            }
+        }
+    }
+}
+
+async fn drain_forever(mut rx: mpsc::Receiver<BusMessage>, shutdown: CancellationToken) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = rx.recv_many(&mut batch, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                metrics::envelopes_publish_failed(n as u64, "redis_down");
+                batch.clear();
+            }
+        }
+    }
+}
+
+/// What the writer remembers about one book channel.
+struct BookState {
+    book: OrderBook,
+    /// The last book event seen: exchange, symbol and times for the snapshot.
+    template: Book,
+    /// Envelope `seq` of the last message published on the channel.
+    last_seq: u64,
+    /// The book changed since its snapshot key was last written.
+    dirty: bool,
+    /// A delta did not chain: no snapshot is written until the next exchange snapshot.
+    broken: bool,
+}
+
+type Connecting = JoinHandle<::redis::RedisResult<MultiplexedConnection>>;
+
+struct Writer {
+    config: RedisConfig,
+    src: Uuid,
+    client: Client,
+    health: HealthHandle,
+    conn: Option<MultiplexedConnection>,
+    connecting: Option<Connecting>,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    /// A connection was up before: the next success is a reconnect.
+    was_connected: bool,
+    /// A pipeline went out since the last refresh tick (else the tick pings).
+    sent_since_tick: bool,
+    books: HashMap<Channel, BookState>,
+}
+
+impl Writer {
+    fn new(config: RedisConfig, src: Uuid, client: Client, health: HealthHandle) -> Writer {
+        let delays = Box::new(backoff(&config));
+        Writer {
+            config,
+            src,
+            client,
+            health,
+            conn: None,
+            connecting: None,
+            delays,
+            was_connected: false,
+            sent_since_tick: false,
+            books: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<BusMessage>, shutdown: CancellationToken) {
+        self.start_connecting(Duration::ZERO);
+        let batch_max = self.config.publish_batch_max.max(1);
+        let mut batch: Vec<BusMessage> = Vec::with_capacity(batch_max);
+        let period = Duration::from_millis(self.config.snapshot_interval_ms.max(1));
+        let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
+        refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Shutdown first: a busy queue must not hold off the flush deadline.
+                biased;
+                _ = shutdown.cancelled() => break,
+                done = wait_connecting(&mut self.connecting) => self.connected(done),
+                // Before the queue: under sustained load the queue is always ready and would
+                // starve the refresh; the tick is ready only once per period.
+                _ = refresh.tick() => {
+                    if !std::mem::replace(&mut self.sent_since_tick, false) {
+                        self.ping().await;
+                    }
+                    self.refresh_snapshots().await;
+                }
+                // Before the very first connection the queue holds what arrives (up to its
+                // bound) so a normal start loses nothing; after that, see `send_batch`.
+                n = rx.recv_many(&mut batch, batch_max), if self.was_connected => {
+                    if n == 0 {
+                        // Every handle is gone and the queue is empty: finish as on shutdown.
+                        break;
+                    }
+                    self.send_batch(&mut batch).await;
+                }
+            }
+        }
+        self.flush(rx).await;
+    }
+
+    /// Sends what is already queued, bounded by [`FLUSH_DEADLINE`]; the rest is counted.
+    async fn flush(mut self, mut rx: mpsc::Receiver<BusMessage>) {
+        rx.close();
+        let deadline = Instant::now() + FLUSH_DEADLINE;
+        if self.conn.is_none() {
+            // Give a reconnect in progress its chance, within the same deadline.
+            if let Ok(done) =
+                tokio::time::timeout_at(deadline, wait_connecting(&mut self.connecting)).await
+            {
+                self.connected(done);
+            }
+        }
+        let batch_max = self.config.publish_batch_max.max(1);
+        let mut batch = Vec::with_capacity(batch_max);
+        while Instant::now() < deadline {
+            if rx.recv_many(&mut batch, batch_max).await == 0 {
+                break;
+            }
+            let n = batch.len() as u64;
+            if tokio::time::timeout_at(deadline, self.send_batch(&mut batch))
+                .await
+                .is_err()
+            {
+                // Cut off mid-pipeline: whether Redis got it is unknown; count it as failed.
+                metrics::envelopes_publish_failed(n, "shutdown");
+                break;
+            }
+        }
+        let mut left = batch.len() as u64;
+        while rx.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            metrics::envelopes_publish_failed(left, "shutdown");
+            warn!(
+                dropped = left,
+                "publisher flush deadline passed; envelopes dropped"
+            );
+        }
+        if self.conn.is_some() {
+            // A short extra allowance: the snapshot keys are worth one more write.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), self.refresh_snapshots()).await;
+        }
+        if let Some(task) = self.connecting.take() {
+            task.abort();
+        }
+        metrics::redis_connected("publish", false);
+        self.health.down("shut down");
+    }
+
+    fn start_connecting(&mut self, delay: Duration) {
+        let client = self.client.clone();
+        let timeout = io_timeout(&self.config);
+        self.connecting = Some(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            connect(&client, timeout).await
+        }));
+    }
+
+    fn connected(
+        &mut self,
+        done: Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError>,
+    ) {
+        self.connecting = None;
+        match done {
+            Ok(Ok(conn)) => {
+                self.conn = Some(conn);
+                if self.was_connected {
+                    metrics::redis_reconnect("publish");
+                }
+                self.was_connected = true;
+                self.delays = Box::new(backoff(&self.config));
+                // A restarted Redis lost its keys: rewrite every snapshot at the next refresh.
+                for state in self.books.values_mut() {
+                    state.dirty = true;
+                }
+                metrics::redis_connected("publish", true);
+                self.health.up(None);
+                info!(url = %redact(&self.config.url), "redis publisher connected");
+            }
+            Ok(Err(e)) => {
+                self.health.down(format!("connect: {e}"));
+                debug!(cause = %e, "redis publisher connect failed");
+                let delay = self.next_delay();
+                self.start_connecting(delay);
+            }
+            Err(e) => {
+                // The connect task panicked or was aborted: try again like any failure.
+                let delay = self.next_delay();
+                warn!(cause = %e, "redis publisher connect task failed");
+                self.start_connecting(delay);
+            }
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        self.delays
+            .next()
+            .unwrap_or(Duration::from_millis(self.config.reconnect_max_ms))
+    }
+
+    fn lost_connection(&mut self, cause: &::redis::RedisError) {
+        self.conn = None;
+        metrics::redis_connected("publish", false);
+        self.health.down(format!("redis: {cause}"));
+        warn!(cause = %cause, "redis publisher lost its connection; reconnecting");
+        let delay = self.next_delay();
+        self.start_connecting(delay);
+    }
+
+    /// Tracks the books, then sends the batch as one pipeline (or counts it as failed).
+    async fn send_batch(&mut self, batch: &mut Vec<BusMessage>) {
+        let n = batch.len();
+        if n == 0 {
+            return;
+        }
+        // Books follow the stream even while Redis is down, so the first snapshot after a
+        // reconnect is current.
+        for msg in batch.iter() {
+            self.track_book(msg);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            metrics::envelopes_publish_failed(n as u64, "redis_down");
+            batch.clear();
+            return;
+        };
+        let prefix = &self.config.key_prefix;
+        let mut pipe = Pipeline::with_capacity(n + n / 4);
+        for msg in batch.iter() {
+            let payload: &[u8] = &msg.envelope;
+            pipe.cmd("PUBLISH")
+                .arg(super::channel_key(prefix, &msg.channel))
+                .arg(payload)
+                .ignore();
+            match msg.kind() {
+                EventType::Ticker | EventType::Candle => {
+                    pipe.cmd("SET")
+                        .arg(super::last_key(prefix, &msg.channel))
+                        .arg(payload)
+                        .ignore();
+                }
+                EventType::Book if is_snapshot(msg) => {
+                    pipe.cmd("SET")
+                        .arg(super::snapshot_key(prefix, &msg.channel))
+                        .arg(payload)
+                        .ignore();
+                }
+                _ => {}
+            }
+        }
+        batch.clear();
+        self.sent_since_tick = true;
+        metrics::publish_batch(n);
+        match pipe.query_async::<()>(conn).await {
+            Ok(()) => metrics::envelopes_published(n as u64),
+            Err(e) => {
+                metrics::envelopes_publish_failed(n as u64, "redis_down");
+                self.lost_connection(&e);
+            }
+        }
+    }
+
+    fn track_book(&mut self, msg: &BusMessage) {
+        let Some(event) = msg.book.as_deref() else {
+            return;
+        };
+        let state = self
+            .books
+            .entry(msg.channel.clone())
+            .or_insert_with(|| BookState {
+                book: OrderBook::new(),
+                template: event.clone(),
+                last_seq: 0,
+                dirty: false,
+                broken: true,
+            });
+        state.last_seq = msg.seq;
+        state.template = event.clone();
+        match state.book.apply(event) {
+            Ok(()) => {
+                // An exchange snapshot is written by the batch itself; deltas make the key stale.
+                state.broken = false;
+                state.dirty = event.action == BookAction::Delta;
+            }
+            Err(e) => {
+                // The host guarantees chaining; if it ever breaks, a stale-but-consistent
+                // key is better than a wrong one. The next snapshot repairs it.
+                if !state.broken {
+                    warn!(channel = %msg.channel, cause = %e, "book on the bus does not chain; snapshot refresh paused");
+                }
+                state.broken = true;
+                state.dirty = false;
+            }
+        }
+    }
+
+    /// An idle connection can die unnoticed; a PING per idle refresh period keeps health
+    /// true and starts the reconnect before the next envelope needs it.
+    async fn ping(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = ::redis::cmd("PING").query_async::<()>(conn).await {
+            self.lost_connection(&e);
+        }
+    }
+
+    /// Writes a fresh snapshot envelope for every book that changed since its last write.
+    async fn refresh_snapshots(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let prefix = &self.config.key_prefix;
+        let mut pipe = Pipeline::new();
+        let mut written = Vec::new();
+        for (channel, state) in &self.books {
+            if !state.dirty || state.broken || !state.book.has_snapshot() {
+                continue;
+            }
+            let snapshot = state.book.to_snapshot(&state.template);
+            let msg = BusMessage::encode(
+                self.src,
+                state.last_seq,
+                now_micros(),
+                Event::Book(snapshot),
+            );
+            let payload: &[u8] = &msg.envelope;
+            pipe.cmd("SET")
+                .arg(super::snapshot_key(prefix, channel))
+                .arg(payload)
+                .ignore();
+            written.push(channel.clone());
+        }
+        if written.is_empty() {
+            return;
+        }
+        match pipe.query_async::<()>(conn).await {
+            Ok(()) => {
+                for channel in written {
+                    if let Some(state) = self.books.get_mut(&channel) {
+                        state.dirty = false;
+                    }
+                }
+            }
+            Err(e) => self.lost_connection(&e),
+        }
+    }
+}
+
+fn is_snapshot(msg: &BusMessage) -> bool {
+    msg.book
+        .as_deref()
+        .is_some_and(|b| b.action == BookAction::Snapshot)
+}
+
+/// Resolves when the background connect finishes; pending forever when none runs.
+async fn wait_connecting(
+    connecting: &mut Option<Connecting>,
+) -> Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError> {
+    match connecting.as_mut() {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
