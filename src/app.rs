@@ -39,8 +39,9 @@ const DELIVERY_QUEUE: usize = 65_536;
 /// Errors that stop an instance from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot reach Redis at {url}: {cause}")]
-    RedisUnreachable { url: String, cause: String },
+    /// Redis did not answer at start (the message names the URL, password hidden).
+    #[error("{0}")]
+    Redis(#[from] crate::bus::BusError),
     #[error("cannot listen on {addr} ({what}): {cause}")]
     Bind {
         what: &'static str,
@@ -91,12 +92,7 @@ fn role_name(role: Role) -> &'static str {
 pub async fn run(role: Role, config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AppError> {
     let metrics = crate::metrics::install();
     let timeout = Duration::from_millis(config.redis.probe_timeout_ms.max(2_000));
-    check_connection(&config.redis.url, timeout)
-        .await
-        .map_err(|e| AppError::RedisUnreachable {
-            url: config.redis.url.clone(),
-            cause: e.to_string(),
-        })?;
+    check_connection(&config.redis.url, timeout).await?;
     let src = Uuid::new_v4();
     let health = Health::new();
     info!(
@@ -131,12 +127,8 @@ pub async fn run(role: Role, config: Config, listeners: Listeners, shutdown: Can
             health.register("redis_subscriber"),
             stops.gateway.clone(),
         ));
-        let store: Arc<dyn SnapshotStore> = Arc::new(RedisStore::new(&config.redis).map_err(|e| {
-            AppError::RedisUnreachable {
-                url: config.redis.url.clone(),
-                cause: e.to_string(),
-            }
-        })?);
+        let store = RedisStore::connect(&config.redis).await?;
+        let store: Arc<dyn SnapshotStore> = Arc::new(store);
         let gateway = Gateway::new(
             config.bots.clone(),
             rx,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::event::{valid_interval, valid_symbol, Exchange, Pattern};
 
 /// Every setting of an instance. Sections match `config.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub instance: InstanceConfig,
@@ -30,18 +30,6 @@ pub struct Config {
     pub durable: DurableConfig,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            instance: InstanceConfig::default(),
-            redis: RedisConfig::default(),
-            bots: BotsConfig::default(),
-            http: HttpConfig::default(),
-            feeds: Vec::new(),
-            durable: DurableConfig::default(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

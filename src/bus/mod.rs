@@ -40,7 +40,7 @@ pub enum BusError {
     #[error("bus closed")]
     Closed,
     /// Redis could not be reached (refused, timed out, bad URL): the one-line startup error.
-    #[error("redis at {url} is unreachable: {reason}")]
+    #[error("cannot reach Redis at {url}: {reason}")]
     Unreachable { url: String, reason: String },
 }
 
