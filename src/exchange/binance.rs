@@ -24,7 +24,9 @@ use serde::Deserialize;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-use super::{levels, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError, SnapshotFuture};
+use super::{
+    levels, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError, SnapshotFuture,
+};
 use crate::config::FeedChannel;
 use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
 
@@ -42,9 +44,9 @@ pub const STREAMS_PER_REQUEST: usize = 200;
 /// mapping (the stateless `normalize`). Longest match is tried first so that `USDT` wins
 /// over `USD`... and `FDUSD` over `USD`.
 const QUOTE_ASSETS: &[&str] = &[
-    "FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "AEUR", "BIDR", "IDRT", "DAI", "BTC", "ETH", "BNB", "EUR",
-    "TRY", "BRL", "JPY", "GBP", "AUD", "RUB", "UAH", "NGN", "ZAR", "PLN", "RON", "ARS", "MXN", "COP", "CZK",
-    "XRP", "TRX", "DOGE", "SOL", "DOT", "USD",
+    "FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "AEUR", "BIDR", "IDRT", "DAI", "BTC", "ETH",
+    "BNB", "EUR", "TRY", "BRL", "JPY", "GBP", "AUD", "RUB", "UAH", "NGN", "ZAR", "PLN", "RON",
+    "ARS", "MXN", "COP", "CZK", "XRP", "TRX", "DOGE", "SOL", "DOT", "USD",
 ];
 
 /// Splits a Binance wire symbol on the longest known quote asset: `BTCUSDT` → `BTC-USDT`.
@@ -90,7 +92,10 @@ impl BinanceAdapter {
     pub fn new(label: Exchange, symbols: &[String]) -> BinanceAdapter {
         BinanceAdapter {
             label,
-            symbols: symbols.iter().map(|s| (wire_symbol(s), s.clone())).collect(),
+            symbols: symbols
+                .iter()
+                .map(|s| (wire_symbol(s), s.clone()))
+                .collect(),
         }
     }
 
@@ -260,14 +265,23 @@ pub fn parse_depth_snapshot(
     body: &[u8],
     ts_recv: u64,
 ) -> Result<BookSnapshot, SnapshotError> {
-    let wire: DepthSnapshotWire = serde_json::from_slice(body).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let wire: DepthSnapshotWire =
+        serde_json::from_slice(body).map_err(|e| SnapshotError::Decode(e.to_string()))?;
     Ok(BookSnapshot {
         exchange: label,
         symbol: symbol.to_string(),
         last_update_id: wire.last_update_id,
         ts_recv,
-        bids: wire.bids.into_iter().map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q))).collect(),
-        asks: wire.asks.into_iter().map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q))).collect(),
+        bids: wire
+            .bids
+            .into_iter()
+            .map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q)))
+            .collect(),
+        asks: wire
+            .asks
+            .into_iter()
+            .map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q)))
+            .collect(),
     })
 }
 
@@ -284,7 +298,11 @@ fn ms_to_us(ms: u64) -> u64 {
 
 impl BinanceAdapter {
     /// Maps one payload (already unwrapped from a combined-stream envelope) to events.
-    fn parse_payload(&self, v: &BorrowedValue<'_>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+    fn parse_payload(
+        &self,
+        v: &BorrowedValue<'_>,
+        ts_recv: u64,
+    ) -> Result<Vec<Parsed>, ParseError> {
         let label = self.label;
         if v.as_object().is_none() {
             return Err(ParseError::NotObject);
@@ -292,7 +310,8 @@ impl BinanceAdapter {
         let Some(kind) = v.get("e") else {
             // No event type: a book ticker (`u` + `b` + `a`), or not ours.
             if v.contains_key("u") && v.contains_key("b") && v.contains_key("a") {
-                let w: BookTickerWire = simd_json::serde::from_refborrowed_value(v).map_err(payload_err("bookTicker"))?;
+                let w: BookTickerWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("bookTicker"))?;
                 return Ok(vec![Parsed::Event(Event::Ticker(Ticker {
                     exchange: label,
                     symbol: self.symbol(w.symbol)?,
@@ -308,10 +327,13 @@ impl BinanceAdapter {
             }
             return Err(ParseError::UnknownShape);
         };
-        let kind = kind.as_str().ok_or_else(|| ParseError::UnknownEvent(kind.to_string()))?;
+        let kind = kind
+            .as_str()
+            .ok_or_else(|| ParseError::UnknownEvent(kind.to_string()))?;
         let event = match kind {
             "trade" => {
-                let w: TradeWire = simd_json::serde::from_refborrowed_value(v).map_err(payload_err("trade"))?;
+                let w: TradeWire =
+                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("trade"))?;
                 Event::Trade(Trade {
                     exchange: label,
                     symbol: self.symbol(w.symbol)?,
@@ -320,11 +342,16 @@ impl BinanceAdapter {
                     trade_id: w.trade_id.to_string(),
                     price: w.price.into(),
                     size: w.qty.into(),
-                    side: Some(if w.buyer_is_maker { Side::Sell } else { Side::Buy }),
+                    side: Some(if w.buyer_is_maker {
+                        Side::Sell
+                    } else {
+                        Side::Buy
+                    }),
                 })
             }
             "24hrTicker" => {
-                let w: TickerWire = simd_json::serde::from_refborrowed_value(v).map_err(payload_err("24hrTicker"))?;
+                let w: TickerWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("24hrTicker"))?;
                 Event::Ticker(Ticker {
                     exchange: label,
                     symbol: self.symbol(w.symbol)?,
@@ -339,7 +366,8 @@ impl BinanceAdapter {
                 })
             }
             "kline" => {
-                let w: KlineWire = simd_json::serde::from_refborrowed_value(v).map_err(payload_err("kline"))?;
+                let w: KlineWire =
+                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("kline"))?;
                 let k = w.kline;
                 Event::Candle(Candle {
                     exchange: label,
@@ -357,8 +385,8 @@ impl BinanceAdapter {
                 })
             }
             "depthUpdate" => {
-                let w: DepthUpdateWire =
-                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("depthUpdate"))?;
+                let w: DepthUpdateWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("depthUpdate"))?;
                 if w.first_update_id > w.final_update_id {
                     return Err(ParseError::Payload {
                         kind: "depthUpdate",
@@ -399,7 +427,10 @@ impl Adapter for BinanceAdapter {
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
     /// [`STREAMS_PER_REQUEST`] streams each, ids from 1.
     fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
-        let streams: Vec<String> = symbols.iter().flat_map(|s| stream_names(s, channels)).collect();
+        let streams: Vec<String> = symbols
+            .iter()
+            .flat_map(|s| stream_names(s, channels))
+            .collect();
         streams
             .chunks(STREAMS_PER_REQUEST)
             .zip(1u64..)
@@ -419,7 +450,10 @@ impl Adapter for BinanceAdapter {
         // Request replies: `{"result":null,"id":1}` / `{"error":{"code":2,"msg":".."},"id":1}`
         // (older docs: `{"code":2,"msg":"..","id":1}`).
         if let Some(err) = v.get("error") {
-            let detail = match (err.get("code").and_then(|c| c.as_i64()), err.get("msg").and_then(|m| m.as_str())) {
+            let detail = match (
+                err.get("code").and_then(|c| c.as_i64()),
+                err.get("msg").and_then(|m| m.as_str()),
+            ) {
                 (Some(code), Some(msg)) => format!("request {id:?} refused: code {code}: {msg}"),
                 _ => format!("request {id:?} refused: {err}"),
             };
@@ -428,7 +462,10 @@ impl Adapter for BinanceAdapter {
         if v.contains_key("result") && v.contains_key("id") {
             return Ok(vec![Parsed::Ack { id }]);
         }
-        if let (Some(code), Some(msg)) = (v.get("code").and_then(|c| c.as_i64()), v.get("msg").and_then(|m| m.as_str())) {
+        if let (Some(code), Some(msg)) = (
+            v.get("code").and_then(|c| c.as_i64()),
+            v.get("msg").and_then(|m| m.as_str()),
+        ) {
             return Ok(vec![Parsed::Refused {
                 id,
                 detail: format!("request {id:?} refused: code {code}: {msg}"),
@@ -441,18 +478,27 @@ impl Adapter for BinanceAdapter {
         }
     }
 
-    fn fetch_snapshot(&self, http: &reqwest::Client, rest_url: &str, symbol: &str, limit: u32) -> SnapshotFuture {
+    fn fetch_snapshot(
+        &self,
+        http: &reqwest::Client,
+        rest_url: &str,
+        symbol: &str,
+        limit: u32,
+    ) -> SnapshotFuture {
         let label = self.label;
         let symbol = symbol.to_string();
-        let url = url::Url::parse(rest_url).and_then(|base| base.join("/api/v3/depth")).map(|mut u| {
-            u.query_pairs_mut()
-                .append_pair("symbol", &wire_symbol(&symbol))
-                .append_pair("limit", &limit.to_string());
-            u
-        });
+        let url = url::Url::parse(rest_url)
+            .and_then(|base| base.join("/api/v3/depth"))
+            .map(|mut u| {
+                u.query_pairs_mut()
+                    .append_pair("symbol", &wire_symbol(&symbol))
+                    .append_pair("limit", &limit.to_string());
+                u
+            });
         let http = http.clone();
         Box::pin(async move {
-            let url = url.map_err(|e| SnapshotError::Url(format!("{rest_url_err}", rest_url_err = e)))?;
+            let url =
+                url.map_err(|e| SnapshotError::Url(format!("{rest_url_err}", rest_url_err = e)))?;
             let resp = http.get(url).send().await?;
             let status = resp.status();
             let body = resp.bytes().await?;
@@ -477,7 +523,10 @@ mod tests {
     const TS_RECV: u64 = 1_700_000_000_123_456;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/tests/fixtures/binance/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/binance/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
@@ -517,7 +566,9 @@ mod tests {
     #[test]
     fn trade_side_buy_when_buyer_is_taker_and_combined_wrapper() {
         let e = one_event("trade_combined.json");
-        let Event::Trade(t) = e else { panic!("not a trade") };
+        let Event::Trade(t) = e else {
+            panic!("not a trade")
+        };
         assert_eq!(t.side, Some(Side::Buy));
         assert_eq!(t.symbol, "BTC-USDT");
         assert_eq!(t.price.as_str(), "97000.01000000");
@@ -592,7 +643,9 @@ mod tests {
     #[test]
     fn depth_update_from_docs_is_a_diff_and_a_stateless_delta() {
         let mut parsed = parse_fixture("depth_update.json").unwrap();
-        let Some(Parsed::Diff(d)) = parsed.pop() else { panic!("not a diff") };
+        let Some(Parsed::Diff(d)) = parsed.pop() else {
+            panic!("not a diff")
+        };
         assert_eq!(d.symbol, "BNB-BTC");
         assert_eq!((d.first_update_id, d.last_update_id), (157, 160));
         assert_eq!(
@@ -613,9 +666,14 @@ mod tests {
 
     #[test]
     fn control_frames_produce_no_events() {
-        assert_eq!(parse_fixture("subscribe_ack.json").unwrap(), vec![Parsed::Ack { id: Some(1) }]);
+        assert_eq!(
+            parse_fixture("subscribe_ack.json").unwrap(),
+            vec![Parsed::Ack { id: Some(1) }]
+        );
         let refused = parse_fixture("subscribe_error.json").unwrap();
-        let [Parsed::Refused { id, detail }] = refused.as_slice() else { panic!("{refused:?}") };
+        let [Parsed::Refused { id, detail }] = refused.as_slice() else {
+            panic!("{refused:?}")
+        };
         assert_eq!(*id, Some(1));
         assert!(detail.contains("code 2"), "{detail}");
     }
@@ -646,7 +704,9 @@ mod tests {
         let adapter = BinanceAdapter::new(Exchange::Sim, &["BTC-USDT".to_string()]);
         let mut buf = fixture("trade_combined.json");
         let parsed = adapter.parse(&mut buf, 1).unwrap();
-        let [Parsed::Event(Event::Trade(t))] = parsed.as_slice() else { panic!() };
+        let [Parsed::Event(Event::Trade(t))] = parsed.as_slice() else {
+            panic!()
+        };
         assert_eq!(t.exchange, Exchange::Sim);
         assert_eq!(t.symbol, "BTC-USDT");
     }
@@ -668,7 +728,12 @@ mod tests {
         let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
         let frames = adapter.subscribe_frames(
             &["BTC-USDT".into(), "ETH-BTC".into()],
-            &[FeedChannel::Trade, FeedChannel::Ticker, FeedChannel::Book, FeedChannel::Candle("1m".into())],
+            &[
+                FeedChannel::Trade,
+                FeedChannel::Ticker,
+                FeedChannel::Book,
+                FeedChannel::Candle("1m".into()),
+            ],
         );
         assert_eq!(frames.len(), 1);
         let v: serde_json::Value = serde_json::from_str(&frames[0].1).unwrap();
@@ -680,15 +745,30 @@ mod tests {
         );
         let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
         let frames = adapter.subscribe_frames(&many, &[FeedChannel::Trade]);
-        assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]
     fn rest_snapshot_from_docs() {
-        let s = parse_depth_snapshot(Exchange::Binance, "LTC-BTC", &fixture("depth_snapshot.json"), 5).unwrap();
+        let s = parse_depth_snapshot(
+            Exchange::Binance,
+            "LTC-BTC",
+            &fixture("depth_snapshot.json"),
+            5,
+        )
+        .unwrap();
         assert_eq!(s.last_update_id, 1_027_024);
-        assert_eq!(s.bids, vec![Level("4.00000000".into(), "431.00000000".into())]);
-        assert_eq!(s.asks, vec![Level("4.00000200".into(), "12.00000000".into())]);
+        assert_eq!(
+            s.bids,
+            vec![Level("4.00000000".into(), "431.00000000".into())]
+        );
+        assert_eq!(
+            s.asks,
+            vec![Level("4.00000200".into(), "12.00000000".into())]
+        );
         assert!(parse_depth_snapshot(Exchange::Binance, "X-Y", b"{\"code\":-1121}", 5).is_err());
     }
 
@@ -697,7 +777,8 @@ mod tests {
         let input = fixture("frames.jsonl");
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let stats = crate::exchange::normalize(Exchange::Binance, &input[..], &mut out, &mut err).unwrap();
+        let stats =
+            crate::exchange::normalize(Exchange::Binance, &input[..], &mut out, &mut err).unwrap();
         assert_eq!(stats.errors, 0, "{}", String::from_utf8_lossy(&err));
         let events: Vec<serde_json::Value> = out
             .split(|b| *b == b'\n')

@@ -101,7 +101,11 @@ impl BookSync {
         BookSync::with_max_buffer(exchange, symbol, DEFAULT_MAX_BUFFER)
     }
 
-    pub fn with_max_buffer(exchange: Exchange, symbol: impl Into<String>, max_buffer: usize) -> BookSync {
+    pub fn with_max_buffer(
+        exchange: Exchange,
+        symbol: impl Into<String>,
+        max_buffer: usize,
+    ) -> BookSync {
         BookSync {
             exchange,
             symbol: symbol.into(),
@@ -164,7 +168,11 @@ impl BookSync {
                     prev_seq: Some(last_u),
                 };
                 if let Err(e) = self.book.apply(&delta) {
-                    return self.resync(format!("invalid delta u={}: {e}", diff.last_update_id), None, out);
+                    return self.resync(
+                        format!("invalid delta u={}: {e}", diff.last_update_id),
+                        None,
+                        out,
+                    );
                 }
                 out.push(Event::Book(delta));
                 self.state = State::Live {
@@ -301,11 +309,20 @@ impl BookSync {
         let detail = format!("book:{}:{}: {why}", self.exchange, self.symbol);
         warn!(exchange = %self.exchange, symbol = %self.symbol, detail = %detail, "book resync");
         metrics::book_resync(self.exchange, "exchange");
-        out.push(Event::status(self.exchange, StatusState::Resync, Some(detail)));
+        out.push(Event::status(
+            self.exchange,
+            StatusState::Resync,
+            Some(detail),
+        ));
     }
 
     /// A broken chain: tell, forget the book, start over (keeping `keep` as first buffered diff).
-    fn resync(&mut self, why: String, keep: Option<BookDiff>, out: &mut Vec<Event>) -> Option<SnapshotRequest> {
+    fn resync(
+        &mut self,
+        why: String,
+        keep: Option<BookDiff>,
+        out: &mut Vec<Event>,
+    ) -> Option<SnapshotRequest> {
         self.emit_resync(why, out);
         self.book = OrderBook::new();
         self.buffer.clear();
@@ -390,29 +407,49 @@ mod tests {
     fn normal_sync_drops_old_diffs_and_chains_exactly() {
         let mut s = BookSync::new(X, "BTC-USDT");
         let mut out = Vec::new();
-        let req = s.on_diff(diff(95, 100), &mut out).expect("first diff asks for a snapshot");
+        let req = s
+            .on_diff(diff(95, 100), &mut out)
+            .expect("first diff asks for a snapshot");
         assert_eq!(req.generation, 0);
         assert_eq!(req.delay, Duration::ZERO);
-        assert!(s.on_diff(diff(101, 104), &mut out).is_none(), "one request at a time");
+        assert!(
+            s.on_diff(diff(101, 104), &mut out).is_none(),
+            "one request at a time"
+        );
         assert!(s.on_diff(diff(105, 110), &mut out).is_none());
         assert!(out.is_empty(), "nothing before the snapshot");
         // Snapshot at 102: 95..=100 is dropped, 101..=104 straddles it (U <= 103 <= u).
-        assert!(s.on_snapshot(req.generation, ok(snap(102)), &mut out).is_none());
+        assert!(s
+            .on_snapshot(req.generation, ok(snap(102)), &mut out)
+            .is_none());
         assert_eq!(
             summary(&out),
-            ["Snapshot Some(102) None", "Delta Some(104) Some(102)", "Delta Some(110) Some(104)"]
+            [
+                "Snapshot Some(102) None",
+                "Delta Some(104) Some(102)",
+                "Delta Some(110) Some(104)"
+            ]
         );
         assert!(s.on_diff(diff(111, 111), &mut out).is_none());
         assert_eq!(summary(&out).last().unwrap(), "Delta Some(111) Some(110)");
         assert_chain_exact(&out);
-        let Event::Book(first) = &out[0] else { panic!() };
-        assert_eq!(first.bids, vec![lv("100.0", "1"), lv("99.0", "2")], "snapshot levels as returned");
+        let Event::Book(first) = &out[0] else {
+            panic!()
+        };
+        assert_eq!(
+            first.bids,
+            vec![lv("100.0", "1"), lv("99.0", "2")],
+            "snapshot levels as returned"
+        );
         assert_eq!(first.ts_recv, 7);
         assert_eq!(s.book().seq(), Some(111));
         // The dropped diff's level never made it into the book; the applied ones did.
         let bids: Vec<&str> = s.book().bids().map(|l| l.0.as_str()).collect();
         assert!(!bids.contains(&"100.5"), "{bids:?}");
-        assert!(bids.contains(&"104.5") && bids.contains(&"111.5"), "{bids:?}");
+        assert!(
+            bids.contains(&"104.5") && bids.contains(&"111.5"),
+            "{bids:?}"
+        );
     }
 
     #[test]
@@ -420,16 +457,24 @@ mod tests {
         let mut s = BookSync::new(X, "BTC-USDT");
         let mut out = Vec::new();
         let req = s.on_diff(diff(200, 205), &mut out).unwrap();
-        let again = s.on_snapshot(req.generation, ok(snap(150)), &mut out).expect("refetch");
+        let again = s
+            .on_snapshot(req.generation, ok(snap(150)), &mut out)
+            .expect("refetch");
         assert_eq!(again.generation, req.generation);
         assert!(again.delay > Duration::ZERO);
         assert!(out.is_empty(), "a too-old snapshot is never emitted");
         s.on_diff(diff(206, 210), &mut out);
         // Exactly one before the first buffered U is fine: U <= lastUpdateId + 1.
-        assert!(s.on_snapshot(again.generation, ok(snap(199)), &mut out).is_none());
+        assert!(s
+            .on_snapshot(again.generation, ok(snap(199)), &mut out)
+            .is_none());
         assert_eq!(
             summary(&out),
-            ["Snapshot Some(199) None", "Delta Some(205) Some(199)", "Delta Some(210) Some(205)"]
+            [
+                "Snapshot Some(199) None",
+                "Delta Some(205) Some(199)",
+                "Delta Some(210) Some(205)"
+            ]
         );
         assert_chain_exact(&out);
     }
@@ -440,11 +485,19 @@ mod tests {
         let mut out = Vec::new();
         let req = s.on_diff(diff(10, 12), &mut out).unwrap();
         s.on_diff(diff(13, 15), &mut out);
-        assert!(s.on_snapshot(req.generation, ok(snap(17)), &mut out).is_none());
+        assert!(s
+            .on_snapshot(req.generation, ok(snap(17)), &mut out)
+            .is_none());
         assert_eq!(summary(&out), ["Snapshot Some(17) None"]);
-        assert!(s.on_diff(diff(16, 17), &mut out).is_none(), "covered by the snapshot: dropped");
+        assert!(
+            s.on_diff(diff(16, 17), &mut out).is_none(),
+            "covered by the snapshot: dropped"
+        );
         s.on_diff(diff(18, 20), &mut out);
-        assert_eq!(summary(&out), ["Snapshot Some(17) None", "Delta Some(20) Some(17)"]);
+        assert_eq!(
+            summary(&out),
+            ["Snapshot Some(17) None", "Delta Some(20) Some(17)"]
+        );
         assert_chain_exact(&out);
     }
 
@@ -460,14 +513,23 @@ mod tests {
         assert_eq!(again.generation, req.generation + 1);
         assert_eq!(
             summary(&out),
-            ["Snapshot Some(3) None", "Delta Some(5) Some(3)", "Delta Some(8) Some(5)", "Resync"]
+            [
+                "Snapshot Some(3) None",
+                "Delta Some(5) Some(3)",
+                "Delta Some(8) Some(5)",
+                "Resync"
+            ]
         );
         let Event::Status(st) = &out[3] else { panic!() };
         let detail = st.detail.as_deref().unwrap();
         assert!(detail.starts_with("book:binance:BTC-USDT: gap"), "{detail}");
-        assert!(!out.iter().any(|e| matches!(e, Event::Book(b) if b.seq == Some(12))));
+        assert!(!out
+            .iter()
+            .any(|e| matches!(e, Event::Book(b) if b.seq == Some(12))));
         // A late answer to the old request is ignored.
-        assert!(s.on_snapshot(req.generation, ok(snap(12)), &mut out).is_none());
+        assert!(s
+            .on_snapshot(req.generation, ok(snap(12)), &mut out)
+            .is_none());
         assert_eq!(out.len(), 4);
         s.on_diff(diff(13, 14), &mut out);
         s.on_snapshot(again.generation, ok(snap(12)), &mut out);
@@ -488,14 +550,24 @@ mod tests {
         s.on_diff(diff(6, 7), &mut out);
         s.on_diff(diff(9, 10), &mut out); // 8 missing
         s.on_diff(diff(11, 12), &mut out);
-        let again = s.on_snapshot(req.generation, ok(snap(4)), &mut out).expect("resync");
+        let again = s
+            .on_snapshot(req.generation, ok(snap(4)), &mut out)
+            .expect("resync");
         assert_eq!(
             summary(&out),
-            ["Snapshot Some(4) None", "Delta Some(5) Some(4)", "Delta Some(7) Some(5)", "Resync"]
+            [
+                "Snapshot Some(4) None",
+                "Delta Some(5) Some(4)",
+                "Delta Some(7) Some(5)",
+                "Resync"
+            ]
         );
         // 9..=10 and 11..=12 stay buffered for the new snapshot.
         s.on_snapshot(again.generation, ok(snap(10)), &mut out);
-        assert_eq!(summary(&out)[4..], ["Snapshot Some(10) None", "Delta Some(12) Some(10)"]);
+        assert_eq!(
+            summary(&out)[4..],
+            ["Snapshot Some(10) None", "Delta Some(12) Some(10)"]
+        );
         assert_chain_exact(&out);
     }
 
@@ -508,7 +580,10 @@ mod tests {
         let mut bad = diff(3, 4);
         bad.asks = vec![lv("1e5", "1")];
         assert!(s.on_diff(bad, &mut out).is_some());
-        assert_eq!(summary(&out), ["Snapshot Some(1) None", "Delta Some(2) Some(1)", "Resync"]);
+        assert_eq!(
+            summary(&out),
+            ["Snapshot Some(1) None", "Delta Some(2) Some(1)", "Resync"]
+        );
     }
 
     #[test]
@@ -516,18 +591,28 @@ mod tests {
         let mut s = BookSync::new(X, "BTC-USDT");
         let mut out = Vec::new();
         let req = s.on_diff(diff(1, 2), &mut out).unwrap();
-        let retry = s.on_snapshot(req.generation, Err("HTTP 503"), &mut out).expect("retry");
+        let retry = s
+            .on_snapshot(req.generation, Err("HTTP 503"), &mut out)
+            .expect("retry");
         assert_eq!(retry.generation, req.generation);
         assert!(retry.delay >= Duration::from_millis(250));
         s.on_snapshot(retry.generation, ok(snap(1)), &mut out);
         assert!(s.is_live());
         s.on_disconnect("reset by peer", &mut out);
-        assert_eq!(summary(&out), ["Snapshot Some(1) None", "Delta Some(2) Some(1)", "Resync"]);
+        assert_eq!(
+            summary(&out),
+            ["Snapshot Some(1) None", "Delta Some(2) Some(1)", "Resync"]
+        );
         assert!(!s.is_live());
-        let req2 = s.on_diff(diff(50, 51), &mut out).expect("new snapshot after reconnect");
+        let req2 = s
+            .on_diff(diff(50, 51), &mut out)
+            .expect("new snapshot after reconnect");
         assert!(req2.generation > retry.generation);
         s.on_snapshot(req2.generation, ok(snap(50)), &mut out);
-        assert_eq!(summary(&out)[3..], ["Snapshot Some(50) None", "Delta Some(51) Some(50)"]);
+        assert_eq!(
+            summary(&out)[3..],
+            ["Snapshot Some(50) None", "Delta Some(51) Some(50)"]
+        );
         assert_chain_exact(&out);
         // Disconnecting while not live says nothing (nothing was passed on since the resync).
         let mut quiet = BookSync::new(X, "BTC-USDT");
@@ -544,8 +629,15 @@ mod tests {
         s.on_diff(diff(3, 3), &mut out);
         let again = s.on_diff(diff(4, 4), &mut out).expect("restart");
         assert_eq!(again.generation, req.generation + 1);
-        assert!(s.on_snapshot(req.generation, ok(snap(1)), &mut out).is_none(), "old generation");
+        assert!(
+            s.on_snapshot(req.generation, ok(snap(1)), &mut out)
+                .is_none(),
+            "old generation"
+        );
         s.on_snapshot(again.generation, ok(snap(3)), &mut out);
-        assert_eq!(summary(&out), ["Snapshot Some(3) None", "Delta Some(4) Some(3)"]);
+        assert_eq!(
+            summary(&out),
+            ["Snapshot Some(3) None", "Delta Some(4) Some(3)"]
+        );
     }
 }

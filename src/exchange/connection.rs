@@ -140,7 +140,9 @@ struct Feed {
 fn new_backoff(feed: &FeedConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(feed.reconnect_min_ms.max(1)))
-        .with_max_delay(Duration::from_millis(feed.reconnect_max_ms.max(feed.reconnect_min_ms).max(1)))
+        .with_max_delay(Duration::from_millis(
+            feed.reconnect_max_ms.max(feed.reconnect_min_ms).max(1),
+        ))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
@@ -159,7 +161,10 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let exchange = adapter.exchange();
     let books = if feed.channels.contains(&FeedChannel::Book) {
-        feed.symbols.iter().map(|s| (s.clone(), BookSync::new(exchange, s.clone()))).collect()
+        feed.symbols
+            .iter()
+            .map(|s| (s.clone(), BookSync::new(exchange, s.clone())))
+            .collect()
     } else {
         HashMap::new()
     };
@@ -171,8 +176,14 @@ pub async fn run(
     let max_delay = Duration::from_millis(feed.reconnect_max_ms.max(feed.reconnect_min_ms).max(1));
     let mut state = Feed {
         exchange,
-        ws_url: feed.url.clone().unwrap_or_else(|| adapter.default_ws_url().to_string()),
-        rest_url: feed.rest_url.clone().unwrap_or_else(|| adapter.default_rest_url().to_string()),
+        ws_url: feed
+            .url
+            .clone()
+            .unwrap_or_else(|| adapter.default_ws_url().to_string()),
+        rest_url: feed
+            .rest_url
+            .clone()
+            .unwrap_or_else(|| adapter.default_rest_url().to_string()),
         symbols: feed.symbols.clone(),
         channels: feed.channels.clone(),
         depth_limit: feed.depth_limit,
@@ -194,7 +205,14 @@ pub async fn run(
             attempt += 1;
             let detail = format!("attempt {attempt} in {} ms after: {why}", delay.as_millis());
             info!(exchange = %exchange, attempt, delay_ms = delay.as_millis() as u64, "reconnecting");
-            if !state.emit(Event::status(exchange, StatusState::Reconnecting, Some(detail))).await {
+            if !state
+                .emit(Event::status(
+                    exchange,
+                    StatusState::Reconnecting,
+                    Some(detail),
+                ))
+                .await
+            {
                 break;
             }
             tokio::select! {
@@ -204,7 +222,11 @@ pub async fn run(
         }
         match state.session().await {
             SessionEnd::Shutdown => break,
-            SessionEnd::Lost { error, opened, subscribed } => {
+            SessionEnd::Lost {
+                error,
+                opened,
+                subscribed,
+            } => {
                 metrics::exchange_connected(exchange, false);
                 metrics::exchange_reconnect(exchange, error.reason());
                 state.health.down(format!("disconnected: {error}"));
@@ -215,7 +237,11 @@ pub async fn run(
                     } else {
                         warn!(exchange = %exchange, cause = %error, "exchange connection lost");
                     }
-                    out.push(Event::status(exchange, StatusState::Disconnected, Some(error.to_string())));
+                    out.push(Event::status(
+                        exchange,
+                        StatusState::Disconnected,
+                        Some(error.to_string()),
+                    ));
                 } else {
                     debug!(exchange = %exchange, cause = %error, "exchange connect failed");
                 }
@@ -228,7 +254,13 @@ pub async fn run(
                 }
                 if error.recovery() == Recovery::Fatal {
                     error!(exchange = %exchange, cause = %error, "feed stopped");
-                    let _ = state.emit(Event::status(exchange, StatusState::Error, Some(error.to_string()))).await;
+                    let _ = state
+                        .emit(Event::status(
+                            exchange,
+                            StatusState::Error,
+                            Some(error.to_string()),
+                        ))
+                        .await;
                     return;
                 }
                 if subscribed {
@@ -267,10 +299,15 @@ impl Feed {
         true
     }
 
-    fn spawn_fetch(&self, fetches: &mut JoinSet<()>, tx: &mpsc::Sender<SnapshotResult>, req: SnapshotRequest) {
-        let fetch = self
-            .adapter
-            .fetch_snapshot(&self.http, &self.rest_url, &req.symbol, self.depth_limit);
+    fn spawn_fetch(
+        &self,
+        fetches: &mut JoinSet<()>,
+        tx: &mpsc::Sender<SnapshotResult>,
+        req: SnapshotRequest,
+    ) {
+        let fetch =
+            self.adapter
+                .fetch_snapshot(&self.http, &self.rest_url, &req.symbol, self.depth_limit);
         let tx = tx.clone();
         debug!(exchange = %self.exchange, symbol = %req.symbol, delay_ms = req.delay.as_millis() as u64, "fetching book snapshot");
         fetches.spawn(async move {
@@ -302,7 +339,10 @@ impl Feed {
         if url::Url::parse(&self.ws_url).is_err() {
             return lost(ConnError::Url(self.ws_url.clone()), false, false);
         }
-        let connect = timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(self.ws_url.as_str()));
+        let connect = timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async(self.ws_url.as_str()),
+        );
         let mut ws = tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             r = connect => match r {

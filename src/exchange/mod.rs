@@ -130,7 +130,13 @@ pub trait Adapter: Send + Sync {
     /// (simd-json unescapes into it); `ts_recv` is when the frame was read off the socket.
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError>;
     /// Fetches a REST order-book snapshot of `symbol` (normalized, `BTC-USDT`).
-    fn fetch_snapshot(&self, http: &reqwest::Client, rest_url: &str, symbol: &str, limit: u32) -> SnapshotFuture;
+    fn fetch_snapshot(
+        &self,
+        http: &reqwest::Client,
+        rest_url: &str,
+        symbol: &str,
+        limit: u32,
+    ) -> SnapshotFuture;
 }
 
 /// Why no adapter could be built for a feed.
@@ -148,9 +154,14 @@ impl AdapterError {
 
 /// The adapter for `exchange`, knowing the feed's configured `symbols` (normalized) so it
 /// can map wire symbols back exactly. `Sim` speaks Binance's protocol but labels events `sim`.
-pub fn adapter_for(exchange: Exchange, symbols: &[String]) -> Result<Arc<dyn Adapter>, AdapterError> {
+pub fn adapter_for(
+    exchange: Exchange,
+    symbols: &[String],
+) -> Result<Arc<dyn Adapter>, AdapterError> {
     match exchange {
-        Exchange::Binance | Exchange::Sim => Ok(Arc::new(binance::BinanceAdapter::new(exchange, symbols))),
+        Exchange::Binance | Exchange::Sim => {
+            Ok(Arc::new(binance::BinanceAdapter::new(exchange, symbols)))
+        }
         other => Err(AdapterError::Unsupported(other)),
     }
 }
@@ -161,14 +172,23 @@ pub fn adapter_for(exchange: Exchange, symbols: &[String]) -> Result<Arc<dyn Ada
 /// See [`connection`] for the reconnect behaviour. Returns when `shutdown` is cancelled,
 /// when the `events` receiver is gone, or when the feed cannot work at all (no adapter for
 /// the exchange: an `error` status event is emitted and the health stays down).
-pub async fn run_feed(feed: FeedConfig, events: mpsc::Sender<Event>, health: HealthHandle, shutdown: CancellationToken) {
+pub async fn run_feed(
+    feed: FeedConfig,
+    events: mpsc::Sender<Event>,
+    health: HealthHandle,
+    shutdown: CancellationToken,
+) {
     let adapter = match adapter_for(feed.exchange, &feed.symbols) {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(exchange = %feed.exchange, cause = %e, "feed not started");
             health.down(e.to_string());
             let _ = events
-                .send(Event::status(feed.exchange, crate::event::StatusState::Error, Some(e.to_string())))
+                .send(Event::status(
+                    feed.exchange,
+                    crate::event::StatusState::Error,
+                    Some(e.to_string()),
+                ))
                 .await;
             return;
         }
@@ -199,7 +219,8 @@ pub fn normalize(
     mut output: impl Write,
     mut errors: impl Write,
 ) -> std::io::Result<NormalizeStats> {
-    let adapter = adapter_for(exchange, &[]).map_err(|e| std::io::Error::new(std::io::ErrorKind::Unsupported, e))?;
+    let adapter = adapter_for(exchange, &[])
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::Unsupported, e))?;
     let mut stats = NormalizeStats::default();
     let mut buf = Vec::with_capacity(4096);
     let mut line = Vec::with_capacity(4096);
@@ -223,7 +244,9 @@ pub fn normalize(
                     let event = match p {
                         Parsed::Event(e) => e,
                         Parsed::Diff(d) => Event::Book(d.into_stateless_delta()),
-                        Parsed::Ack { .. } | Parsed::Refused { .. } | Parsed::ServerShutdown => continue,
+                        Parsed::Ack { .. } | Parsed::Refused { .. } | Parsed::ServerShutdown => {
+                            continue
+                        }
                     };
                     output.write_all(&event.to_json())?;
                     output.write_all(b"\n")?;
@@ -259,7 +282,10 @@ impl BookDiff {
 
 /// Builds levels from `[price, size]` text pairs.
 pub(crate) fn levels<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Level> {
-    pairs.into_iter().map(|(p, q)| Level(p.into(), q.into())).collect()
+    pairs
+        .into_iter()
+        .map(|(p, q)| Level(p.into(), q.into()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -281,11 +307,21 @@ mod tests {
         let mut out = Vec::new();
         let mut err = Vec::new();
         let stats = normalize(Exchange::Binance, input.as_bytes(), &mut out, &mut err).unwrap();
-        assert_eq!(stats, NormalizeStats { lines: 5, events: 1, errors: 2 });
+        assert_eq!(
+            stats,
+            NormalizeStats {
+                lines: 5,
+                events: 1,
+                errors: 2
+            }
+        );
         let err = String::from_utf8(err).unwrap();
         let lines: Vec<&str> = err.lines().collect();
         assert!(lines[0].starts_with("line 2: invalid JSON"), "{err}");
-        assert!(lines[1].starts_with("line 5: unknown symbol `XYZQQQ`"), "{err}");
+        assert!(
+            lines[1].starts_with("line 5: unknown symbol `XYZQQQ`"),
+            "{err}"
+        );
         let out = String::from_utf8(out).unwrap();
         assert_eq!(out.lines().count(), 1);
         assert!(out.contains(r#""symbol":"BTC-USDT""#), "{out}");
