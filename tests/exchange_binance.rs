@@ -280,3 +280,81 @@ async fn feed_subscribes_streams_reconnects_and_resyncs_the_book() {
         |e| matches!(e, Event::Book(b) if b.seq == Some(209) && b.action == BookAction::Delta)
     ));
 }
+
+#[tokio::test]
+async fn silent_socket_is_dropped_and_server_shutdown_reconnects_at_once() {
+    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_port = ws_listener.local_addr().unwrap().port();
+    let mut feed = FeedConfig::new(
+        Exchange::Sim,
+        vec!["BTC-USDT".into()],
+        vec![FeedChannel::Trade],
+    );
+    feed.url = Some(format!("ws://127.0.0.1:{ws_port}/stream"));
+    feed.stale_after_ms = 300;
+    feed.reconnect_min_ms = 10;
+    feed.reconnect_max_ms = 20;
+    let (tx, rx) = mpsc::channel(16);
+    let shutdown = CancellationToken::new();
+    let handle = Health::new().register("feed:sim");
+    let task = tokio::spawn(run_feed(feed, tx, handle, shutdown.clone()));
+    let mut events = Events {
+        rx,
+        seen: Vec::new(),
+    };
+
+    // Connection 1 acknowledges, then says nothing at all (half-open from the client's view).
+    let (mut ws1, _) = accept(&ws_listener).await;
+    let sub = timeout(WAIT, ws1.next()).await.unwrap().unwrap().unwrap();
+    assert!(sub.to_text().unwrap().contains("btcusdt@trade"));
+    ws1.send(Message::text(r#"{"result":null,"id":1}"#))
+        .await
+        .unwrap();
+    events.status(StatusState::Connected).await;
+    let why = events
+        .status(StatusState::Disconnected)
+        .await
+        .unwrap_or_default();
+    assert!(why.starts_with("no frame for"), "{why}");
+    events.status(StatusState::Reconnecting).await;
+
+    // Connection 2 announces a shutdown: reconnect with no backoff delay.
+    let (mut ws2, _) = accept(&ws_listener).await;
+    timeout(WAIT, ws2.next()).await.unwrap().unwrap().unwrap();
+    ws2.send(Message::text(r#"{"result":null,"id":1}"#))
+        .await
+        .unwrap();
+    let Event::Status(connected) = events.next().await else {
+        panic!("expected connected")
+    };
+    assert_eq!(
+        (connected.state, connected.exchange),
+        (StatusState::Connected, Exchange::Sim)
+    );
+    let shutdown_notice = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/binance/server_shutdown.json"
+    ))
+    .unwrap();
+    ws2.send(Message::text(shutdown_notice.trim()))
+        .await
+        .unwrap();
+    let why = events
+        .status(StatusState::Disconnected)
+        .await
+        .unwrap_or_default();
+    assert!(why.contains("server shutdown"), "{why}");
+    let again = events
+        .status(StatusState::Reconnecting)
+        .await
+        .unwrap_or_default();
+    assert!(again.starts_with("attempt 1 in 0 ms"), "{again}");
+    let (_ws3, _) = accept(&ws_listener).await;
+
+    shutdown.cancel();
+    timeout(WAIT, task)
+        .await
+        .expect("feed stops on shutdown")
+        .unwrap();
+    drop(ws1);
+}

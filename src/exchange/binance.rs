@@ -679,6 +679,14 @@ mod tests {
     }
 
     #[test]
+    fn server_shutdown_notice_from_docs() {
+        assert_eq!(
+            parse_fixture("server_shutdown.json").unwrap(),
+            vec![Parsed::ServerShutdown]
+        );
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
         for bad in [
