@@ -19,6 +19,7 @@
 //! This file knows nothing about sockets or book state; `connection` and `book_sync` do.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 use simd_json::prelude::*;
@@ -51,12 +52,16 @@ const QUOTE_ASSETS: &[&str] = &[
 
 /// Splits a Binance wire symbol on the longest known quote asset: `BTCUSDT` → `BTC-USDT`.
 pub fn split_symbol(wire: &str) -> Option<String> {
+    static LONGEST_FIRST: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let quotes = LONGEST_FIRST.get_or_init(|| {
+        let mut q = QUOTE_ASSETS.to_vec();
+        q.sort_by_key(|q| std::cmp::Reverse(q.len()));
+        q
+    });
     let upper = wire.to_ascii_uppercase();
-    let mut quotes: Vec<&str> = QUOTE_ASSETS.to_vec();
-    quotes.sort_by_key(|q| std::cmp::Reverse(q.len()));
     quotes
-        .into_iter()
-        .find(|q| upper.len() > q.len() && upper.ends_with(q))
+        .iter()
+        .find(|q| upper.len() > q.len() && upper.ends_with(**q))
         .map(|q| format!("{}-{}", &upper[..upper.len() - q.len()], q))
         .filter(|s| crate::event::valid_symbol(s))
 }

@@ -371,6 +371,7 @@ impl Feed {
         let mut stale_at = Instant::now() + self.stale_after;
         let mut subscribed = false;
         let mut flowing = false;
+        let mut healthy = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<Event> = Vec::new();
         if pending_acks.is_empty() {
@@ -475,8 +476,9 @@ impl Feed {
                             }
                         }
                     }
-                    if subscribed && flowing {
-                        // Cheap when unchanged (the registry compares first).
+                    if subscribed && flowing && !healthy {
+                        // Once per connection: the registry takes a lock.
+                        healthy = true;
                         self.health.up(Some(format!("streaming from {}", self.ws_url)));
                     }
                 }
