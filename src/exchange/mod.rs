@@ -1,1 +1,335 @@
-//! (being written)
+//! Exchange side of the bridge: adapters that turn exchange frames into normalized
+//! [`Event`]s, the socket that carries them, and the order-book synchroniser.
+//!
+//! - [`Adapter`] is the seam for new exchanges. It is chosen at run time from the feed's
+//!   config ([`adapter_for`]), never a compile-time type parameter, so one binary serves any
+//!   mix of feeds. An adapter knows wire formats (endpoints, subscribe frames, parsing,
+//!   REST snapshots); it knows nothing about sockets, reconnects or book state.
+//! - [`connection`] owns one exchange socket per feed: connect, subscribe, heartbeat,
+//!   stale detection, reconnect with backoff, rotation; it hands raw book diffs to
+//!   [`book_sync`], which turns REST snapshot + diff stream into a chain-exact book.
+//! - [`normalize`] is the stateless path for `mdbridge normalize`: one raw frame per input
+//!   line → one JSON event per output line, no sockets, no book state.
+//!
+//! This module never imports `bus` or `gateway`: events leave through a bounded
+//! `tokio::sync::mpsc::Sender<Event>` owned by `app`.
+
+pub mod binance;
+pub mod book_sync;
+pub mod connection;
+
+use std::future::Future;
+use std::io::{BufRead, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{FeedChannel, FeedConfig};
+use crate::event::{Book, BookAction, Event, Exchange, Level};
+use crate::health::HealthHandle;
+
+pub use book_sync::{BookDiff, BookSnapshot, BookSync, SnapshotRequest};
+
+/// What a loop does about an error: every error enum of this module maps onto it, and the
+/// loops match on this, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Try the same operation again (after a delay).
+    Retry,
+    /// Drop the socket and connect again (with backoff).
+    Reconnect,
+    /// The order book can no longer be trusted: emit `resync`, fetch a new snapshot.
+    Resync,
+    /// Count it, log it, skip this frame and carry on.
+    Skip,
+    /// Retrying cannot help (bad configuration): stop this feed.
+    Fatal,
+}
+
+/// Why a frame could not be turned into events. Always [`Recovery::Skip`]: one bad frame
+/// says nothing about the next one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("unsupported event type `{0}`")]
+    UnknownEvent(String),
+    #[error("frame of unknown shape (no event type, not an ack)")]
+    UnknownShape,
+    #[error("bad `{kind}` payload: {reason}")]
+    Payload { kind: &'static str, reason: String },
+    #[error("unknown symbol `{0}` (no configured mapping and no known quote asset)")]
+    UnknownSymbol(String),
+}
+
+impl ParseError {
+    pub fn recovery(&self) -> Recovery {
+        Recovery::Skip
+    }
+}
+
+/// Why a REST order-book snapshot could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("snapshot request answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("snapshot body not understood: {0}")]
+    Decode(String),
+    #[error("bad snapshot url: {0}")]
+    Url(String),
+}
+
+impl SnapshotError {
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            SnapshotError::Url(_) => Recovery::Fatal,
+            _ => Recovery::Retry,
+        }
+    }
+}
+
+/// One unit an adapter extracts from a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// A finished normalized event (trade, ticker, candle).
+    Event(Event),
+    /// A raw order-book diff for the synchroniser (or, in `normalize`, a stateless delta).
+    Diff(BookDiff),
+    /// A request was accepted (`{"result":null,"id":1}`): a control frame, no event.
+    Ack { id: Option<u64> },
+    /// A request was refused (`{"error":{...},"id":1}`): becomes a `status` `error` event.
+    Refused { id: Option<u64>, detail: String },
+    /// The exchange announced it will close the connection soon: reconnect now.
+    ServerShutdown,
+}
+
+/// A future returned by [`Adapter::fetch_snapshot`] (boxed to keep the trait object-safe).
+pub type SnapshotFuture = Pin<Box<dyn Future<Output = Result<BookSnapshot, SnapshotError>> + Send>>;
+
+/// The seam between the generic connection machinery and one exchange's wire format.
+///
+/// Object-safe: feeds hold an `Arc<dyn Adapter>` chosen from config at run time.
+pub trait Adapter: Send + Sync {
+    /// The exchange name written into every event (`binance`, or `sim` when speaking
+    /// Binance's protocol to the simulator).
+    fn exchange(&self) -> Exchange;
+    /// The public WebSocket endpoint used when the feed has no `url`.
+    fn default_ws_url(&self) -> &'static str;
+    /// The public REST base used when the feed has no `rest_url`.
+    fn default_rest_url(&self) -> &'static str;
+    /// Text frames to send after connecting, in order. Each one is a request that the
+    /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
+    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)>;
+    /// Parses one frame. `frame` is a scratch buffer the parser may modify in place
+    /// (simd-json unescapes into it); `ts_recv` is when the frame was read off the socket.
+    fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError>;
+    /// Fetches a REST order-book snapshot of `symbol` (normalized, `BTC-USDT`).
+    fn fetch_snapshot(
+        &self,
+        http: &reqwest::Client,
+        rest_url: &str,
+        symbol: &str,
+        limit: u32,
+    ) -> SnapshotFuture;
+}
+
+/// Why no adapter could be built for a feed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdapterError {
+    #[error("no adapter for exchange `{0}` yet (supported: binance, sim)")]
+    Unsupported(Exchange),
+}
+
+impl AdapterError {
+    pub fn recovery(&self) -> Recovery {
+        Recovery::Fatal
+    }
+}
+
+/// The adapter for `exchange`, knowing the feed's configured `symbols` (normalized) so it
+/// can map wire symbols back exactly. `Sim` speaks Binance's protocol but labels events `sim`.
+pub fn adapter_for(
+    exchange: Exchange,
+    symbols: &[String],
+) -> Result<Arc<dyn Adapter>, AdapterError> {
+    match exchange {
+        Exchange::Binance | Exchange::Sim => {
+            Ok(Arc::new(binance::BinanceAdapter::new(exchange, symbols)))
+        }
+        other => Err(AdapterError::Unsupported(other)),
+    }
+}
+
+/// Runs one feed until `shutdown`: connects, subscribes, reconnects, emits events
+/// (including status events connected/disconnected/reconnecting/resync/error) into `events`.
+///
+/// See [`connection`] for the reconnect behaviour. Returns when `shutdown` is cancelled,
+/// when the `events` receiver is gone, or when the feed cannot work at all (no adapter for
+/// the exchange: an `error` status event is emitted and the health stays down).
+pub async fn run_feed(
+    feed: FeedConfig,
+    events: mpsc::Sender<Event>,
+    health: HealthHandle,
+    shutdown: CancellationToken,
+) {
+    let adapter = match adapter_for(feed.exchange, &feed.symbols) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(exchange = %feed.exchange, cause = %e, "feed not started");
+            health.down(e.to_string());
+            let _ = events
+                .send(Event::status(
+                    feed.exchange,
+                    crate::event::StatusState::Error,
+                    Some(e.to_string()),
+                ))
+                .await;
+            return;
+        }
+    };
+    connection::run(adapter, feed, events, health, shutdown).await;
+}
+
+/// Counts of one [`normalize`] run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NormalizeStats {
+    pub lines: u64,
+    pub events: u64,
+    pub errors: u64,
+}
+
+/// Stateless normalizer for `mdbridge normalize`: one raw frame per input line → one JSON
+/// event per output line ([`Event::to_json`]); control frames (acks, heartbeats) produce
+/// nothing; an unparseable line writes `line N: <reason>` to `errors` and the run goes on.
+///
+/// Book diffs become `delta` events with `seq` = the exchange's final update id and
+/// `prev_seq` = its first update id − 1 (Binance `u` and `U - 1`). Symbols are mapped
+/// without config by splitting off a known quote asset (see [`binance::split_symbol`]).
+/// Blank lines are counted but produce nothing. Errors only for I/O failures or an
+/// exchange without an adapter.
+pub fn normalize(
+    exchange: Exchange,
+    input: impl BufRead,
+    mut output: impl Write,
+    mut errors: impl Write,
+) -> std::io::Result<NormalizeStats> {
+    let adapter = adapter_for(exchange, &[])
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::Unsupported, e))?;
+    let mut stats = NormalizeStats::default();
+    let mut buf = Vec::with_capacity(4096);
+    let mut line = Vec::with_capacity(4096);
+    let mut input = input;
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        stats.lines += 1;
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        buf.clear();
+        buf.extend_from_slice(text);
+        // Stateless: ts_recv is when this tool read the line.
+        match adapter.parse(&mut buf, crate::event::now_micros()) {
+            Ok(parsed) => {
+                for p in parsed {
+                    let event = match p {
+                        Parsed::Event(e) => e,
+                        Parsed::Diff(d) => Event::Book(d.into_stateless_delta()),
+                        Parsed::Ack { .. } | Parsed::Refused { .. } | Parsed::ServerShutdown => {
+                            continue
+                        }
+                    };
+                    output.write_all(&event.to_json())?;
+                    output.write_all(b"\n")?;
+                    stats.events += 1;
+                }
+            }
+            Err(e) => {
+                stats.errors += 1;
+                writeln!(errors, "line {}: {e}", stats.lines)?;
+            }
+        }
+    }
+    output.flush()?;
+    Ok(stats)
+}
+
+impl BookDiff {
+    /// The diff as a stand-alone delta: `seq` = last update id, `prev_seq` = first − 1.
+    pub fn into_stateless_delta(self) -> Book {
+        Book {
+            exchange: self.exchange,
+            symbol: self.symbol,
+            ts: self.ts,
+            ts_recv: self.ts_recv,
+            action: BookAction::Delta,
+            bids: self.bids,
+            asks: self.asks,
+            seq: Some(self.last_update_id),
+            prev_seq: Some(self.first_update_id.saturating_sub(1)),
+        }
+    }
+}
+
+/// Builds levels from `[price, size]` text pairs.
+pub(crate) fn levels<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Level> {
+    pairs
+        .into_iter()
+        .map(|(p, q)| Level(p.into(), q.into()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_counts_and_reports_lines() {
+        let input = concat!(
+            r#"{"result":null,"id":1}"#,
+            "\n",
+            "not json\n",
+            "\n",
+            r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.0","q":"2.0","T":2,"m":false,"M":true}}"#,
+            "\n",
+            r#"{"e":"trade","E":1,"s":"XYZQQQ","t":7,"p":"1.0","q":"2.0","T":2,"m":false,"M":true}"#,
+            "\n",
+        );
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let stats = normalize(Exchange::Binance, input.as_bytes(), &mut out, &mut err).unwrap();
+        assert_eq!(
+            stats,
+            NormalizeStats {
+                lines: 5,
+                events: 1,
+                errors: 2
+            }
+        );
+        let err = String::from_utf8(err).unwrap();
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(lines[0].starts_with("line 2: invalid JSON"), "{err}");
+        assert!(
+            lines[1].starts_with("line 5: unknown symbol `XYZQQQ`"),
+            "{err}"
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.lines().count(), 1);
+        assert!(out.contains(r#""symbol":"BTC-USDT""#), "{out}");
+    }
+
+    #[test]
+    fn normalize_refuses_exchanges_without_adapter() {
+        let r = normalize(Exchange::Kraken, &b""[..], Vec::new(), Vec::new());
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::Unsupported);
+    }
+}

@@ -1,0 +1,810 @@
+//! Binance spot: wire types, their mapping to normalized events, stream names and symbols.
+//!
+//! Source of truth: Binance's official docs,
+//! <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md>
+//! (streams, live SUBSCRIBE, "How to manage a local order book correctly") and
+//! <https://github.com/binance/binance-spot-api-docs/blob/master/rest-api.md> ("Order book",
+//! `GET /api/v3/depth`). Real frames copied from those pages are the test fixtures in
+//! `tests/fixtures/binance/`.
+//!
+//! What `ts` means per stream (PROTOCOL: "the exchange's own event time"):
+//! - `trade`: `T`, the trade time — when the match happened, which is the time a trade is
+//!   about (cryptofeed does the same); `E` is only when the event was pushed.
+//! - `24hrTicker`, `depthUpdate`, `kline`: `E`, the event time.
+//! - `bookTicker`: null — the spot payload carries no time at all.
+//! - REST snapshots: null — `/api/v3/depth` returns no time.
+//!
+//! All Binance times are milliseconds; they are multiplied by 1000 into µs.
+//!
+//! This file knows nothing about sockets or book state; `connection` and `book_sync` do.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+use super::{
+    levels, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError, SnapshotFuture,
+};
+use crate::config::FeedChannel;
+use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
+
+/// Public combined-stream endpoint; streams are added with live `SUBSCRIBE` requests.
+pub const DEFAULT_WS_URL: &str = "wss://stream.binance.com:9443/stream";
+/// Public REST base for `/api/v3/depth`.
+pub const DEFAULT_REST_URL: &str = "https://api.binance.com";
+/// Binance refuses more than 1024 streams on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 1024;
+/// Streams per SUBSCRIBE request: keeps each request small; with the pacing in
+/// `connection` (≤ 4 requests/s) it stays under the limit of 5 incoming messages/s.
+pub const STREAMS_PER_REQUEST: usize = 200;
+
+/// Quote assets used to split a bare wire symbol (`BTCUSDT`) when there is no configured
+/// mapping (the stateless `normalize`). Longest match is tried first so that `USDT` wins
+/// over `USD`... and `FDUSD` over `USD`.
+const QUOTE_ASSETS: &[&str] = &[
+    "FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "AEUR", "BIDR", "IDRT", "DAI", "BTC", "ETH",
+    "BNB", "EUR", "TRY", "BRL", "JPY", "GBP", "AUD", "RUB", "UAH", "NGN", "ZAR", "PLN", "RON",
+    "ARS", "MXN", "COP", "CZK", "XRP", "TRX", "DOGE", "SOL", "DOT", "USD",
+];
+
+/// Splits a Binance wire symbol on the longest known quote asset: `BTCUSDT` → `BTC-USDT`.
+pub fn split_symbol(wire: &str) -> Option<String> {
+    static LONGEST_FIRST: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let quotes = LONGEST_FIRST.get_or_init(|| {
+        let mut q = QUOTE_ASSETS.to_vec();
+        q.sort_by_key(|q| std::cmp::Reverse(q.len()));
+        q
+    });
+    let upper = wire.to_ascii_uppercase();
+    quotes
+        .iter()
+        .find(|q| upper.len() > q.len() && upper.ends_with(**q))
+        .map(|q| format!("{}-{}", &upper[..upper.len() - q.len()], q))
+        .filter(|s| crate::event::valid_symbol(s))
+}
+
+/// `BTC-USDT` → `BTCUSDT` (REST `symbol=` parameter).
+pub fn wire_symbol(normalized: &str) -> String {
+    normalized.replace('-', "").to_ascii_uppercase()
+}
+
+/// Stream names for one symbol: `btcusdt@trade`, `btcusdt@ticker`, `btcusdt@depth@100ms`,
+/// `btcusdt@kline_1m`.
+pub fn stream_names(symbol: &str, channels: &[FeedChannel]) -> Vec<String> {
+    let s = wire_symbol(symbol).to_ascii_lowercase();
+    channels
+        .iter()
+        .map(|c| match c {
+            FeedChannel::Trade => format!("{s}@trade"),
+            FeedChannel::Ticker => format!("{s}@ticker"),
+            FeedChannel::Book => format!("{s}@depth@100ms"),
+            FeedChannel::Candle(i) => format!("{s}@kline_{i}"),
+        })
+        .collect()
+}
+
+/// The Binance spot adapter; also serves the simulator (label `sim`).
+pub struct BinanceAdapter {
+    label: Exchange,
+    /// Wire symbol (`BTCUSDT`) → normalized (`BTC-USDT`), from the feed's config.
+    symbols: HashMap<String, String>,
+}
+
+impl BinanceAdapter {
+    pub fn new(label: Exchange, symbols: &[String]) -> BinanceAdapter {
+        BinanceAdapter {
+            label,
+            symbols: symbols
+                .iter()
+                .map(|s| (wire_symbol(s), s.clone()))
+                .collect(),
+        }
+    }
+
+    fn symbol(&self, wire: &str) -> Result<String, ParseError> {
+        if let Some(s) = self.symbols.get(wire) {
+            return Ok(s.clone());
+        }
+        split_symbol(wire).ok_or_else(|| ParseError::UnknownSymbol(wire.to_string()))
+    }
+}
+
+/// Trade stream `<symbol>@trade`.
+///
+/// ```json
+/// {"e":"trade","E":1672515782136,"s":"BNBBTC","t":12345,"p":"0.001","q":"100",
+///  "b":88,"a":50,"T":1672515782136,"m":true,"M":true}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#trade-streams>
+#[derive(Debug, Deserialize)]
+pub struct TradeWire<'a> {
+    #[serde(rename = "s")]
+    pub symbol: &'a str,
+    #[serde(rename = "t")]
+    pub trade_id: u64,
+    #[serde(rename = "p")]
+    pub price: &'a str,
+    #[serde(rename = "q")]
+    pub qty: &'a str,
+    #[serde(rename = "T")]
+    pub trade_time: u64,
+    /// Is the buyer the market maker? Then the taker sold.
+    #[serde(rename = "m")]
+    pub buyer_is_maker: bool,
+}
+
+/// Individual symbol ticker `<symbol>@ticker` (24 h rolling window).
+///
+/// ```json
+/// {"e":"24hrTicker","E":1672515782136,"s":"BNBBTC","p":"0.0015","P":"250.00","w":"0.0018",
+///  "x":"0.0009","c":"0.0025","Q":"10","b":"0.0024","B":"10","a":"0.0026","A":"100",
+///  "o":"0.0010","h":"0.0025","l":"0.0010","v":"10000","q":"18","O":0,"C":86400000,
+///  "F":0,"L":18150,"n":18151}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#individual-symbol-ticker-streams>
+#[derive(Debug, Deserialize)]
+pub struct TickerWire<'a> {
+    #[serde(rename = "E")]
+    pub event_time: u64,
+    #[serde(rename = "s")]
+    pub symbol: &'a str,
+    #[serde(rename = "c")]
+    pub last: &'a str,
+    #[serde(rename = "b")]
+    pub bid: &'a str,
+    #[serde(rename = "B")]
+    pub bid_qty: &'a str,
+    #[serde(rename = "a")]
+    pub ask: &'a str,
+    #[serde(rename = "A")]
+    pub ask_qty: &'a str,
+    /// Total traded base asset volume.
+    #[serde(rename = "v")]
+    pub volume: &'a str,
+}
+
+/// Book ticker `<symbol>@bookTicker` (no `e` field, no time).
+///
+/// ```json
+/// {"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000","a":"25.36520000","A":"40.66000000"}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#individual-symbol-book-ticker-streams>
+#[derive(Debug, Deserialize)]
+pub struct BookTickerWire<'a> {
+    #[serde(rename = "s")]
+    pub symbol: &'a str,
+    #[serde(rename = "b")]
+    pub bid: &'a str,
+    #[serde(rename = "B")]
+    pub bid_qty: &'a str,
+    #[serde(rename = "a")]
+    pub ask: &'a str,
+    #[serde(rename = "A")]
+    pub ask_qty: &'a str,
+}
+
+/// Diff. depth stream `<symbol>@depth@100ms`.
+///
+/// ```json
+/// {"e":"depthUpdate","E":1672515782136,"s":"BNBBTC","U":157,"u":160,
+///  "b":[["0.0024","10"]],"a":[["0.0026","100"]]}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#diff-depth-stream>
+#[derive(Debug, Deserialize)]
+pub struct DepthUpdateWire<'a> {
+    #[serde(rename = "E")]
+    pub event_time: u64,
+    #[serde(rename = "s")]
+    pub symbol: &'a str,
+    /// First update id in the event.
+    #[serde(rename = "U")]
+    pub first_update_id: u64,
+    /// Final update id in the event.
+    #[serde(rename = "u")]
+    pub final_update_id: u64,
+    #[serde(rename = "b", borrow)]
+    pub bids: Vec<(&'a str, &'a str)>,
+    #[serde(rename = "a", borrow)]
+    pub asks: Vec<(&'a str, &'a str)>,
+}
+
+/// Kline stream `<symbol>@kline_<interval>`.
+///
+/// ```json
+/// {"e":"kline","E":1672515782136,"s":"BNBBTC","k":{"t":1672515780000,"T":1672515839999,
+///  "s":"BNBBTC","i":"1m","f":100,"L":200,"o":"0.0010","c":"0.0020","h":"0.0025",
+///  "l":"0.0015","v":"1000","n":100,"x":false,"q":"1.0000","V":"500","Q":"0.500","B":"123456"}}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#klinecandlestick-streams-for-utc>
+#[derive(Debug, Deserialize)]
+pub struct KlineWire<'a> {
+    #[serde(rename = "E")]
+    pub event_time: u64,
+    #[serde(rename = "s")]
+    pub symbol: &'a str,
+    #[serde(rename = "k", borrow)]
+    pub kline: KlineBody<'a>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct KlineBody<'a> {
+    #[serde(rename = "t")]
+    pub start: u64,
+    #[serde(rename = "i")]
+    pub interval: &'a str,
+    #[serde(rename = "o")]
+    pub open: &'a str,
+    #[serde(rename = "h")]
+    pub high: &'a str,
+    #[serde(rename = "l")]
+    pub low: &'a str,
+    #[serde(rename = "c")]
+    pub close: &'a str,
+    #[serde(rename = "v")]
+    pub volume: &'a str,
+    #[serde(rename = "x")]
+    pub closed: bool,
+}
+
+/// REST order book `GET /api/v3/depth?symbol=BNBBTC&limit=1000`.
+///
+/// ```json
+/// {"lastUpdateId":1027024,"bids":[["4.00000000","431.00000000"]],"asks":[["4.00000200","12.00000000"]]}
+/// ```
+/// <https://github.com/binance/binance-spot-api-docs/blob/master/rest-api.md#order-book>
+#[derive(Debug, Deserialize)]
+pub struct DepthSnapshotWire {
+    #[serde(rename = "lastUpdateId")]
+    pub last_update_id: u64,
+    pub bids: Vec<(String, String)>,
+    pub asks: Vec<(String, String)>,
+}
+
+/// Parses a REST depth body for `symbol` (normalized) into a snapshot.
+pub fn parse_depth_snapshot(
+    label: Exchange,
+    symbol: &str,
+    body: &[u8],
+    ts_recv: u64,
+) -> Result<BookSnapshot, SnapshotError> {
+    let wire: DepthSnapshotWire =
+        serde_json::from_slice(body).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    Ok(BookSnapshot {
+        exchange: label,
+        symbol: symbol.to_string(),
+        last_update_id: wire.last_update_id,
+        ts_recv,
+        bids: wire
+            .bids
+            .into_iter()
+            .map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q)))
+            .collect(),
+        asks: wire
+            .asks
+            .into_iter()
+            .map(|(p, q)| crate::event::Level(Decimal(p), Decimal(q)))
+            .collect(),
+    })
+}
+
+fn payload_err(kind: &'static str) -> impl FnOnce(simd_json::Error) -> ParseError {
+    move |e| ParseError::Payload {
+        kind,
+        reason: e.to_string(),
+    }
+}
+
+fn ms_to_us(ms: u64) -> u64 {
+    ms.saturating_mul(1000)
+}
+
+impl BinanceAdapter {
+    /// Maps one payload (already unwrapped from a combined-stream envelope) to events.
+    fn parse_payload(
+        &self,
+        v: &BorrowedValue<'_>,
+        ts_recv: u64,
+    ) -> Result<Vec<Parsed>, ParseError> {
+        let label = self.label;
+        if v.as_object().is_none() {
+            return Err(ParseError::NotObject);
+        }
+        let Some(kind) = v.get("e") else {
+            // No event type: a book ticker (`u` + `b` + `a`), or not ours.
+            if v.contains_key("u") && v.contains_key("b") && v.contains_key("a") {
+                let w: BookTickerWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("bookTicker"))?;
+                return Ok(vec![Parsed::Event(Event::Ticker(Ticker {
+                    exchange: label,
+                    symbol: self.symbol(w.symbol)?,
+                    ts: None,
+                    ts_recv,
+                    bid: Some(w.bid.into()),
+                    bid_size: Some(w.bid_qty.into()),
+                    ask: Some(w.ask.into()),
+                    ask_size: Some(w.ask_qty.into()),
+                    last: None,
+                    volume_24h: None,
+                }))]);
+            }
+            return Err(ParseError::UnknownShape);
+        };
+        let kind = kind
+            .as_str()
+            .ok_or_else(|| ParseError::UnknownEvent(kind.to_string()))?;
+        let event = match kind {
+            "trade" => {
+                let w: TradeWire =
+                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("trade"))?;
+                Event::Trade(Trade {
+                    exchange: label,
+                    symbol: self.symbol(w.symbol)?,
+                    ts: Some(ms_to_us(w.trade_time)),
+                    ts_recv,
+                    trade_id: w.trade_id.to_string(),
+                    price: w.price.into(),
+                    size: w.qty.into(),
+                    side: Some(if w.buyer_is_maker {
+                        Side::Sell
+                    } else {
+                        Side::Buy
+                    }),
+                })
+            }
+            "24hrTicker" => {
+                let w: TickerWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("24hrTicker"))?;
+                Event::Ticker(Ticker {
+                    exchange: label,
+                    symbol: self.symbol(w.symbol)?,
+                    ts: Some(ms_to_us(w.event_time)),
+                    ts_recv,
+                    bid: Some(w.bid.into()),
+                    bid_size: Some(w.bid_qty.into()),
+                    ask: Some(w.ask.into()),
+                    ask_size: Some(w.ask_qty.into()),
+                    last: Some(w.last.into()),
+                    volume_24h: Some(w.volume.into()),
+                })
+            }
+            "kline" => {
+                let w: KlineWire =
+                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("kline"))?;
+                let k = w.kline;
+                Event::Candle(Candle {
+                    exchange: label,
+                    symbol: self.symbol(w.symbol)?,
+                    ts: Some(ms_to_us(w.event_time)),
+                    ts_recv,
+                    interval: k.interval.to_string(),
+                    start: ms_to_us(k.start),
+                    open: k.open.into(),
+                    high: k.high.into(),
+                    low: k.low.into(),
+                    close: k.close.into(),
+                    volume: k.volume.into(),
+                    closed: k.closed,
+                })
+            }
+            "depthUpdate" => {
+                let w: DepthUpdateWire = simd_json::serde::from_refborrowed_value(v)
+                    .map_err(payload_err("depthUpdate"))?;
+                if w.first_update_id > w.final_update_id {
+                    return Err(ParseError::Payload {
+                        kind: "depthUpdate",
+                        reason: format!("U {} > u {}", w.first_update_id, w.final_update_id),
+                    });
+                }
+                return Ok(vec![Parsed::Diff(BookDiff {
+                    exchange: label,
+                    symbol: self.symbol(w.symbol)?,
+                    first_update_id: w.first_update_id,
+                    last_update_id: w.final_update_id,
+                    ts: Some(ms_to_us(w.event_time)),
+                    ts_recv,
+                    bids: levels(w.bids),
+                    asks: levels(w.asks),
+                })]);
+            }
+            "serverShutdown" => return Ok(vec![Parsed::ServerShutdown]),
+            other => return Err(ParseError::UnknownEvent(other.to_string())),
+        };
+        Ok(vec![Parsed::Event(event)])
+    }
+}
+
+impl Adapter for BinanceAdapter {
+    fn exchange(&self) -> Exchange {
+        self.label
+    }
+
+    fn default_ws_url(&self) -> &'static str {
+        DEFAULT_WS_URL
+    }
+
+    fn default_rest_url(&self) -> &'static str {
+        DEFAULT_REST_URL
+    }
+
+    /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
+    /// [`STREAMS_PER_REQUEST`] streams each, ids from 1.
+    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
+        let streams: Vec<String> = symbols
+            .iter()
+            .flat_map(|s| stream_names(s, channels))
+            .collect();
+        streams
+            .chunks(STREAMS_PER_REQUEST)
+            .zip(1u64..)
+            .map(|(chunk, id)| {
+                let frame = serde_json::json!({"method": "SUBSCRIBE", "params": chunk, "id": id});
+                (id, frame.to_string())
+            })
+            .collect()
+    }
+
+    fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        let v = simd_json::to_borrowed_value(frame).map_err(|e| ParseError::Json(e.to_string()))?;
+        if v.as_object().is_none() {
+            return Err(ParseError::NotObject);
+        }
+        let id = v.get("id").and_then(|i| i.as_u64());
+        // Request replies: `{"result":null,"id":1}` / `{"error":{"code":2,"msg":".."},"id":1}`
+        // (older docs: `{"code":2,"msg":"..","id":1}`).
+        if let Some(err) = v.get("error") {
+            let detail = match (
+                err.get("code").and_then(|c| c.as_i64()),
+                err.get("msg").and_then(|m| m.as_str()),
+            ) {
+                (Some(code), Some(msg)) => format!("request {id:?} refused: code {code}: {msg}"),
+                _ => format!("request {id:?} refused: {err}"),
+            };
+            return Ok(vec![Parsed::Refused { id, detail }]);
+        }
+        if v.contains_key("result") && v.contains_key("id") {
+            return Ok(vec![Parsed::Ack { id }]);
+        }
+        if let (Some(code), Some(msg)) = (
+            v.get("code").and_then(|c| c.as_i64()),
+            v.get("msg").and_then(|m| m.as_str()),
+        ) {
+            return Ok(vec![Parsed::Refused {
+                id,
+                detail: format!("request {id:?} refused: code {code}: {msg}"),
+            }]);
+        }
+        // Combined stream: `{"stream":"btcusdt@trade","data":{...}}`; raw stream: the payload.
+        match (v.get("stream"), v.get("data")) {
+            (Some(_), Some(data)) => self.parse_payload(data, ts_recv),
+            _ => self.parse_payload(&v, ts_recv),
+        }
+    }
+
+    fn fetch_snapshot(
+        &self,
+        http: &reqwest::Client,
+        rest_url: &str,
+        symbol: &str,
+        limit: u32,
+    ) -> SnapshotFuture {
+        let label = self.label;
+        let symbol = symbol.to_string();
+        let url = url::Url::parse(rest_url)
+            .and_then(|base| base.join("/api/v3/depth"))
+            .map(|mut u| {
+                u.query_pairs_mut()
+                    .append_pair("symbol", &wire_symbol(&symbol))
+                    .append_pair("limit", &limit.to_string());
+                u
+            });
+        let http = http.clone();
+        Box::pin(async move {
+            let url =
+                url.map_err(|e| SnapshotError::Url(format!("{rest_url_err}", rest_url_err = e)))?;
+            let resp = http.get(url).send().await?;
+            let status = resp.status();
+            let body = resp.bytes().await?;
+            let ts_recv = crate::event::now_micros();
+            if !status.is_success() {
+                let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                return Err(SnapshotError::Status {
+                    status: status.as_u16(),
+                    body,
+                });
+            }
+            parse_depth_snapshot(label, &symbol, &body, ts_recv)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Book, BookAction, Level};
+
+    const TS_RECV: u64 = 1_700_000_000_123_456;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/binance/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn parse_fixture(name: &str) -> Result<Vec<Parsed>, ParseError> {
+        let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+        adapter.parse(&mut fixture(name), TS_RECV)
+    }
+
+    fn one_event(name: &str) -> Event {
+        let mut parsed = parse_fixture(name).unwrap();
+        assert_eq!(parsed.len(), 1);
+        match parsed.remove(0) {
+            Parsed::Event(e) => e,
+            other => panic!("{name}: expected an event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn trade_from_docs() {
+        let e = one_event("trade.json");
+        assert_eq!(
+            e,
+            Event::Trade(Trade {
+                exchange: Exchange::Binance,
+                symbol: "BNB-BTC".into(),
+                ts: Some(1_672_515_782_136_000),
+                ts_recv: TS_RECV,
+                trade_id: "12345".into(),
+                price: "0.001".into(),
+                size: "100".into(),
+                // "m": true — the buyer is the maker, so the taker sold.
+                side: Some(Side::Sell),
+            })
+        );
+    }
+
+    #[test]
+    fn trade_side_buy_when_buyer_is_taker_and_combined_wrapper() {
+        let e = one_event("trade_combined.json");
+        let Event::Trade(t) = e else {
+            panic!("not a trade")
+        };
+        assert_eq!(t.side, Some(Side::Buy));
+        assert_eq!(t.symbol, "BTC-USDT");
+        assert_eq!(t.price.as_str(), "97000.01000000");
+        assert_eq!(t.size.as_str(), "0.00100000");
+        assert_eq!(t.trade_id, "4567890123");
+        // `T` (trade time), not `E` (event time).
+        assert_eq!(t.ts, Some(1_733_000_000_100_000));
+    }
+
+    #[test]
+    fn ticker_from_docs() {
+        let e = one_event("ticker.json");
+        assert_eq!(
+            e,
+            Event::Ticker(Ticker {
+                exchange: Exchange::Binance,
+                symbol: "BNB-BTC".into(),
+                ts: Some(1_672_515_782_136_000),
+                ts_recv: TS_RECV,
+                bid: Some("0.0024".into()),
+                bid_size: Some("10".into()),
+                ask: Some("0.0026".into()),
+                ask_size: Some("100".into()),
+                last: Some("0.0025".into()),
+                volume_24h: Some("10000".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn book_ticker_from_docs() {
+        let e = one_event("book_ticker.json");
+        assert_eq!(
+            e,
+            Event::Ticker(Ticker {
+                exchange: Exchange::Binance,
+                symbol: "BNB-USDT".into(),
+                ts: None,
+                ts_recv: TS_RECV,
+                bid: Some("25.35190000".into()),
+                bid_size: Some("31.21000000".into()),
+                ask: Some("25.36520000".into()),
+                ask_size: Some("40.66000000".into()),
+                last: None,
+                volume_24h: None,
+            })
+        );
+    }
+
+    #[test]
+    fn kline_from_docs() {
+        let e = one_event("kline.json");
+        assert_eq!(
+            e,
+            Event::Candle(Candle {
+                exchange: Exchange::Binance,
+                symbol: "BNB-BTC".into(),
+                ts: Some(1_672_515_782_136_000),
+                ts_recv: TS_RECV,
+                interval: "1m".into(),
+                start: 1_672_515_780_000_000,
+                open: "0.0010".into(),
+                high: "0.0025".into(),
+                low: "0.0015".into(),
+                close: "0.0020".into(),
+                volume: "1000".into(),
+                closed: false,
+            })
+        );
+    }
+
+    #[test]
+    fn depth_update_from_docs_is_a_diff_and_a_stateless_delta() {
+        let mut parsed = parse_fixture("depth_update.json").unwrap();
+        let Some(Parsed::Diff(d)) = parsed.pop() else {
+            panic!("not a diff")
+        };
+        assert_eq!(d.symbol, "BNB-BTC");
+        assert_eq!((d.first_update_id, d.last_update_id), (157, 160));
+        assert_eq!(
+            d.into_stateless_delta(),
+            Book {
+                exchange: Exchange::Binance,
+                symbol: "BNB-BTC".into(),
+                ts: Some(1_672_515_782_136_000),
+                ts_recv: TS_RECV,
+                action: BookAction::Delta,
+                bids: vec![Level("0.0024".into(), "10".into())],
+                asks: vec![Level("0.0026".into(), "100".into())],
+                seq: Some(160),
+                prev_seq: Some(156),
+            }
+        );
+    }
+
+    #[test]
+    fn control_frames_produce_no_events() {
+        assert_eq!(
+            parse_fixture("subscribe_ack.json").unwrap(),
+            vec![Parsed::Ack { id: Some(1) }]
+        );
+        let refused = parse_fixture("subscribe_error.json").unwrap();
+        let [Parsed::Refused { id, detail }] = refused.as_slice() else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(*id, Some(1));
+        assert!(detail.contains("code 2"), "{detail}");
+    }
+
+    #[test]
+    fn server_shutdown_notice_from_docs() {
+        assert_eq!(
+            parse_fixture("server_shutdown.json").unwrap(),
+            vec![Parsed::ServerShutdown]
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"{}",
+            b"",
+            b"{\"e\":\"trade\"}",
+            b"{\"e\":\"trade\",\"E\":1,\"s\":\"BTCUSDT\",\"t\":1,\"p\":1.5,\"q\":\"1\",\"T\":1,\"m\":true}",
+            b"{\"e\":\"outboundAccountPosition\"}",
+            b"{\"e\":\"depthUpdate\",\"E\":1,\"s\":\"BTCUSDT\",\"U\":9,\"u\":8,\"b\":[],\"a\":[]}",
+            b"{\"e\":\"depthUpdate\",\"E\":1,\"s\":\"BTCUSDT\",\"U\":1,\"u\":8,\"b\":[[\"1\"]],\"a\":[]}",
+            b"{\"stream\":\"x\",\"data\":[1]}",
+            b"\xff\xfe",
+        ] {
+            let mut buf = bad.to_vec();
+            assert!(adapter.parse(&mut buf, 0).is_err(), "{:?} accepted", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn configured_symbols_win_over_splitting() {
+        let adapter = BinanceAdapter::new(Exchange::Sim, &["BTC-USDT".to_string()]);
+        let mut buf = fixture("trade_combined.json");
+        let parsed = adapter.parse(&mut buf, 1).unwrap();
+        let [Parsed::Event(Event::Trade(t))] = parsed.as_slice() else {
+            panic!()
+        };
+        assert_eq!(t.exchange, Exchange::Sim);
+        assert_eq!(t.symbol, "BTC-USDT");
+    }
+
+    #[test]
+    fn symbols_split_on_longest_quote() {
+        assert_eq!(split_symbol("BTCUSDT").as_deref(), Some("BTC-USDT"));
+        assert_eq!(split_symbol("ETHBTC").as_deref(), Some("ETH-BTC"));
+        assert_eq!(split_symbol("BTCFDUSD").as_deref(), Some("BTC-FDUSD"));
+        assert_eq!(split_symbol("BNBUSDC").as_deref(), Some("BNB-USDC"));
+        assert_eq!(split_symbol("btceur").as_deref(), Some("BTC-EUR"));
+        assert_eq!(split_symbol("USDT"), None);
+        assert_eq!(split_symbol("FOOBAR"), None);
+        assert_eq!(wire_symbol("BTC-USDT"), "BTCUSDT");
+    }
+
+    #[test]
+    fn subscribe_frames_name_streams_in_lower_case() {
+        let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+        let frames = adapter.subscribe_frames(
+            &["BTC-USDT".into(), "ETH-BTC".into()],
+            &[
+                FeedChannel::Trade,
+                FeedChannel::Ticker,
+                FeedChannel::Book,
+                FeedChannel::Candle("1m".into()),
+            ],
+        );
+        assert_eq!(frames.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&frames[0].1).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"method":"SUBSCRIBE","id":1,"params":[
+                "btcusdt@trade","btcusdt@ticker","btcusdt@depth@100ms","btcusdt@kline_1m",
+                "ethbtc@trade","ethbtc@ticker","ethbtc@depth@100ms","ethbtc@kline_1m"]})
+        );
+        let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
+        let frames = adapter.subscribe_frames(&many, &[FeedChannel::Trade]);
+        assert_eq!(
+            frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn rest_snapshot_from_docs() {
+        let s = parse_depth_snapshot(
+            Exchange::Binance,
+            "LTC-BTC",
+            &fixture("depth_snapshot.json"),
+            5,
+        )
+        .unwrap();
+        assert_eq!(s.last_update_id, 1_027_024);
+        assert_eq!(
+            s.bids,
+            vec![Level("4.00000000".into(), "431.00000000".into())]
+        );
+        assert_eq!(
+            s.asks,
+            vec![Level("4.00000200".into(), "12.00000000".into())]
+        );
+        assert!(parse_depth_snapshot(Exchange::Binance, "X-Y", b"{\"code\":-1121}", 5).is_err());
+    }
+
+    #[test]
+    fn normalize_fixture_stream() {
+        let input = fixture("frames.jsonl");
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let stats =
+            crate::exchange::normalize(Exchange::Binance, &input[..], &mut out, &mut err).unwrap();
+        assert_eq!(stats.errors, 0, "{}", String::from_utf8_lossy(&err));
+        let events: Vec<serde_json::Value> = out
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["trade", "ticker", "ticker", "book", "candle"]);
+        assert_eq!(stats.events, 5);
+        assert_eq!(events[3]["seq"], 160);
+        assert_eq!(events[3]["prev_seq"], 156);
+        assert_eq!(events[3]["action"], "delta");
+        assert_eq!(events[2]["ts"], serde_json::Value::Null);
+        assert_eq!(events[2]["last"], serde_json::Value::Null);
+    }
+}
