@@ -63,7 +63,12 @@ fn patterns(c: &mut Criterion) {
 }
 
 fn book(c: &mut Criterion) {
-    let level = |p: u64, q: &str| Level(format!("{}.{:02}", 60_000 + p / 100, p % 100).into(), q.into());
+    let level = |p: u64, q: &str| {
+        Level(
+            format!("{}.{:02}", 60_000 + p / 100, p % 100).into(),
+            q.into(),
+        )
+    };
     let snapshot = Book {
         exchange: Exchange::Binance,
         symbol: "BTC-USDT".into(),

@@ -73,11 +73,13 @@ impl Listeners {
 }
 
 pub async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr).await.map_err(|cause| AppError::Bind {
-        what,
-        addr: addr.to_string(),
-        cause,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|cause| AppError::Bind {
+            what,
+            addr: addr.to_string(),
+            cause,
+        })
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -89,7 +91,12 @@ fn role_name(role: Role) -> &'static str {
 }
 
 /// Runs `role` until `shutdown` is cancelled, then shuts down in order.
-pub async fn run(role: Role, config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), AppError> {
+pub async fn run(
+    role: Role,
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let metrics = crate::metrics::install();
     let timeout = Duration::from_millis(config.redis.probe_timeout_ms.max(2_000));
     check_connection(&config.redis.url, timeout).await?;
@@ -167,7 +174,8 @@ pub async fn run(role: Role, config: Config, listeners: Listeners, shutdown: Can
 
     shutdown.cancelled().await;
     info!("shutting down");
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
     stops.feeds.cancel();
     join_all_by(feeds, deadline, "exchange feeds").await;
     join_by(pipeline, deadline, "publisher pipeline").await;
@@ -217,7 +225,11 @@ pub async fn run_demo(
         ..crate::simulator::SimConfig::default()
     };
     let sim_stop = CancellationToken::new();
-    let sim_task = tokio::spawn(crate::simulator::serve_binance(sim_listener, sim_config, sim_stop.clone()));
+    let sim_task = tokio::spawn(crate::simulator::serve_binance(
+        sim_listener,
+        sim_config,
+        sim_stop.clone(),
+    ));
 
     let mut feed = FeedConfig::new(
         Exchange::Sim,
@@ -245,12 +257,23 @@ pub async fn run_demo(
 
     let (tx, rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
     let (interest_tx, _interest_rx) = watch::channel::<Interest>(Interest::default());
-    let gateway = Gateway::new(config.bots.clone(), rx, interest_tx, None, health.register("bot_server"));
+    let gateway = Gateway::new(
+        config.bots.clone(),
+        rx,
+        interest_tx,
+        None,
+        health.register("bot_server"),
+    );
     let stats = gateway.stats();
     let gateway_task = tokio::spawn(gateway.serve(bots, stops.gateway.clone()));
 
     let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
-    let feeds = spawn_feeds(std::slice::from_ref(&feed), &events_tx, &health, &stops.feeds);
+    let feeds = spawn_feeds(
+        std::slice::from_ref(&feed),
+        &events_tx,
+        &health,
+        &stops.feeds,
+    );
     drop(events_tx);
     let pipeline = spawn_pipeline(events_rx, src, MemoryBus::new(tx));
 
@@ -283,12 +306,16 @@ pub async fn run_demo(
         }
     }
     println!("mdbridge demo: stopping");
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(config.instance.shutdown_timeout_ms);
     stops.feeds.cancel();
     join_all_by(feeds, deadline, "exchange feeds").await;
     join_by(Some(pipeline), deadline, "publisher pipeline").await;
     stops.gateway.cancel();
-    if tokio::time::timeout_at(deadline, gateway_task).await.is_err() {
+    if tokio::time::timeout_at(deadline, gateway_task)
+        .await
+        .is_err()
+    {
         warn!("bot server did not finish in time");
     }
     sim_stop.cancel();

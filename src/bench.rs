@@ -108,7 +108,13 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
                 }
             }
             let _ = ws.close(None).await;
-            (events, errors, latencies, started.elapsed().as_secs_f64(), refused)
+            (
+                events,
+                errors,
+                latencies,
+                started.elapsed().as_secs_f64(),
+                refused,
+            )
         }));
     }
     let mut report = BenchReport::default();

@@ -30,7 +30,6 @@ pub struct Config {
     pub durable: DurableConfig,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstanceConfig {
@@ -571,7 +570,9 @@ depth_limit = 0
             "feeds[0].depth_limit",
         ] {
             assert!(
-                err.problems.iter().any(|p| p.starts_with(&format!("{file}: {key}: "))),
+                err.problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("{file}: {key}: "))),
                 "{key} missing in:\n{text}"
             );
         }
@@ -599,7 +600,11 @@ depth_limit = 0
 
     #[test]
     fn missing_file_and_missing_feeds() {
-        let err = Config::load(Some(Path::new("/nonexistent/mdbridge.toml")), Role::Executor).unwrap_err();
+        let err = Config::load(
+            Some(Path::new("/nonexistent/mdbridge.toml")),
+            Role::Executor,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("file not found"));
         let f = write("");
         let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();

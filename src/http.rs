@@ -38,7 +38,11 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -46,7 +50,10 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -93,7 +100,11 @@ async fn health_redis(State(state): State<AdminState>) -> Response {
     let (ok, rtt_us, error) = match ping {
         Ok(Ok(_)) => (true, Some(started.elapsed().as_micros() as u64), None),
         Ok(Err(e)) => (false, None, Some(e.to_string())),
-        Err(_) => (false, None, Some("no answer to PING within 2 s".to_string())),
+        Err(_) => (
+            false,
+            None,
+            Some("no answer to PING within 2 s".to_string()),
+        ),
     };
     let healthy = ok && components.values().all(|c| c["healthy"] == true);
     let code = if healthy {

@@ -57,7 +57,11 @@ struct BenchArgs {
     #[arg(long, default_value = "ws://127.0.0.1:8765")]
     url: String,
     /// Comma-separated channel patterns to subscribe to.
-    #[arg(long, default_value = "trade:*:*,book:*:*,ticker:*:*", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "trade:*:*,book:*:*,ticker:*:*",
+        value_delimiter = ','
+    )]
     channels: Vec<String>,
     /// Seconds to measure.
     #[arg(long, default_value_t = 10)]
@@ -293,13 +297,14 @@ fn normalize(args: NormalizeArgs) -> ExitCode {
 /// SIGINT or SIGTERM cancel `shutdown`; a second signal exits at once.
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(cause = %e, "cannot install the SIGTERM handler");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(cause = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

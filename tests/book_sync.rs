@@ -26,7 +26,12 @@ impl BotBook {
                 .as_array()
                 .expect("levels")
                 .iter()
-                .map(|l| (l[0].as_str().expect("price").to_string(), l[1].as_str().expect("size").to_string()))
+                .map(|l| {
+                    (
+                        l[0].as_str().expect("price").to_string(),
+                        l[1].as_str().expect("size").to_string(),
+                    )
+                })
                 .collect()
         };
         let seq = v["seq"].as_u64().expect("book seq");
@@ -35,15 +40,25 @@ impl BotBook {
                 let bids = side(v, "bids");
                 let asks = side(v, "asks");
                 let px = |l: &(String, String)| l.0.parse::<f64>().expect("price");
-                assert!(bids.windows(2).all(|w| px(&w[0]) > px(&w[1])), "snapshot bids best first");
-                assert!(asks.windows(2).all(|w| px(&w[0]) < px(&w[1])), "snapshot asks best first");
+                assert!(
+                    bids.windows(2).all(|w| px(&w[0]) > px(&w[1])),
+                    "snapshot bids best first"
+                );
+                assert!(
+                    asks.windows(2).all(|w| px(&w[0]) < px(&w[1])),
+                    "snapshot asks best first"
+                );
                 self.bids = bids.into_iter().collect();
                 self.asks = asks.into_iter().collect();
                 self.snapshots += 1;
             }
             Some("delta") => {
                 let prev = v["prev_seq"].as_u64().expect("prev_seq");
-                assert_eq!(Some(prev), self.seq, "delta must chain onto the previous book message: {v}");
+                assert_eq!(
+                    Some(prev),
+                    self.seq,
+                    "delta must chain onto the previous book message: {v}"
+                );
                 for (book, key) in [(&mut self.bids, "bids"), (&mut self.asks, "asks")] {
                     for (p, q) in side(v, key) {
                         if q.trim_matches(|c| c == '0' || c == '.').is_empty() {
@@ -65,7 +80,12 @@ fn levels(v: &Value) -> HashMap<String, String> {
     v.as_array()
         .expect("levels")
         .iter()
-        .map(|l| (l[0].as_str().expect("p").to_string(), l[1].as_str().expect("q").to_string()))
+        .map(|l| {
+            (
+                l[0].as_str().expect("p").to_string(),
+                l[1].as_str().expect("q").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -78,7 +98,10 @@ async fn assert_books_equal(bot: &mut Bot, book: &mut BotBook, sim: &Proc) {
     while book.seq != Some(target) {
         let (v, _) = bot.until(WAIT, |v| v["type"] == "book").await;
         book.apply(&v);
-        assert!(book.seq <= Some(target), "bot's book went past the paused simulator");
+        assert!(
+            book.seq <= Some(target),
+            "bot's book went past the paused simulator"
+        );
     }
     assert_eq!(book.bids, levels(&truth["bids"]), "bids differ");
     assert_eq!(book.asks, levels(&truth["asks"]), "asks differ");
@@ -91,13 +114,24 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
     let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT"]).await;
     let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["book"]);
     let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role("publisher", &role_config(&redis.url(), ph, pb, &feed), ph, None);
-    let mut executor = Proc::role("executor", &role_config(&redis.url(), eh, eb, ""), eh, Some(eb));
+    let mut publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
     publisher.wait_healthy().await;
     executor.wait_healthy().await;
 
     let mut bot = Bot::connect(&executor.bots_url()).await;
-    bot.subscribe(&["book:binance:BTC-USDT", "status:binance"]).await;
+    bot.subscribe(&["book:binance:BTC-USDT", "status:binance"])
+        .await;
     let mut book = BotBook::default();
     // The first book message a subscriber sees is a snapshot.
     let (first, _) = bot.until(WAIT, |v| v["type"] == "book").await;
@@ -118,15 +152,25 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
         book.apply(v);
     }
     assert_eq!(status["exchange"], "binance");
-    let (snap, skipped) = bot.until(WAIT, |v| v["type"] == "book" && v["action"] == "snapshot").await;
-    assert!(skipped.iter().all(|v| v["type"] != "book"), "no delta between resync and snapshot: {skipped:?}");
+    let (snap, skipped) = bot
+        .until(WAIT, |v| v["type"] == "book" && v["action"] == "snapshot")
+        .await;
+    assert!(
+        skipped.iter().all(|v| v["type"] != "book"),
+        "no delta between resync and snapshot: {skipped:?}"
+    );
     book.apply(&snap);
     for _ in 0..30 {
         let (v, _) = bot.until(WAIT, |v| v["type"] == "book").await;
         book.apply(&v);
     }
     assert_books_equal(&mut bot, &mut book, &sim).await;
-    assert!(publisher.metric(r#"mdbridge_book_resyncs_total{exchange="binance",side="exchange"}"#).await >= 1.0);
+    assert!(
+        publisher
+            .metric(r#"mdbridge_book_resyncs_total{exchange="binance",side="exchange"}"#)
+            .await
+            >= 1.0
+    );
 
     // A bot joining now gets a snapshot it can chain the live deltas onto.
     let mut late = Bot::connect(&executor.bots_url()).await;
@@ -150,10 +194,16 @@ async fn late_snapshot_and_dropped_exchange_connection_still_give_an_exact_book(
     sim.post("/_sim/snapshot_delay?ms=700").await;
     let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["book"]);
     let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role("hybrid", &role_config(&redis.url(), h, b, &feed), h, Some(b));
+    let mut hybrid = Proc::role(
+        "hybrid",
+        &role_config(&redis.url(), h, b, &feed),
+        h,
+        Some(b),
+    );
     hybrid.wait_healthy().await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
-    bot.subscribe(&["book:binance:BTC-USDT", "status:binance"]).await;
+    bot.subscribe(&["book:binance:BTC-USDT", "status:binance"])
+        .await;
     let mut book = BotBook::default();
     let (first, _) = bot.until(WAIT, |v| v["type"] == "book").await;
     book.apply(&first);
@@ -167,7 +217,9 @@ async fn late_snapshot_and_dropped_exchange_connection_still_give_an_exact_book(
     for v in skipped.iter().filter(|v| v["type"] == "book") {
         book.apply(v);
     }
-    let (snap, _) = bot.until(WAIT, |v| v["type"] == "book" && v["action"] == "snapshot").await;
+    let (snap, _) = bot
+        .until(WAIT, |v| v["type"] == "book" && v["action"] == "snapshot")
+        .await;
     book.apply(&snap);
     assert_books_equal(&mut bot, &mut book, &sim).await;
     assert!(hybrid.metric(r#"mdbridge_exchange_reconnects_total"#).await >= 1.0);

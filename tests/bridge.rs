@@ -11,23 +11,35 @@ use serde_json::{json, Value};
 
 /// Waits until some client of `redis` is subscribed to `channel` (exact) or to any pattern.
 async fn wait_subscribed(redis: &RedisServer, channel: &str) {
-    wait_until(&format!("a Redis subscriber on {channel}"), WAIT, || async {
-        let mut c = redis.conn();
-        let (_, n): (String, u64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(channel)
-            .query::<Vec<(String, u64)>>(&mut c)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .unwrap_or_default();
-        let pats: u64 = redis::cmd("PUBSUB").arg("NUMPAT").query(&mut c).unwrap_or(0);
-        n > 0 || pats > 0
-    })
+    wait_until(
+        &format!("a Redis subscriber on {channel}"),
+        WAIT,
+        || async {
+            let mut c = redis.conn();
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query::<Vec<(String, u64)>>(&mut c)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+                .unwrap_or_default();
+            let pats: u64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut c)
+                .unwrap_or(0);
+            n > 0 || pats > 0
+        },
+    )
     .await;
 }
 
 fn without_ts_recv(mut v: Value) -> Value {
-    assert!(v["ts_recv"].as_u64().is_some_and(|t| t > 1_600_000_000_000_000), "ts_recv µs: {v}");
+    assert!(
+        v["ts_recv"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000_000_000),
+        "ts_recv µs: {v}"
+    );
     v.as_object_mut().expect("object").remove("ts_recv");
     v
 }
@@ -45,11 +57,24 @@ async fn scripted_bridge(symbols: &[&str], channels: &[&str]) -> Bridge {
     let exchange = ScriptedExchange::start().await;
     let feed = sim_feed(exchange.port(), "binance", symbols, channels);
     let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role("publisher", &role_config(&redis.url(), ph, pb, &feed), ph, None);
-    let mut executor = Proc::role("executor", &role_config(&redis.url(), eh, eb, ""), eh, Some(eb));
+    let mut publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
     executor.wait_healthy().await;
     publisher.wait_healthy().await;
-    wait_until("publisher subscribed to the exchange", WAIT, || async { exchange.subscribed_clients() > 0 }).await;
+    wait_until("publisher subscribed to the exchange", WAIT, || async {
+        exchange.subscribed_clients() > 0
+    })
+    .await;
     Bridge {
         redis,
         exchange,
@@ -66,7 +91,10 @@ const TICKER: &str = r#"{"stream":"bnbbtc@ticker","data":{"e":"24hrTicker","E":1
 async fn publisher_to_executor_to_bot_exact_events_and_routing() {
     let b = scripted_bridge(&["BNB-BTC"], &["trade", "ticker"]).await;
     let sent = b.exchange.received().join("\n");
-    assert!(sent.contains("bnbbtc@trade") && sent.contains("bnbbtc@ticker"), "subscribe frames: {sent}");
+    assert!(
+        sent.contains("bnbbtc@trade") && sent.contains("bnbbtc@ticker"),
+        "subscribe frames: {sent}"
+    );
 
     let mut trades = Bot::connect(&b.executor.bots_url()).await;
     trades.subscribe(&["trade:*:BNB-BTC"]).await;
@@ -76,7 +104,12 @@ async fn publisher_to_executor_to_bot_exact_events_and_routing() {
 
     // A second executor on the same Redis sees the same events.
     let (eh, eb) = (free_port(), free_port());
-    let mut second = Proc::role("executor", &role_config(&b.redis.url(), eh, eb, ""), eh, Some(eb));
+    let mut second = Proc::role(
+        "executor",
+        &role_config(&b.redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
     second.wait_healthy().await;
     let mut other = Bot::connect(&second.bots_url()).await;
     other.subscribe(&["trade:binance:BNB-BTC"]).await;
@@ -103,10 +136,16 @@ async fn publisher_to_executor_to_bot_exact_events_and_routing() {
         "bid":"0.0024","bid_size":"10","ask":"0.0026","ask_size":"100","last":"0.0025","volume_24h":"10000"
     });
     let (t, skipped) = trades.until(WAIT, |v| v["type"] == "trade").await;
-    assert!(skipped.iter().all(|v| v["type"] != "ticker"), "ticker leaked to a trade bot: {skipped:?}");
+    assert!(
+        skipped.iter().all(|v| v["type"] != "ticker"),
+        "ticker leaked to a trade bot: {skipped:?}"
+    );
     assert_eq!(without_ts_recv(t), expected_trade);
     let (k, skipped) = tickers.until(WAIT, |v| v["type"] == "ticker").await;
-    assert!(skipped.iter().all(|v| v["type"] != "trade"), "trade leaked: {skipped:?}");
+    assert!(
+        skipped.iter().all(|v| v["type"] != "trade"),
+        "trade leaked: {skipped:?}"
+    );
     assert_eq!(without_ts_recv(k), expected_ticker);
     let (t2, _) = other.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(without_ts_recv(t2), expected_trade);
@@ -122,7 +161,12 @@ async fn publisher_to_executor_to_bot_exact_events_and_routing() {
     let (k2, _) = late.until(WAIT, |v| v["type"] == "ticker").await;
     assert_eq!(without_ts_recv(k2), expected_ticker);
 
-    assert!(b.publisher.metric("mdbridge_envelopes_published_total").await >= 2.0);
+    assert!(
+        b.publisher
+            .metric("mdbridge_envelopes_published_total")
+            .await
+            >= 2.0
+    );
     assert!(
         b.publisher
             .metric(r#"mdbridge_exchange_events_total{exchange="binance",type="trade"}"#)
@@ -139,17 +183,31 @@ async fn malformed_frames_and_envelopes_are_counted_and_skipped() {
     wait_subscribed(&b.redis, "md:trade:binance:BNB-BTC").await;
 
     // Garbage from the exchange, then a valid trade.
-    b.exchange.send(r#"{"stream":"bnbbtc@trade","data":{"e":"trade","s":"#);
+    b.exchange
+        .send(r#"{"stream":"bnbbtc@trade","data":{"e":"trade","s":"#);
     b.exchange.send("not json at all");
     // Garbage on Redis, then the valid trade through the publisher.
     let mut c = b.redis.conn();
-    for bad in ["{", r#"{"src":"nope","seq":1,"ts_pub":1,"event":{}}"#, r#"{"seq":1}"#] {
-        let _: i64 = redis::cmd("PUBLISH").arg("md:trade:binance:BNB-BTC").arg(bad).query(&mut c).expect("publish");
+    for bad in [
+        "{",
+        r#"{"src":"nope","seq":1,"ts_pub":1,"event":{}}"#,
+        r#"{"seq":1}"#,
+    ] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("md:trade:binance:BNB-BTC")
+            .arg(bad)
+            .query(&mut c)
+            .expect("publish");
     }
     b.exchange.send(TRADE);
     let (t, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(t["trade_id"], "12345");
-    assert!(b.publisher.metric("mdbridge_exchange_frames_invalid_total").await >= 2.0);
+    assert!(
+        b.publisher
+            .metric("mdbridge_exchange_frames_invalid_total")
+            .await
+            >= 2.0
+    );
     assert!(b.executor.metric("mdbridge_envelopes_invalid_total").await >= 3.0);
 }
 
@@ -160,9 +218,16 @@ async fn contiguous_trades(bot: &mut Bot, n: usize) -> (u64, u64) {
     let mut got = 0;
     while got < n {
         let (t, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
-        let id: u64 = t["trade_id"].as_str().and_then(|s| s.parse().ok()).expect("numeric trade id");
+        let id: u64 = t["trade_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("numeric trade id");
         if let Some(_f) = first {
-            assert_eq!(id, last + 1, "trade ids must be contiguous: {last} then {id}");
+            assert_eq!(
+                id,
+                last + 1,
+                "trade ids must be contiguous: {last} then {id}"
+            );
         } else {
             first = Some(id);
         }
@@ -176,19 +241,40 @@ async fn contiguous_trades(bot: &mut Bot, n: usize) -> (u64, u64) {
 async fn hybrid_delivers_each_event_exactly_once() {
     let redis = RedisServer::start();
     let sim = Proc::simulator(&["--rate", "200", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["trade"]);
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade"],
+    );
     let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role("hybrid", &role_config(&redis.url(), h, b, &feed), h, Some(b));
+    let mut hybrid = Proc::role(
+        "hybrid",
+        &role_config(&redis.url(), h, b, &feed),
+        h,
+        Some(b),
+    );
     hybrid.wait_healthy().await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
-    bot.subscribe(&["trade:binance:BTC-USDT", "trade:*:BTC-USDT"]).await;
+    bot.subscribe(&["trade:binance:BTC-USDT", "trade:*:BTC-USDT"])
+        .await;
     contiguous_trades(&mut bot, 300).await;
     // Its own echoes came back from Redis and were dropped by src.
-    assert!(hybrid.metric("mdbridge_envelopes_self_filtered_total").await >= 1.0);
+    assert!(
+        hybrid
+            .metric("mdbridge_envelopes_self_filtered_total")
+            .await
+            >= 1.0
+    );
 
     // An executor on the same Redis sees the hybrid's events too.
     let (eh, eb) = (free_port(), free_port());
-    let mut executor = Proc::role("executor", &role_config(&redis.url(), eh, eb, ""), eh, Some(eb));
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
     executor.wait_healthy().await;
     let mut remote = Bot::connect(&executor.bots_url()).await;
     remote.subscribe(&["trade:binance:BTC-USDT"]).await;
@@ -199,10 +285,25 @@ async fn hybrid_delivers_each_event_exactly_once() {
 async fn redis_restart_mid_stream_both_roles_recover() {
     let mut redis = RedisServer::start();
     let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["trade", "book"]);
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade", "book"],
+    );
     let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role("publisher", &role_config(&redis.url(), ph, pb, &feed), ph, None);
-    let mut executor = Proc::role("executor", &role_config(&redis.url(), eh, eb, ""), eh, Some(eb));
+    let mut publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
     publisher.wait_healthy().await;
     executor.wait_healthy().await;
     let mut bot = Bot::connect(&executor.bots_url()).await;
@@ -214,16 +315,37 @@ async fn redis_restart_mid_stream_both_roles_recover() {
     // Delivery resumes by itself: a trade newer than anything seen before the restart.
     loop {
         let (t, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
-        if t["trade_id"].as_str().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) > before + 50 {
+        if t["trade_id"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            > before + 50
+        {
             break;
         }
     }
     contiguous_trades(&mut bot, 20).await;
-    assert!(executor.metric(r#"mdbridge_redis_reconnects_total{role="subscribe"}"#).await >= 1.0);
-    assert!(publisher.metric(r#"mdbridge_redis_reconnects_total{role="publish"}"#).await >= 1.0);
+    assert!(
+        executor
+            .metric(r#"mdbridge_redis_reconnects_total{role="subscribe"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(
+        publisher
+            .metric(r#"mdbridge_redis_reconnects_total{role="publish"}"#)
+            .await
+            >= 1.0
+    );
     assert!(executor.metric("mdbridge_envelopes_lost_total").await >= 1.0);
-    assert!(publisher.child.try_wait().expect("status").is_none(), "publisher must not restart");
-    assert!(executor.child.try_wait().expect("status").is_none(), "executor must not restart");
+    assert!(
+        publisher.child.try_wait().expect("status").is_none(),
+        "publisher must not restart"
+    );
+    assert!(
+        executor.child.try_wait().expect("status").is_none(),
+        "executor must not restart"
+    );
     publisher.wait_healthy().await;
     executor.wait_healthy().await;
 }
@@ -232,20 +354,31 @@ async fn redis_restart_mid_stream_both_roles_recover() {
 async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
     let redis = RedisServer::start();
     let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["trade", "book"]);
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade", "book"],
+    );
     let (h, b) = (free_port(), free_port());
     let extra = format!("{feed}\n");
-    let config = role_config(&redis.url(), h, b, "")
-        .replace("[bots]\n", "[bots]\nqueue_size = 8\nslow_client = \"disconnect\"\n")
-        + &extra;
+    let config = role_config(&redis.url(), h, b, "").replace(
+        "[bots]\n",
+        "[bots]\nqueue_size = 8\nslow_client = \"disconnect\"\n",
+    ) + &extra;
     let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
     hybrid.wait_healthy().await;
 
     // The slow bot asks for everything, with a tiny receive buffer, and never reads.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(2048).expect("rcvbuf");
-    let stream = socket.connect(format!("127.0.0.1:{b}").parse().expect("addr")).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream).await.expect("ws");
+    let stream = socket
+        .connect(format!("127.0.0.1:{b}").parse().expect("addr"))
+        .await
+        .expect("connect");
+    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream)
+        .await
+        .expect("ws");
     {
         use futures_util::SinkExt;
         slow.send(tokio_tungstenite::tungstenite::Message::text(
@@ -258,7 +391,10 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
     fast.subscribe(&["trade:binance:BTC-USDT"]).await;
     contiguous_trades(&mut fast, 400).await;
     wait_until("the slow bot is disconnected", WAIT, || async {
-        hybrid.metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#).await >= 1.0
+        hybrid
+            .metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#)
+            .await
+            >= 1.0
     })
     .await;
     contiguous_trades(&mut fast, 100).await;
@@ -269,17 +405,28 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
 async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
     let redis = RedisServer::start();
     let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["trade", "book"]);
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade", "book"],
+    );
     let (h, b) = (free_port(), free_port());
-    let config = role_config(&redis.url(), h, b, "")
-        .replace("[bots]\n", "[bots]\nqueue_size = 8\nslow_client = \"drop_oldest\"\n")
-        + &feed;
+    let config = role_config(&redis.url(), h, b, "").replace(
+        "[bots]\n",
+        "[bots]\nqueue_size = 8\nslow_client = \"drop_oldest\"\n",
+    ) + &feed;
     let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
     hybrid.wait_healthy().await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(2048).expect("rcvbuf");
-    let stream = socket.connect(format!("127.0.0.1:{b}").parse().expect("addr")).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream).await.expect("ws");
+    let stream = socket
+        .connect(format!("127.0.0.1:{b}").parse().expect("addr"))
+        .await
+        .expect("connect");
+    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream)
+        .await
+        .expect("ws");
     {
         use futures_util::SinkExt;
         slow.send(tokio_tungstenite::tungstenite::Message::text(
@@ -295,7 +442,12 @@ async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
         hybrid.metric("mdbridge_bot_frames_dropped_total").await >= 1.0
     })
     .await;
-    assert_eq!(hybrid.metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#).await, 0.0);
+    assert_eq!(
+        hybrid
+            .metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#)
+            .await,
+        0.0
+    );
     assert_eq!(hybrid.metric("mdbridge_bot_clients").await, 2.0);
     drop(slow);
 }
@@ -311,11 +463,26 @@ async fn bad_bot_requests_get_error_codes_and_the_connection_survives() {
         ("{not json", "bad_json"),
         (r#"{"op":"dance","req":1}"#, "unknown_op"),
         (r#"{"channels":["trade:binance:BTC-USDT"]}"#, "bad_request"),
-        (r#"{"op":"subscribe","channels":"trade:binance:BTC-USDT"}"#, "bad_request"),
-        (r#"{"op":"subscribe","channels":["trade:nasdaq:BTC-USDT"],"req":2}"#, "bad_channel"),
-        (r#"{"op":"subscribe","channels":["trade:binance:btcusdt"]}"#, "bad_channel"),
-        (r#"{"op":"subscribe","channels":["trade:bin*:BTC-USDT"]}"#, "bad_channel"),
-        (r#"{"op":"unsubscribe","channels":["trade:binance:BTC-USDT"]}"#, "not_subscribed"),
+        (
+            r#"{"op":"subscribe","channels":"trade:binance:BTC-USDT"}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"op":"subscribe","channels":["trade:nasdaq:BTC-USDT"],"req":2}"#,
+            "bad_channel",
+        ),
+        (
+            r#"{"op":"subscribe","channels":["trade:binance:btcusdt"]}"#,
+            "bad_channel",
+        ),
+        (
+            r#"{"op":"subscribe","channels":["trade:bin*:BTC-USDT"]}"#,
+            "bad_channel",
+        ),
+        (
+            r#"{"op":"unsubscribe","channels":["trade:binance:BTC-USDT"]}"#,
+            "not_subscribed",
+        ),
         ("[1,2,3]", "bad_request"),
     ];
     for (frame, code) in &cases {
@@ -325,10 +492,14 @@ async fn bad_bot_requests_get_error_codes_and_the_connection_survives() {
         assert_eq!(reply["code"], *code, "{frame} -> {reply}");
         assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    bot.send_text(r#"{"op":"subscribe","channels":["trade:nasdaq:BTC-USDT"],"req":2}"#).await;
+    bot.send_text(r#"{"op":"subscribe","channels":["trade:nasdaq:BTC-USDT"],"req":2}"#)
+        .await;
     assert_eq!(bot.next(WAIT).await.expect("reply")["req"], 2);
     bot.send(json!({"op":"ping","req":"abc"})).await;
-    assert_eq!(bot.next(WAIT).await.expect("pong"), json!({"type":"pong","req":"abc"}));
+    assert_eq!(
+        bot.next(WAIT).await.expect("pong"),
+        json!({"type":"pong","req":"abc"})
+    );
     let reply = bot.subscribe(&["trade:binance:BTC-USDT"]).await;
     assert_eq!(reply["channels"], json!(["trade:binance:BTC-USDT"]));
     assert!(executor.metric("mdbridge_bot_requests_refused_total").await >= cases.len() as f64);
@@ -339,9 +510,19 @@ async fn bad_bot_requests_get_error_codes_and_the_connection_survives() {
 async fn unsubscribe_stops_delivery() {
     let redis = RedisServer::start();
     let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT,ETH-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT", "ETH-USDT"], &["trade"]);
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT", "ETH-USDT"],
+        &["trade"],
+    );
     let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role("hybrid", &role_config(&redis.url(), h, b, &feed), h, Some(b));
+    let mut hybrid = Proc::role(
+        "hybrid",
+        &role_config(&redis.url(), h, b, &feed),
+        h,
+        Some(b),
+    );
     hybrid.wait_healthy().await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:binance:*"]).await;
@@ -350,9 +531,13 @@ async fn unsubscribe_stops_delivery() {
         let (t, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
         symbols.insert(t["symbol"].as_str().unwrap_or_default().to_string());
     }
-    bot.send(json!({"op":"unsubscribe","channels":["trade:binance:*"],"req":5})).await;
+    bot.send(json!({"op":"unsubscribe","channels":["trade:binance:*"],"req":5}))
+        .await;
     let (reply, _) = bot.until(WAIT, |v| v["type"] == "unsubscribed").await;
-    assert_eq!(reply, json!({"type":"unsubscribed","channels":["trade:binance:*"],"req":5}));
+    assert_eq!(
+        reply,
+        json!({"type":"unsubscribed","channels":["trade:binance:*"],"req":5})
+    );
     bot.subscribe(&["trade:binance:ETH-USDT"]).await;
     for _ in 0..50 {
         let (t, _) = bot.until(WAIT, |v| v["type"] == "trade").await;

@@ -14,16 +14,31 @@ use tokio_tungstenite::tungstenite::Message;
 fn bad_config_exits_2_naming_file_key_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[bots]\nqueue_size = 0\nslow_client = \"disconnect\"\nlisten = \"nowhere\"\n").expect("write");
-    let out = Command::new(bin()).args(["executor", "--config"]).arg(&path).output().expect("run");
+    std::fs::write(
+        &path,
+        "[bots]\nqueue_size = 0\nslow_client = \"disconnect\"\nlisten = \"nowhere\"\n",
+    )
+    .expect("write");
+    let out = Command::new(bin())
+        .args(["executor", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
-    assert!(err.contains(&format!("{file}: bots.queue_size: must be at least 1")), "{err}");
+    assert!(
+        err.contains(&format!("{file}: bots.queue_size: must be at least 1")),
+        "{err}"
+    );
     assert!(err.contains(&format!("{file}: bots.listen: ")), "{err}");
 
     std::fs::write(&path, "[bots]\nqueue_sise = 5\n").expect("write");
-    let out = Command::new(bin()).args(["executor", "--config"]).arg(&path).output().expect("run");
+    let out = Command::new(bin())
+        .args(["executor", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("queue_sise"));
 
@@ -44,7 +59,10 @@ fn bad_config_exits_2_naming_file_key_and_reason() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MDBRIDGE_BOTS_QUEUE_SIZE") && err.contains("bots.queue_size"), "{err}");
+    assert!(
+        err.contains("MDBRIDGE_BOTS_QUEUE_SIZE") && err.contains("bots.queue_size"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -65,7 +83,10 @@ fn unreachable_redis_is_one_clear_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains(&format!("cannot reach Redis at redis://127.0.0.1:{port}/0")), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach Redis at redis://127.0.0.1:{port}/0")),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
 }
 
@@ -87,11 +108,19 @@ fn normalize_reads_raw_frames_and_reports_bad_lines() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert_eq!(events.len(), 2, "{stdout}");
     assert_eq!(events[0]["type"], "trade");
     assert_eq!(events[0]["price"], "0.001");
@@ -135,7 +164,13 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
     let child = Command::new(bin())
-        .args(["demo", "--listen", &format!("127.0.0.1:{bots}"), "--http", &format!("127.0.0.1:{http}")])
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{bots}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
         .args(["--summary-secs", "1"])
         .stdout(Stdio::piped())
         .stderr(log)
@@ -164,17 +199,27 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     }
     demo.wait_healthy().await;
     let mut bot = Bot::connect(&demo.bots_url()).await;
-    bot.subscribe(&["trade:sim:BTC-USDT", "book:sim:BTC-USDT", "ticker:sim:*"]).await;
+    bot.subscribe(&["trade:sim:BTC-USDT", "book:sim:BTC-USDT", "ticker:sim:*"])
+        .await;
     let (trade, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(trade["exchange"], "sim");
     assert_eq!(trade["symbol"], "BTC-USDT");
     let (book, _) = bot.until(WAIT, |v| v["type"] == "book").await;
     assert_eq!(book["action"], "snapshot");
     let text = || printed.lock().map(|p| p.clone()).unwrap_or_default();
-    wait_until("a summary line", WAIT, || async { text().contains("[demo] clients") }).await;
+    wait_until("a summary line", WAIT, || async {
+        text().contains("[demo] clients")
+    })
+    .await;
     demo.sigterm();
     assert_eq!(demo.wait_exit().await, Some(0));
     let stdout = text();
-    assert!(stdout.contains(&format!("ws://127.0.0.1:{bots}")), "{stdout}");
-    assert!(stdout.contains("[demo] clients"), "summary line missing: {stdout}");
+    assert!(
+        stdout.contains(&format!("ws://127.0.0.1:{bots}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[demo] clients"),
+        "summary line missing: {stdout}"
+    );
 }

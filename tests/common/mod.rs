@@ -50,7 +50,11 @@ fn find_redis_server() -> PathBuf {
         return PathBuf::from(p);
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("redis-server"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.extend(["/usr/bin/redis-server", "/usr/local/bin/redis-server"].map(PathBuf::from));
     candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
@@ -83,7 +87,16 @@ impl RedisServer {
     fn spawn(&mut self) {
         let bin = find_redis_server();
         let child = Command::new(&bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -183,7 +196,13 @@ impl Proc {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let child = Command::new(bin())
-            .args(["simulate", "--exchange", "binance", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "simulate",
+                "--exchange",
+                "binance",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -197,7 +216,10 @@ impl Proc {
             name: "simulate".into(),
         };
         let url = format!("http://127.0.0.1:{port}/api/v3/ping");
-        wait_until("simulator up", WAIT, || async { reqwest::get(&url).await.is_ok() }).await;
+        wait_until("simulator up", WAIT, || async {
+            reqwest::get(&url).await.is_ok()
+        })
+        .await;
         p
     }
 
@@ -206,7 +228,10 @@ impl Proc {
     }
 
     pub fn http_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http.expect("no http port"))
+        format!(
+            "http://127.0.0.1:{}{path}",
+            self.http.expect("no http port")
+        )
     }
 
     pub fn bots_url(&self) -> String {
@@ -219,7 +244,11 @@ impl Proc {
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status} before becoming healthy:\n{}", self.name, self.log());
+                panic!(
+                    "{} exited with {status} before becoming healthy:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             if let Ok(r) = reqwest::get(&url).await {
                 if r.status().is_success() {
@@ -231,7 +260,11 @@ impl Proc {
                     Ok(r) => r.text().await.unwrap_or_default(),
                     Err(e) => e.to_string(),
                 };
-                panic!("{} not healthy after {WAIT:?}: {body}\n{}", self.name, self.log());
+                panic!(
+                    "{} not healthy after {WAIT:?}: {body}\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -309,7 +342,9 @@ pub fn metric_in(text: &str, sample: &str) -> f64 {
         if line.starts_with('#') {
             continue;
         }
-        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (kname, klabels) = match key.split_once('{') {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (key, ""),
@@ -353,7 +388,12 @@ listen = "127.0.0.1:{bots}"
 
 /// A feed section pointing at a local Binance-format server.
 pub fn sim_feed(port: u16, exchange: &str, symbols: &[&str], channels: &[&str]) -> String {
-    let list = |v: &[&str]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         r#"
 [[feeds]]
@@ -380,16 +420,24 @@ pub struct Bot {
 
 impl Bot {
     pub async fn connect(url: &str) -> Bot {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("bot connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("bot connect");
         Bot { ws }
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("bot send");
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("bot send");
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text.to_string())).await.expect("bot send");
+        self.ws
+            .send(Message::text(text.to_string()))
+            .await
+            .expect("bot send");
     }
 
     /// The next JSON text frame (pings are answered by tungstenite); None on close.
@@ -404,7 +452,9 @@ impl Bot {
                 Ok(Some(Ok(m))) => m,
             };
             match msg {
-                Message::Text(t) => return Some(serde_json::from_str(t.as_str()).expect("server sent JSON")),
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("server sent JSON"))
+                }
                 Message::Close(_) => return None,
                 _ => continue,
             }
@@ -412,7 +462,11 @@ impl Bot {
     }
 
     /// Reads frames until one satisfies `pred`; returns it and everything skipped before it.
-    pub async fn until(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (Value, Vec<Value>) {
         let deadline = Instant::now() + timeout;
         let mut skipped = Vec::new();
         loop {
@@ -426,7 +480,8 @@ impl Bot {
     }
 
     pub async fn subscribe(&mut self, channels: &[&str]) -> Value {
-        self.send(serde_json::json!({"op":"subscribe","channels":channels,"req":"sub"})).await;
+        self.send(serde_json::json!({"op":"subscribe","channels":channels,"req":"sub"}))
+            .await;
         let (reply, _) = self
             .until(WAIT, |v| v["type"] == "subscribed" || v["type"] == "error")
             .await;
@@ -437,5 +492,7 @@ impl Bot {
 
 /// Returns the path of a file in `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
