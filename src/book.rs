@@ -168,7 +168,13 @@ mod tests {
         Level(p.into(), s.into())
     }
 
-    fn book(action: BookAction, bids: Vec<Level>, asks: Vec<Level>, seq: u64, prev: Option<u64>) -> Book {
+    fn book(
+        action: BookAction,
+        bids: Vec<Level>,
+        asks: Vec<Level>,
+        seq: u64,
+        prev: Option<u64>,
+    ) -> Book {
         Book {
             exchange: Exchange::Binance,
             symbol: "BTC-USDT".into(),
@@ -209,7 +215,13 @@ mod tests {
         let asks: Vec<_> = b.asks().map(|l| l.0.as_str()).collect();
         assert_eq!(asks, ["101.00", "101.5"]);
 
-        let d = book(BookAction::Delta, vec![lv("100.0", "0.00000000")], vec![lv("100.5", "7")], 12, Some(10));
+        let d = book(
+            BookAction::Delta,
+            vec![lv("100.0", "0.00000000")],
+            vec![lv("100.5", "7")],
+            12,
+            Some(10),
+        );
         b.apply(&d).unwrap();
         assert_eq!(b.seq(), Some(12));
         let s = b.to_snapshot(&d);
@@ -219,7 +231,11 @@ mod tests {
 
         let gap = book(BookAction::Delta, vec![], vec![], 20, Some(15));
         assert!(matches!(b.apply(&gap), Err(BookError::Gap { .. })));
-        assert_eq!(b.seq(), Some(12), "a refused delta leaves the book as it was");
+        assert_eq!(
+            b.seq(),
+            Some(12),
+            "a refused delta leaves the book as it was"
+        );
     }
 
     #[test]

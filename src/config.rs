@@ -380,11 +380,17 @@ impl Config {
             Some(_) => {}
             None => bad(
                 "redis.url",
-                format!("`{}` is not a Redis URL (expected redis://host:port/db)", self.redis.url),
+                format!(
+                    "`{}` is not a Redis URL (expected redis://host:port/db)",
+                    self.redis.url
+                ),
             ),
         }
         if self.redis.key_prefix.contains(['*', '?', '[', ']', ' ']) {
-            bad("redis.key_prefix", "must not contain glob characters or spaces".into());
+            bad(
+                "redis.key_prefix",
+                "must not contain glob characters or spaces".into(),
+            );
         }
         for (key, v) in [
             ("redis.publish_queue_size", self.redis.publish_queue_size),
@@ -401,7 +407,10 @@ impl Config {
             ("redis.probe_interval_ms", self.redis.probe_interval_ms),
             ("redis.probe_timeout_ms", self.redis.probe_timeout_ms),
             ("redis.reconnect_min_ms", self.redis.reconnect_min_ms),
-            ("redis.snapshot_interval_ms", self.redis.snapshot_interval_ms),
+            (
+                "redis.snapshot_interval_ms",
+                self.redis.snapshot_interval_ms,
+            ),
             ("bots.ping_interval_ms", self.bots.ping_interval_ms),
         ] {
             if v == 0 {
@@ -409,13 +418,28 @@ impl Config {
             }
         }
         if self.redis.reconnect_max_ms < self.redis.reconnect_min_ms {
-            bad("redis.reconnect_max_ms", "must not be below reconnect_min_ms".into());
+            bad(
+                "redis.reconnect_max_ms",
+                "must not be below reconnect_min_ms".into(),
+            );
         }
         if role != Role::Publisher && self.bots.listen.parse::<SocketAddr>().is_err() {
-            bad("bots.listen", format!("`{}` is not host:port (e.g. 127.0.0.1:8765)", self.bots.listen));
+            bad(
+                "bots.listen",
+                format!(
+                    "`{}` is not host:port (e.g. 127.0.0.1:8765)",
+                    self.bots.listen
+                ),
+            );
         }
         if self.http.listen.parse::<SocketAddr>().is_err() {
-            bad("http.listen", format!("`{}` is not host:port (e.g. 127.0.0.1:9100)", self.http.listen));
+            bad(
+                "http.listen",
+                format!(
+                    "`{}` is not host:port (e.g. 127.0.0.1:9100)",
+                    self.http.listen
+                ),
+            );
         }
         if self.bots.tokens.iter().any(|t| t.is_empty()) {
             bad("bots.tokens", "tokens must not be empty strings".into());
@@ -426,19 +450,31 @@ impl Config {
             }
         }
         if role != Role::Executor && self.feeds.is_empty() {
-            bad("feeds", "at least one [[feeds]] entry is needed to publish".into());
+            bad(
+                "feeds",
+                "at least one [[feeds]] entry is needed to publish".into(),
+            );
         }
         for (i, feed) in self.feeds.iter().enumerate() {
             let at = |k: &str| format!("feeds[{i}].{k}");
             if feed.exchange != Exchange::Binance && feed.exchange != Exchange::Sim {
-                bad(&at("exchange"), format!("`{}` is not supported yet (supported: binance)", feed.exchange));
+                bad(
+                    &at("exchange"),
+                    format!(
+                        "`{}` is not supported yet (supported: binance)",
+                        feed.exchange
+                    ),
+                );
             }
             if feed.symbols.is_empty() {
                 bad(&at("symbols"), "list at least one symbol".into());
             }
             for s in &feed.symbols {
                 if !valid_symbol(s) {
-                    bad(&at("symbols"), format!("`{s}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)"));
+                    bad(
+                        &at("symbols"),
+                        format!("`{s}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)"),
+                    );
                 }
             }
             if feed.channels.is_empty() {
@@ -465,10 +501,16 @@ impl Config {
                 bad(&at("depth_limit"), "must be between 1 and 5000".into());
             }
             if feed.reconnect_min_ms == 0 || feed.reconnect_max_ms < feed.reconnect_min_ms {
-                bad(&at("reconnect_min_ms"), "must be > 0 and not above reconnect_max_ms".into());
+                bad(
+                    &at("reconnect_min_ms"),
+                    "must be > 0 and not above reconnect_max_ms".into(),
+                );
             }
             if feed.rotate_after_secs == 0 || feed.stale_after_ms == 0 {
-                bad(&at("rotate_after_secs"), "rotate_after_secs and stale_after_ms must be > 0".into());
+                bad(
+                    &at("rotate_after_secs"),
+                    "rotate_after_secs and stale_after_ms must be > 0".into(),
+                );
             }
         }
         if p.is_empty() {

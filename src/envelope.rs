@@ -75,7 +75,11 @@ impl BusMessage {
         let event_json = event.to_json();
         let mut buf = BytesMut::with_capacity(event_json.len() + 96);
         buf.put_slice(b"{\"src\":\"");
-        buf.put_slice(src.as_hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+        buf.put_slice(
+            src.as_hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer())
+                .as_bytes(),
+        );
         buf.put_slice(b"\",\"seq\":");
         buf.put_slice(itoa_u64(seq).as_bytes());
         buf.put_slice(b",\"ts_pub\":");
@@ -103,7 +107,8 @@ impl BusMessage {
     /// Reads an envelope received on `channel`. Only book events are fully parsed.
     pub fn decode(channel: Channel, payload: Bytes) -> Result<BusMessage, EnvelopeError> {
         let env: EnvelopeRef<'_> = serde_json::from_slice(&payload)?;
-        let src = Uuid::parse_str(env.src).map_err(|_| EnvelopeError::BadSrc(env.src.to_string()))?;
+        let src =
+            Uuid::parse_str(env.src).map_err(|_| EnvelopeError::BadSrc(env.src.to_string()))?;
         let raw = env.event.get();
         // `raw` borrows from `payload`, so its offset locates the event inside the envelope.
         let start = raw.as_ptr() as usize - payload.as_ptr() as usize;

@@ -229,7 +229,12 @@ impl Channel {
     }
 
     /// The channel of `kind` for `exchange` and `symbol` (`interval` only for candles).
-    pub fn build(kind: EventType, exchange: Exchange, symbol: &str, interval: Option<&str>) -> Channel {
+    pub fn build(
+        kind: EventType,
+        exchange: Exchange,
+        symbol: &str,
+        interval: Option<&str>,
+    ) -> Channel {
         let text = match (kind, interval) {
             (EventType::Status, _) => format!("status:{exchange}"),
             (EventType::Candle, Some(i)) => format!("candle:{exchange}:{symbol}:{i}"),
@@ -596,7 +601,13 @@ mod tests {
         let exact = Pattern::parse("book:binance:BTC-USDT").unwrap();
         assert!(!exact.is_wildcard());
         assert!(exact.matches(&chan("book:binance:BTC-USDT")));
-        for bad in ["trade:bin*:BTC-USDT", "trade:**:BTC-USDT", "trade:*", "*", "trade:*:btc"] {
+        for bad in [
+            "trade:bin*:BTC-USDT",
+            "trade:**:BTC-USDT",
+            "trade:*",
+            "*",
+            "trade:*:btc",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad} accepted");
         }
     }

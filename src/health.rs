@@ -53,7 +53,9 @@ impl Health {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let changed = map.get(name).map(|c| c.healthy != healthy || c.detail != detail);
+        let changed = map
+            .get(name)
+            .map(|c| c.healthy != healthy || c.detail != detail);
         if changed != Some(false) {
             map.insert(
                 name.to_string(),

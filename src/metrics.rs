@@ -46,8 +46,8 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full(DELIVERY_LATENCY.to_string()),
                     &[
-                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                        0.1, 0.25, 1.0,
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+                        0.05, 0.1, 0.25, 1.0,
                     ],
                 )
                 .and_then(|b| {
@@ -71,34 +71,87 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(EXCHANGE_EVENTS, "Normalized events produced from exchange frames, by exchange and type.");
-    describe_counter!(EXCHANGE_FRAMES_INVALID, "Exchange frames that could not be parsed (skipped).");
-    describe_counter!(EXCHANGE_RECONNECTS, "Exchange WebSocket reconnects, by exchange and reason.");
-    describe_gauge!(EXCHANGE_CONNECTED, "1 while the exchange feed is connected and subscribed.");
-    describe_counter!(BOOK_RESYNCS, "Order book resynchronisations, by exchange and where the gap was seen.");
+    describe_counter!(
+        EXCHANGE_EVENTS,
+        "Normalized events produced from exchange frames, by exchange and type."
+    );
+    describe_counter!(
+        EXCHANGE_FRAMES_INVALID,
+        "Exchange frames that could not be parsed (skipped)."
+    );
+    describe_counter!(
+        EXCHANGE_RECONNECTS,
+        "Exchange WebSocket reconnects, by exchange and reason."
+    );
+    describe_gauge!(
+        EXCHANGE_CONNECTED,
+        "1 while the exchange feed is connected and subscribed."
+    );
+    describe_counter!(
+        BOOK_RESYNCS,
+        "Order book resynchronisations, by exchange and where the gap was seen."
+    );
     describe_counter!(ENVELOPES_PUBLISHED, "Envelopes published to Redis.");
-    describe_counter!(ENVELOPES_PUBLISH_FAILED, "Envelopes that could not be published (Redis down or queue full).");
-    describe_histogram!(PUBLISH_BATCH, "Envelopes per Redis pipeline sent by the publisher.");
+    describe_counter!(
+        ENVELOPES_PUBLISH_FAILED,
+        "Envelopes that could not be published (Redis down or queue full)."
+    );
+    describe_histogram!(
+        PUBLISH_BATCH,
+        "Envelopes per Redis pipeline sent by the publisher."
+    );
     describe_counter!(ENVELOPES_RECEIVED, "Envelopes received from Redis pub/sub.");
-    describe_counter!(ENVELOPES_SELF_FILTERED, "Envelopes from Redis dropped because this instance published them.");
-    describe_counter!(ENVELOPES_LOST, "Envelopes missing from a (src, channel) sequence: lost by pub/sub.");
-    describe_counter!(ENVELOPES_DUPLICATE, "Envelopes received twice (overlapping patterns) and dropped.");
-    describe_counter!(ENVELOPES_INVALID, "Malformed envelopes received from Redis and skipped.");
+    describe_counter!(
+        ENVELOPES_SELF_FILTERED,
+        "Envelopes from Redis dropped because this instance published them."
+    );
+    describe_counter!(
+        ENVELOPES_LOST,
+        "Envelopes missing from a (src, channel) sequence: lost by pub/sub."
+    );
+    describe_counter!(
+        ENVELOPES_DUPLICATE,
+        "Envelopes received twice (overlapping patterns) and dropped."
+    );
+    describe_counter!(
+        ENVELOPES_INVALID,
+        "Malformed envelopes received from Redis and skipped."
+    );
     describe_counter!(REDIS_RECONNECTS, "Redis reconnects, by connection role.");
-    describe_gauge!(REDIS_CONNECTED, "1 while the Redis connection of this role is up.");
-    describe_counter!(REDIS_PROBE_TIMEOUTS, "Liveness probes that did not come back through the subscription.");
+    describe_gauge!(
+        REDIS_CONNECTED,
+        "1 while the Redis connection of this role is up."
+    );
+    describe_counter!(
+        REDIS_PROBE_TIMEOUTS,
+        "Liveness probes that did not come back through the subscription."
+    );
     describe_gauge!(BOT_CLIENTS, "Connected bot clients.");
     describe_counter!(BOT_CONNECTIONS, "Bot connections accepted since start.");
-    describe_gauge!(BOT_SUBSCRIPTIONS, "Active bot subscriptions (patterns), over all clients.");
+    describe_gauge!(
+        BOT_SUBSCRIPTIONS,
+        "Active bot subscriptions (patterns), over all clients."
+    );
     describe_counter!(BOT_FRAMES_SENT, "Frames written to bot sockets.");
-    describe_counter!(BOT_FRAMES_DROPPED, "Frames dropped for slow bots, by reason.");
+    describe_counter!(
+        BOT_FRAMES_DROPPED,
+        "Frames dropped for slow bots, by reason."
+    );
     describe_counter!(BOT_DISCONNECTS, "Bot disconnects, by reason.");
-    describe_counter!(BOT_REQUESTS_REFUSED, "Bot requests answered with an error, by code.");
-    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From ts_recv (frame read off the exchange) to the frame written to a bot socket.");
+    describe_counter!(
+        BOT_REQUESTS_REFUSED,
+        "Bot requests answered with an error, by code."
+    );
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "From ts_recv (frame read off the exchange) to the frame written to a bot socket."
+    );
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
-    counter!(EXCHANGE_EVENTS, "exchange" => exchange.as_str(), "type" => kind.as_str()).increment(1);
+    counter!(EXCHANGE_EVENTS, "exchange" => exchange.as_str(), "type" => kind.as_str())
+        .increment(1);
 }
 pub fn exchange_frame_invalid(exchange: Exchange) {
     counter!(EXCHANGE_FRAMES_INVALID, "exchange" => exchange.as_str()).increment(1);

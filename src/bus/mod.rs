@@ -57,7 +57,8 @@ impl<A: Bus, B: Bus> Bus for Tee<A, B> {
 }
 
 /// Boxed future returned by [`SnapshotStore`] (object safe, so the gateway can hold a `dyn`).
-pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<BusMessage>, BusError>> + Send + 'a>>;
+pub type StoreFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<BusMessage>, BusError>> + Send + 'a>>;
 
 /// Where the gateway finds what a late joiner needs before live events.
 pub trait SnapshotStore: Send + Sync + 'static {
@@ -95,7 +96,11 @@ impl Sequencer {
 
 /// Runs the publishing side until `events` closes: every event is wrapped once and
 /// handed to `bus`. Returns after the last event was handed over (the flush on shutdown).
-pub async fn run_publisher(mut events: tokio::sync::mpsc::Receiver<Event>, src: Uuid, bus: impl Bus) {
+pub async fn run_publisher(
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+    src: Uuid,
+    bus: impl Bus,
+) {
     let mut sequencer = Sequencer::new(src);
     while let Some(event) = events.recv().await {
         crate::metrics::exchange_event(event.exchange(), event.kind());
@@ -114,7 +119,11 @@ mod tests {
         let status = || Event::status(Exchange::Binance, StatusState::Connected, None);
         let a = s.wrap(status());
         let b = s.wrap(status());
-        let other = s.wrap(Event::status(Exchange::Kraken, StatusState::Connected, None));
+        let other = s.wrap(Event::status(
+            Exchange::Kraken,
+            StatusState::Connected,
+            None,
+        ));
         assert_eq!((a.seq, b.seq, other.seq), (1, 2, 1));
         assert_eq!(a.src, s.src());
     }
