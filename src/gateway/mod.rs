@@ -254,9 +254,15 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: std::net::Sock
         .max_message_size(Some(hard_limit))
         .max_frame_size(Some(hard_limit));
     let tokens = config.tokens.clone();
+    // The callback's signature is tungstenite's; its large `Err` is built only on refusal.
+    #[allow(clippy::result_large_err)]
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        authorize(&tokens, req)?;
-        Ok(resp)
+        if authorized(&tokens, req) {
+            Ok(resp)
+        } else {
+            crate::metrics::bot_request_refused("unauthorized");
+            Err(unauthorized())
+        }
     };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
@@ -522,9 +528,9 @@ async fn read_loop(
 
 /// Accepts the handshake when no tokens are configured, or when the request carries one of
 /// them as `Authorization: Bearer <token>` or `?token=<token>`.
-fn authorize(tokens: &[String], req: &Request) -> Result<(), ErrorResponse> {
+fn authorized(tokens: &[String], req: &Request) -> bool {
     if tokens.is_empty() {
-        return Ok(());
+        return true;
     }
     let header = req
         .headers()
@@ -538,22 +544,22 @@ fn authorize(tokens: &[String], req: &Request) -> Result<(), ErrorResponse> {
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned())
     });
-    let accepted = header.iter().chain(query.iter()).any(|given| {
+    header.iter().chain(query.iter()).any(|given| {
         tokens
             .iter()
             .any(|t| constant_time_eq(t.as_bytes(), given.as_bytes()))
-    });
-    if accepted {
-        return Ok(());
-    }
-    crate::metrics::bot_request_refused("unauthorized");
+    })
+}
+
+/// The HTTP 401 answer to a handshake without a valid token.
+fn unauthorized() -> ErrorResponse {
     let mut resp = ErrorResponse::new(Some("missing or invalid token".to_string()));
     *resp.status_mut() = StatusCode::UNAUTHORIZED;
     resp.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),
     );
-    Err(resp)
+    resp
 }
 
 /// Compares tokens without an early exit, so timing does not reveal a matching prefix.
