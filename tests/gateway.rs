@@ -617,16 +617,21 @@ fn big_trade(i: usize) -> Event {
 
 /// Feeds big trades until `done`, keeping at most 4 ahead of the fast bot, which must see
 /// every one of them in order.
-async fn feed_until(
+async fn feed_until(h: &mut Harness, fast: &mut Ws, done: impl FnMut(&Harness) -> bool) -> usize {
+    feed_events_until(h, fast, big_trade, done).await
+}
+
+async fn feed_events_until(
     h: &mut Harness,
     fast: &mut Ws,
+    make: impl Fn(usize) -> Event,
     mut done: impl FnMut(&Harness) -> bool,
 ) -> usize {
     let mut sent = std::collections::VecDeque::new();
     let mut i = 0;
     while !done(h) {
         assert!(i < 20_000, "condition not reached after {i} messages");
-        sent.push_back(h.publish(big_trade(i)).await);
+        sent.push_back(h.publish(make(i)).await);
         i += 1;
         if sent.len() >= 4 {
             let want = sent.pop_front().unwrap();
@@ -802,5 +807,71 @@ async fn silent_bot_is_closed_after_three_ping_intervals() {
     })
     .await;
     assert!(!reader.is_finished(), "the bot that answers pings stays");
+    h.stop().await;
+}
+
+/// A book delta big enough to fill socket buffers: the same 500 price levels, new sizes.
+fn big_delta(i: usize) -> Event {
+    let sizes: Vec<(String, String)> = (1..=500)
+        .map(|p| (format!("{p}.5"), format!("{}", i + 1)))
+        .collect();
+    let levels: Vec<(&str, &str)> = sizes
+        .iter()
+        .map(|(p, s)| (p.as_str(), s.as_str()))
+        .collect();
+    let seq = i as u64 + 2;
+    book(BookAction::Delta, &levels, seq, Some(seq - 1))
+}
+
+#[tokio::test]
+async fn drop_oldest_on_a_book_resyncs_the_slow_bot_with_a_snapshot() {
+    let cfg = BotsConfig {
+        queue_size: 8,
+        slow_client: SlowClientPolicy::DropOldest,
+        ..config()
+    };
+    let mut h = start(cfg, None).await;
+    let mut fast = h.connect().await;
+    let mut slow = h.connect().await;
+    subscribe(&mut fast, &["book:binance:BTC-USDT"]).await;
+    subscribe(&mut slow, &["book:binance:BTC-USDT"]).await;
+    let snap = h
+        .publish(book(BookAction::Snapshot, &[("1.5", "1")], 1, None))
+        .await;
+    assert_eq!(next_text(&mut fast).await, snap);
+    let fed = feed_events_until(&mut h, &mut fast, big_delta, |h| {
+        h.stats.snapshot().frames_dropped >= 10
+    })
+    .await;
+    // One more delta reaches the router after the drops: the slow bot gets a resync there.
+    let last = h.publish(big_delta(fed)).await;
+    assert!(
+        next_text(&mut fast).await == last,
+        "fast bot got the last delta"
+    );
+    send(&mut slow, json!({"op":"ping","req":"late"})).await;
+    // What the slow bot sees is a series of exact chains, each restarted by a resync status.
+    let mut chains: Vec<Vec<Value>> = Vec::new();
+    let mut resyncs = 0;
+    loop {
+        let v = next_json(&mut slow).await;
+        match v["type"].as_str() {
+            Some("pong") => break,
+            Some("status") => {
+                assert_eq!(v["state"], "resync");
+                resyncs += 1;
+                chains.push(Vec::new());
+            }
+            Some("book") => match chains.last_mut() {
+                Some(chain) => chain.push(v),
+                None => chains.push(vec![v]),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(resyncs >= 1, "the slow bot was told about its broken chain");
+    for chain in chains.iter().filter(|c| !c.is_empty()) {
+        assert_chain(chain);
+    }
     h.stop().await;
 }

@@ -135,6 +135,13 @@ impl ClientQueue {
                             .frames_dropped
                             .fetch_add(dropped as u64, Ordering::Relaxed);
                     }
+                    // If that cut this frame's own chain, the frame no longer follows what
+                    // the bot has: the router sends a resync and a snapshot in its place.
+                    if let Some(channel) = book {
+                        if st.broken_books.remove(channel) {
+                            return Push::Broken;
+                        }
+                    }
                 }
                 SlowClientPolicy::Disconnect => {
                     self.close_locked(&mut st, CloseReason::Slow);
