@@ -22,7 +22,6 @@
 //! - [`app`]: wires the parts for each role and owns shutdown.
 //! - [`bench`]: the end-to-end measuring bot behind `mdbridge bench`.
 
-#[cfg(any())] // WIP until the parts land
 pub mod app;
 pub mod bench;
 pub mod book;
