@@ -529,17 +529,19 @@ mod tests {
     fn shipped_config_is_the_documented_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         let shipped = Config::load(Some(&path), Role::Hybrid).unwrap();
-        let mut expected = Config::default();
-        expected.feeds = vec![FeedConfig::new(
-            Exchange::Binance,
-            vec!["BTC-USDT".into(), "ETH-USDT".into()],
-            vec![
-                FeedChannel::Trade,
-                FeedChannel::Ticker,
-                FeedChannel::Book,
-                FeedChannel::Candle("1m".into()),
-            ],
-        )];
+        let expected = Config {
+            feeds: vec![FeedConfig::new(
+                Exchange::Binance,
+                vec!["BTC-USDT".into(), "ETH-USDT".into()],
+                vec![
+                    FeedChannel::Trade,
+                    FeedChannel::Ticker,
+                    FeedChannel::Book,
+                    FeedChannel::Candle("1m".into()),
+                ],
+            )],
+            ..Config::default()
+        };
         assert_eq!(shipped, expected);
     }
 
