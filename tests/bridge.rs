@@ -353,7 +353,7 @@ async fn redis_restart_mid_stream_both_roles_recover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
     let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
+    let sim = Proc::simulator(&["--rate", "1000", "--symbols", "BTC-USDT"]).await;
     let feed = sim_feed(
         sim.http.expect("port"),
         "binance",
@@ -364,7 +364,7 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
     let extra = format!("{feed}\n");
     let config = role_config(&redis.url(), h, b, "").replace(
         "[bots]\n",
-        "[bots]\nqueue_size = 8\nslow_client = \"disconnect\"\n",
+        "[bots]\nqueue_size = 256\nslow_client = \"disconnect\"\n",
     ) + &extra;
     let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
     hybrid.wait_healthy().await;
@@ -404,7 +404,7 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
     let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
+    let sim = Proc::simulator(&["--rate", "1000", "--symbols", "BTC-USDT"]).await;
     let feed = sim_feed(
         sim.http.expect("port"),
         "binance",
@@ -414,7 +414,7 @@ async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
     let (h, b) = (free_port(), free_port());
     let config = role_config(&redis.url(), h, b, "").replace(
         "[bots]\n",
-        "[bots]\nqueue_size = 8\nslow_client = \"drop_oldest\"\n",
+        "[bots]\nqueue_size = 256\nslow_client = \"drop_oldest\"\n",
     ) + &feed;
     let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
     hybrid.wait_healthy().await;

@@ -201,11 +201,12 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     let mut bot = Bot::connect(&demo.bots_url()).await;
     bot.subscribe(&["trade:sim:BTC-USDT", "book:sim:BTC-USDT", "ticker:sim:*"])
         .await;
+    // The first book message a subscriber sees is a snapshot, wherever it falls among trades.
+    let (book, _) = bot.until(WAIT, |v| v["type"] == "book").await;
+    assert_eq!(book["action"], "snapshot");
     let (trade, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(trade["exchange"], "sim");
     assert_eq!(trade["symbol"], "BTC-USDT");
-    let (book, _) = bot.until(WAIT, |v| v["type"] == "book").await;
-    assert_eq!(book["action"], "snapshot");
     let text = || printed.lock().map(|p| p.clone()).unwrap_or_default();
     wait_until("a summary line", WAIT, || async {
         text().contains("[demo] clients")

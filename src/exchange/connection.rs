@@ -372,6 +372,7 @@ impl Feed {
         let mut subscribed = false;
         let mut flowing = false;
         let mut healthy = false;
+        let mut streaming = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<Event> = Vec::new();
         if pending_acks.is_empty() {
@@ -476,9 +477,15 @@ impl Feed {
                             }
                         }
                     }
-                    if subscribed && flowing && !healthy {
-                        // Once per connection: the registry takes a lock.
+                    // Healthy once every subscription is acknowledged: a quiet market is not a
+                    // fault (a silent socket is caught by the stale timer). Once per state
+                    // change, since the registry takes a lock.
+                    if subscribed && !healthy {
                         healthy = true;
+                        self.health.up(Some(format!("subscribed at {}", self.ws_url)));
+                    }
+                    if flowing && !streaming {
+                        streaming = true;
                         self.health.up(Some(format!("streaming from {}", self.ws_url)));
                     }
                 }
