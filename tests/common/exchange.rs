@@ -37,7 +37,9 @@ impl ScriptedExchange {
         let (frames, _) = broadcast::channel(1024);
         let script = Script {
             frames,
-            depth: Arc::new(Mutex::new(r#"{"lastUpdateId":1,"bids":[],"asks":[]}"#.to_string())),
+            depth: Arc::new(Mutex::new(
+                r#"{"lastUpdateId":1,"bids":[],"asks":[]}"#.to_string(),
+            )),
             received: Arc::default(),
             connections: Arc::default(),
         };
@@ -46,7 +48,9 @@ impl ScriptedExchange {
             .route("/ws", get(ws))
             .route("/api/v3/depth", get(depth))
             .with_state(script.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -77,9 +81,15 @@ impl ScriptedExchange {
     }
 }
 
-async fn depth(State(s): State<Script>, Query(_q): Query<std::collections::HashMap<String, String>>) -> impl IntoResponse {
+async fn depth(
+    State(s): State<Script>,
+    Query(_q): Query<std::collections::HashMap<String, String>>,
+) -> impl IntoResponse {
     let body = s.depth.lock().expect("lock").clone();
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
 }
 
 async fn ws(State(s): State<Script>, upgrade: WebSocketUpgrade) -> impl IntoResponse {
