@@ -108,7 +108,6 @@ pub async fn run_publisher(
 ) {
     let mut sequencer = Sequencer::new(src);
     while let Some(event) = events.recv().await {
-        crate::metrics::exchange_event(event.exchange(), event.kind());
         bus.publish(sequencer.wrap(event)).await;
     }
 }
