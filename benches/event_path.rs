@@ -119,5 +119,28 @@ impl CloneHeader for Book {
     }
 }
 
-criterion_group!(benches, envelope, patterns, book);
+fn binance_parse(c: &mut Criterion) {
+    let adapter = mdbridge::exchange::adapter_for(Exchange::Binance, &["BNB-BTC".to_string()])
+        .expect("binance adapter");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/binance/");
+    for (name, file) in [
+        ("binance_parse_trade", "trade_combined.json"),
+        ("binance_parse_depth_update", "depth_update.json"),
+        ("binance_parse_24hr_ticker", "ticker.json"),
+    ] {
+        let frame = std::fs::read(format!("{root}{file}")).expect("fixture");
+        let mut buf = frame.clone();
+        let parsed = adapter.parse(&mut buf, 1).expect("parses");
+        assert_eq!(parsed.len(), 1, "{file}");
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                buf.clear();
+                buf.extend_from_slice(&frame);
+                black_box(adapter.parse(&mut buf, 1).expect("parses"))
+            })
+        });
+    }
+}
+
+criterion_group!(benches, binance_parse, envelope, patterns, book);
 criterion_main!(benches);
