@@ -776,3 +776,72 @@ async fn publish_never_blocks_when_redis_is_unreachable() {
         .unwrap()
         .unwrap();
 }
+
+/// Envelopes dropped on a full queue must not leave the `snapshot:` key behind: readers who
+/// saw the `seq` gap recover from that key, so it has to include every delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_key_includes_deltas_dropped_on_a_full_queue() {
+    let mut server = RedisTestServer::start();
+    let url = server.url();
+    // Redis is down while we publish: the queue (2 slots) fills and the rest is dropped.
+    server.kill();
+    let src = Uuid::new_v4();
+    let cfg = RedisConfig {
+        publish_queue_size: 2,
+        ..config(&url)
+    };
+    let shutdown = CancellationToken::new();
+    let (publisher, task) =
+        RedisPublisher::spawn(cfg, src, HealthHandle::detached("pub"), shutdown.clone());
+    let mut seq = Sequencer::new(src);
+    let sym = "DROP-USDT";
+    publisher
+        .publish(seq.wrap(book(
+            sym,
+            BookAction::Snapshot,
+            vec![lv("10", "1")],
+            vec![lv("11", "1")],
+            100,
+            None,
+        )))
+        .await;
+    for i in 0..50u64 {
+        let price = format!("{}", 20 + i);
+        publisher
+            .publish(seq.wrap(book(
+                sym,
+                BookAction::Delta,
+                vec![],
+                vec![lv(&price, "2")],
+                101 + i,
+                Some(100 + i),
+            )))
+            .await;
+    }
+    server.restart();
+    let conn = raw(&url).await;
+    let key = snapshot_key("md:", &Channel::parse(&format!("book:binance:{sym}")).unwrap());
+    let channel = Channel::parse(&format!("book:binance:{sym}")).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let msg = loop {
+        if let Some(bytes) = get(&conn, &key).await {
+            let msg = BusMessage::decode(channel.clone(), Bytes::from(bytes)).unwrap();
+            if msg.book.as_ref().and_then(|b| b.seq) == Some(150) {
+                break msg;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot key with every delta"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(msg.seq, 51, "envelope seq of the last message on the channel");
+    let book = msg.book.unwrap();
+    assert_eq!(book.action, BookAction::Snapshot);
+    assert_eq!(book.asks.len(), 51, "the snapshot ask plus one level per delta");
+    assert_eq!(book.asks[0], lv("11", "1"));
+    assert_eq!(book.asks[50], lv("69", "2"));
+    shutdown.cancel();
+    let _ = task.await;
+}

@@ -41,6 +41,7 @@
 //!   It also exits, after flushing, when every [`RedisPublisher`] handle is dropped.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -68,7 +69,14 @@ pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct RedisPublisher {
     tx: mpsc::Sender<BusMessage>,
+    books: SharedBooks,
 }
+
+/// The books behind the `snapshot:` keys. Updated by `publish` *before* the queue, so an
+/// envelope dropped on a full queue never leaves a book behind: the key stays exact and
+/// readers that saw the `seq` gap recover from it. Locked only for CPU work, never across
+/// an await.
+type SharedBooks = Arc<Mutex<HashMap<Channel, BookState>>>;
 
 impl RedisPublisher {
     /// Starts the writer task. `src` is this instance's uuid (the `src` of the periodic
@@ -81,10 +89,12 @@ impl RedisPublisher {
         shutdown: CancellationToken,
     ) -> (RedisPublisher, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
+        let books = SharedBooks::default();
+        let writer_books = books.clone();
         let task = tokio::spawn(async move {
             match Client::open(config.url.as_str()) {
                 Ok(client) => {
-                    Writer::new(config, src, client, health)
+                    Writer::new(config, src, client, health, writer_books)
                         .run(rx, shutdown)
                         .await
                 }
@@ -95,12 +105,15 @@ impl RedisPublisher {
                 }
             }
         });
-        (RedisPublisher { tx }, task)
+        (RedisPublisher { tx, books }, task)
     }
 }
 
 impl Bus for RedisPublisher {
     async fn publish(&self, msg: BusMessage) {
+        if msg.book.is_some() {
+            track_book(&mut lock(&self.books), &msg);
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -129,11 +142,11 @@ async fn drain_forever(mut rx: mpsc::Receiver<BusMessage>, shutdown: Cancellatio
     }
 }
 
-/// What the writer remembers about one book channel.
+/// What the publisher remembers about one book channel.
 struct BookState {
     book: OrderBook,
     /// The last book event seen: exchange, symbol and times for the snapshot.
-    template: Book,
+    template: Arc<Book>,
     /// Envelope `seq` of the last message published on the channel.
     last_seq: u64,
     /// The book changed since its snapshot key was last written.
@@ -156,11 +169,17 @@ struct Writer {
     was_connected: bool,
     /// A pipeline went out since the last refresh tick (else the tick pings).
     sent_since_tick: bool,
-    books: HashMap<Channel, BookState>,
+    books: SharedBooks,
 }
 
 impl Writer {
-    fn new(config: RedisConfig, src: Uuid, client: Client, health: HealthHandle) -> Writer {
+    fn new(
+        config: RedisConfig,
+        src: Uuid,
+        client: Client,
+        health: HealthHandle,
+        books: SharedBooks,
+    ) -> Writer {
         let delays = Box::new(backoff(&config));
         Writer {
             config,
@@ -172,7 +191,7 @@ impl Writer {
             delays,
             was_connected: false,
             sent_since_tick: false,
-            books: HashMap::new(),
+            books,
         }
     }
 
@@ -285,7 +304,7 @@ impl Writer {
                 self.was_connected = true;
                 self.delays = Box::new(backoff(&self.config));
                 // A restarted Redis lost its keys: rewrite every snapshot at the next refresh.
-                for state in self.books.values_mut() {
+                for state in lock(&self.books).values_mut() {
                     state.dirty = true;
                 }
                 metrics::redis_connected("publish", true);
@@ -328,11 +347,6 @@ impl Writer {
         if n == 0 {
             return;
         }
-        // Books follow the stream even while Redis is down, so the first snapshot after a
-        // reconnect is current.
-        for msg in batch.iter() {
-            self.track_book(msg);
-        }
         let Some(conn) = self.conn.as_mut() else {
             metrics::envelopes_publish_failed(n as u64, "redis_down");
             batch.clear();
@@ -353,7 +367,10 @@ impl Writer {
                         .arg(payload)
                         .ignore();
                 }
-                EventType::Book if is_snapshot(msg) => {
+                // Only while it is still the newest state of the book: deltas that came
+                // after it (queued or dropped) are in the tracked book, which the refresh
+                // writes instead.
+                EventType::Book if is_snapshot(msg) && is_latest(&self.books, msg) => {
                     pipe.cmd("SET")
                         .arg(super::snapshot_key(prefix, &msg.channel))
                         .arg(payload)
@@ -370,40 +387,6 @@ impl Writer {
             Err(e) => {
                 metrics::envelopes_publish_failed(n as u64, "redis_down");
                 self.lost_connection(&e);
-            }
-        }
-    }
-
-    fn track_book(&mut self, msg: &BusMessage) {
-        let Some(event) = msg.book.as_deref() else {
-            return;
-        };
-        let state = self
-            .books
-            .entry(msg.channel.clone())
-            .or_insert_with(|| BookState {
-                book: OrderBook::new(),
-                template: event.clone(),
-                last_seq: 0,
-                dirty: false,
-                broken: true,
-            });
-        state.last_seq = msg.seq;
-        state.template = event.clone();
-        match state.book.apply(event) {
-            Ok(()) => {
-                // An exchange snapshot is written by the batch itself; deltas make the key stale.
-                state.broken = false;
-                state.dirty = event.action == BookAction::Delta;
-            }
-            Err(e) => {
-                // The host guarantees chaining; if it ever breaks, a stale-but-consistent
-                // key is better than a wrong one. The next snapshot repairs it.
-                if !state.broken {
-                    warn!(channel = %msg.channel, cause = %e, "book on the bus does not chain; snapshot refresh paused");
-                }
-                state.broken = true;
-                state.dirty = false;
             }
         }
     }
@@ -427,38 +410,89 @@ impl Writer {
         let prefix = &self.config.key_prefix;
         let mut pipe = Pipeline::new();
         let mut written = Vec::new();
-        for (channel, state) in &self.books {
-            if !state.dirty || state.broken || !state.book.has_snapshot() {
-                continue;
+        {
+            let books = lock(&self.books);
+            for (channel, state) in books.iter() {
+                if !state.dirty || state.broken || !state.book.has_snapshot() {
+                    continue;
+                }
+                let snapshot = state.book.to_snapshot(&state.template);
+                let msg = BusMessage::encode(
+                    self.src,
+                    state.last_seq,
+                    now_micros(),
+                    Event::Book(snapshot),
+                );
+                let payload: &[u8] = &msg.envelope;
+                pipe.cmd("SET")
+                    .arg(super::snapshot_key(prefix, channel))
+                    .arg(payload)
+                    .ignore();
+                written.push((channel.clone(), state.last_seq));
             }
-            let snapshot = state.book.to_snapshot(&state.template);
-            let msg = BusMessage::encode(
-                self.src,
-                state.last_seq,
-                now_micros(),
-                Event::Book(snapshot),
-            );
-            let payload: &[u8] = &msg.envelope;
-            pipe.cmd("SET")
-                .arg(super::snapshot_key(prefix, channel))
-                .arg(payload)
-                .ignore();
-            written.push(channel.clone());
         }
         if written.is_empty() {
             return;
         }
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
-                for channel in written {
-                    if let Some(state) = self.books.get_mut(&channel) {
-                        state.dirty = false;
+                let mut books = lock(&self.books);
+                for (channel, seq) in written {
+                    // Only if nothing newer arrived while the write was in flight.
+                    if let Some(state) = books.get_mut(&channel) {
+                        if state.last_seq == seq {
+                            state.dirty = false;
+                        }
                     }
                 }
             }
             Err(e) => self.lost_connection(&e),
         }
     }
+}
+
+/// Applies a book message to its channel's book (the publisher side of `snapshot:` keys).
+fn track_book(books: &mut HashMap<Channel, BookState>, msg: &BusMessage) {
+    let Some(event) = msg.book.as_ref() else {
+        return;
+    };
+    let state = books
+        .entry(msg.channel.clone())
+        .or_insert_with(|| BookState {
+            book: OrderBook::new(),
+            template: event.clone(),
+            last_seq: 0,
+            dirty: false,
+            broken: true,
+        });
+    state.last_seq = msg.seq;
+    state.template = event.clone();
+    match state.book.apply(event) {
+        Ok(()) => {
+            // An exchange snapshot is written by the batch itself; deltas make the key stale.
+            state.broken = false;
+            state.dirty = event.action == BookAction::Delta;
+        }
+        Err(e) => {
+            // The host guarantees chaining; if it ever breaks, a stale-but-consistent key is
+            // better than a wrong one. The next snapshot repairs it.
+            if !state.broken {
+                warn!(channel = %msg.channel, cause = %e, "book on the bus does not chain; snapshot refresh paused");
+            }
+            state.broken = true;
+            state.dirty = false;
+        }
+    }
+}
+
+fn lock(books: &SharedBooks) -> MutexGuard<'_, HashMap<Channel, BookState>> {
+    books.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn is_latest(books: &SharedBooks, msg: &BusMessage) -> bool {
+    lock(books)
+        .get(&msg.channel)
+        .is_none_or(|state| state.last_seq == msg.seq)
 }
 
 fn is_snapshot(msg: &BusMessage) -> bool {
