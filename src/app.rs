@@ -143,11 +143,18 @@ pub async fn run(
             Some(store),
             health.register("bot_server"),
         );
+        let gateway = if role == Role::Hybrid {
+            let (local_tx, local_rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
+            local_delivery = Some(local_tx);
+            gateway.with_local(local_rx)
+        } else {
+            gateway
+        };
+        drop(tx);
         if let Some(listener) = listeners.bots {
             log_listen("bots", &listener);
             gateway_task = Some(tokio::spawn(gateway.serve(listener, stops.gateway.clone())));
         }
-        local_delivery = Some(tx);
     }
 
     // Exchange side: publisher and hybrid.

@@ -104,6 +104,7 @@ impl GatewayStats {
 pub struct Gateway {
     config: BotsConfig,
     messages: mpsc::Receiver<BusMessage>,
+    local: Option<mpsc::Receiver<BusMessage>>,
     interest: watch::Sender<Interest>,
     store: Option<Arc<dyn SnapshotStore>>,
     health: HealthHandle,
@@ -133,11 +134,20 @@ impl Gateway {
         Gateway {
             config,
             messages,
+            local: None,
             interest,
             store,
             health,
             stats: Arc::new(StatsInner::default()),
         }
+    }
+
+    /// A second input for this instance's own events (hybrid). It is read before the bus
+    /// input, so a burst from other publishers never holds up local delivery — and through
+    /// it this instance's own publishing to Redis.
+    pub fn with_local(mut self, local: mpsc::Receiver<BusMessage>) -> Gateway {
+        self.local = Some(local);
+        self
     }
 
     /// A handle on the counters; take it before [`Gateway::serve`] consumes the gateway.
@@ -155,6 +165,7 @@ impl Gateway {
         let Gateway {
             config,
             messages,
+            local,
             interest,
             store,
             health,
@@ -169,7 +180,8 @@ impl Gateway {
             config.max_subscriptions,
         );
         let router_stop = CancellationToken::new();
-        let router_task = tokio::spawn(router.run(command_rx, messages, router_stop.clone()));
+        let router_task =
+            tokio::spawn(router.run(command_rx, local, messages, router_stop.clone()));
 
         let shared = Arc::new(Shared {
             config,

@@ -193,6 +193,7 @@ impl Router {
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
+        mut local: Option<mpsc::Receiver<BusMessage>>,
         mut messages: mpsc::Receiver<BusMessage>,
         stop: CancellationToken,
     ) {
@@ -204,6 +205,10 @@ impl Router {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
+                },
+                msg = recv_local(&mut local) => match msg {
+                    Some(msg) => self.on_message(msg),
+                    None => local = None,
                 },
                 msg = messages.recv(), if bus_open => match msg {
                     Some(msg) => self.on_message(msg),
@@ -572,6 +577,14 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// The next local message; pending forever when there is no local input (or it closed).
+async fn recv_local(local: &mut Option<mpsc::Receiver<BusMessage>>) -> Option<BusMessage> {
+    match local.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -820,7 +820,10 @@ async fn snapshot_key_includes_deltas_dropped_on_a_full_queue() {
     }
     server.restart();
     let conn = raw(&url).await;
-    let key = snapshot_key("md:", &Channel::parse(&format!("book:binance:{sym}")).unwrap());
+    let key = snapshot_key(
+        "md:",
+        &Channel::parse(&format!("book:binance:{sym}")).unwrap(),
+    );
     let channel = Channel::parse(&format!("book:binance:{sym}")).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     let msg = loop {
@@ -836,10 +839,17 @@ async fn snapshot_key_includes_deltas_dropped_on_a_full_queue() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert_eq!(msg.seq, 51, "envelope seq of the last message on the channel");
+    assert_eq!(
+        msg.seq, 51,
+        "envelope seq of the last message on the channel"
+    );
     let book = msg.book.unwrap();
     assert_eq!(book.action, BookAction::Snapshot);
-    assert_eq!(book.asks.len(), 51, "the snapshot ask plus one level per delta");
+    assert_eq!(
+        book.asks.len(),
+        51,
+        "the snapshot ask plus one level per delta"
+    );
     assert_eq!(book.asks[0], lv("11", "1"));
     assert_eq!(book.asks[50], lv("69", "2"));
     shutdown.cancel();
