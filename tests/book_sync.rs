@@ -142,6 +142,12 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
         book.apply(&v);
     }
     assert_books_equal(&mut bot, &mut book, &sim).await;
+    // A second bot holds only the book channel, not `status:binance`.
+    let mut book_only = Bot::connect(&executor.bots_url()).await;
+    book_only.subscribe(&["book:binance:BTC-USDT"]).await;
+    let mut only_book = BotBook::default();
+    let (first, _) = book_only.until(WAIT, |v| v["type"] == "book").await;
+    only_book.apply(&first);
 
     // Lose one depth update at the exchange: the host must notice, say so, and resync.
     sim.post("/_sim/gap?symbol=BTC-USDT").await;
@@ -165,6 +171,26 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
         book.apply(&v);
     }
     assert_books_equal(&mut bot, &mut book, &sim).await;
+    // The book-only bot also hears `resync` right before the fresh snapshot.
+    let mut previous: Option<Value> = None;
+    loop {
+        let v = book_only.next(WAIT).await.expect("frame");
+        if v["type"] == "book" && v["action"] == "snapshot" {
+            let before = previous.expect("something before the snapshot");
+            assert_eq!(
+                before["type"], "status",
+                "resync must precede the snapshot: {before}"
+            );
+            assert_eq!(before["state"], "resync");
+            only_book.apply(&v);
+            break;
+        }
+        if v["type"] == "book" {
+            only_book.apply(&v);
+        }
+        previous = Some(v);
+    }
+    assert_books_equal(&mut book_only, &mut only_book, &sim).await;
     assert!(
         publisher
             .metric(r#"mdbridge_book_resyncs_total{exchange="binance",side="exchange"}"#)

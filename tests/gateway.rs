@@ -719,10 +719,7 @@ async fn drop_oldest_keeps_a_slow_bot_connected_and_counts_drops() {
         }
         let id = v["trade_id"].as_str().unwrap();
         let index: usize = id.split('-').next().unwrap().parse().unwrap();
-        assert!(
-            last_index.is_none_or(|l| index > l),
-            "frames stay in order"
-        );
+        assert!(last_index.is_none_or(|l| index > l), "frames stay in order");
         last_index = Some(index);
         seen += 1;
     }

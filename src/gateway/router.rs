@@ -549,8 +549,9 @@ impl Router {
             Cache::Nothing => {}
             Cache::Latest { value, fetching } => {
                 *fetching = false;
-                // A live event that arrived meanwhile is newer than the stored one.
-                if value.is_none() {
+                // A live event that arrived meanwhile is newer than the stored one; and with
+                // nobody watching, no live event will replace a stored value: keep none.
+                if value.is_none() && watched {
                     if let Some(msg) = result {
                         if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
                             *value = Some((text.clone(), msg.ts_recv));
@@ -630,6 +631,12 @@ fn on_book(
     let book = msg.book.clone()?;
     match book.action {
         BookAction::Snapshot => {
+            // A snapshot in the middle of a live chain (the host resynced): the book's own
+            // subscribers hear `resync` first, as they do when the break is seen here.
+            if cache.live {
+                let status = resync_status(channel, "the exchange feed resynchronised");
+                fan_out(&state.subscribers, &status.0, status.1);
+            }
             // Anything buffered came earlier on the bus, so this snapshot supersedes it.
             if cache.reset(&book) {
                 fan_out_book(channel, &state.subscribers, cache, &text, msg.ts_recv);
