@@ -224,3 +224,42 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
         "summary line missing: {stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_still_ends_with_a_close_frame() {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", "0", "--symbols", "BTC-USDT"]).await;
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade", "book"],
+    );
+    let (h, b) = (free_port(), free_port());
+    let mut hybrid = Proc::role(
+        "hybrid",
+        &role_config(&redis.url(), h, b, &feed),
+        h,
+        Some(b),
+    );
+    hybrid.wait_healthy().await;
+    let mut bot = Bot::connect(&hybrid.bots_url()).await;
+    bot.subscribe(&["trade:*:*", "book:*:*"]).await;
+    for _ in 0..200 {
+        bot.next(WAIT).await.expect("market data");
+    }
+    hybrid.sigterm();
+    let mut frames_after = 0u64;
+    loop {
+        match tokio::time::timeout(WAIT, bot.ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1001), "going away");
+                break;
+            }
+            Ok(Some(Ok(_))) => frames_after += 1,
+            other => panic!("no Close frame after {frames_after} frames: {other:?}"),
+        }
+    }
+    assert_eq!(hybrid.wait_exit().await, Some(0));
+}

@@ -212,6 +212,12 @@ impl Gateway {
         }
         drop(listener);
         health.down("shutting down");
+        // Stop routing first: each client then flushes what is queued at this moment and
+        // gets its Close frame, instead of chasing a queue the router keeps refilling.
+        router_stop.cancel();
+        if let Err(e) = router_task.await {
+            tracing::error!(cause = %e, "router task failed");
+        }
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
             .await
@@ -219,11 +225,7 @@ impl Gateway {
         {
             tracing::warn!("some bot connections did not close in time; abandoning them");
         }
-        router_stop.cancel();
         drop(shared);
-        if let Err(e) = router_task.await {
-            tracing::error!(cause = %e, "router task failed");
-        }
         Ok(())
     }
 }
@@ -455,7 +457,9 @@ async fn flush_and_close(sink: &mut Sink, queue: &ClientQueue, stats: &StatsInne
         }
     };
     let flushed: Result<Result<(), WsError>, _> = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
-    if matches!(flushed, Ok(Ok(()))) {
+    // Flushed, or still busy at the deadline (a slow reader): either way say goodbye. Only
+    // a broken socket gets no Close frame.
+    if !matches!(flushed, Ok(Err(_))) {
         let close = Message::Close(Some(CloseFrame {
             code: CloseCode::Away,
             reason: "server shutting down".into(),
