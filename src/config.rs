@@ -257,7 +257,8 @@ impl FeedConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DurableConfig {
-    /// Channel patterns kept in capped Redis Streams (reserved; see docs/operations.md).
+    /// Channel patterns kept in capped Redis Streams. Not available in this version: a
+    /// non-empty list is refused at start.
     pub channels: Vec<String>,
     pub maxlen: u64,
     pub group: Option<String>,
@@ -436,6 +437,16 @@ impl Config {
                 bad(&format!("durable.channels[{i}]"), e.to_string());
             }
         }
+        // Refused rather than ignored: an operator who asks for guaranteed delivery must not
+        // believe they have it.
+        if !self.durable.channels.is_empty() {
+            bad(
+                "durable.channels",
+                "durable channels (Redis Streams, `since` replay) are not available in this version; \
+                 leave the list empty"
+                    .into(),
+            );
+        }
         if role != Role::Executor && self.feeds.is_empty() {
             bad(
                 "feeds",
@@ -598,6 +609,16 @@ depth_limit = 0
         let f = write("[[feeds]]\nexchange = \"binance\"\nsymbols = [\"BTC-USDT\"]\nchannels = [\"candle:7q\"]\n");
         let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
         assert!(err.to_string().contains("candle:7q"), "{err}");
+    }
+
+    #[test]
+    fn durable_channels_are_refused_not_ignored() {
+        let f = write("[durable]\nchannels = [\"trade:*:*\"]\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("durable.channels: durable channels"), "{err}");
+        let f = write("[durable]\nchannels = [\"trade:*\"]\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("durable.channels[0]"), "{err}");
     }
 
     #[test]
