@@ -615,7 +615,11 @@ depth_limit = 0
     fn durable_channels_are_refused_not_ignored() {
         let f = write("[durable]\nchannels = [\"trade:*:*\"]\n");
         let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
-        assert!(err.to_string().contains("durable.channels: durable channels"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("durable.channels: durable channels"),
+            "{err}"
+        );
         let f = write("[durable]\nchannels = [\"trade:*\"]\n");
         let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
         assert!(err.to_string().contains("durable.channels[0]"), "{err}");

@@ -7,11 +7,13 @@
 //!   (including stragglers after an unsubscribe) is dropped.
 //! - Interest changes are reconciled on the live connection: new patterns subscribed,
 //!   removed ones unsubscribed, no reconnect.
-//! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally).
+//! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally),
+//!   recognised by their first bytes before any parse.
 //! - Per (`src`, channel) the last `seq` is tracked ([`SeqTracker`]): a jump counts the
 //!   missing envelopes as lost, a repeat (overlapping SUBSCRIBE and PSUBSCRIBE deliver one
-//!   publish twice) is dropped as a duplicate, `seq` 1 after a higher one is a publisher
-//!   restart. Malformed payloads are counted, logged (rate-limited) and skipped.
+//!   publish twice) is dropped as a duplicate. A restarted publisher has a new `src`; the
+//!   entries of a `src` silent for [`FORGET_AFTER_TICKS`] probe intervals are forgotten.
+//!   Malformed payloads are counted, logged (rate-limited) and skipped.
 //! - Messages are drained promptly into `out`: Redis cuts a subscriber that falls
 //!   behind its `client-output-buffer-limit pubsub`.
 //!
@@ -89,6 +91,7 @@ impl RedisSubscriber {
                 out,
                 health,
                 tracker: SeqTracker::default(),
+                own_prefix: own_prefix(&src),
                 invalid_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
             };
@@ -116,6 +119,8 @@ struct Subscriber {
     out: mpsc::Sender<BusMessage>,
     health: HealthHandle,
     tracker: SeqTracker,
+    /// `{"src":"<own uuid>"`: how every envelope this instance encodes begins.
+    own_prefix: Vec<u8>,
     invalid_log: RateLimit,
     /// Set when a session got as far as subscribing; the reconnect loop then resets its
     /// backoff.
@@ -274,6 +279,7 @@ impl Subscriber {
                     return End::Reconnect(format!("probe not back within {} ms", probe_timeout.as_millis()));
                 }
                 _ = probe_tick.tick() => {
+                    self.tracker.tick();
                     if probe_due.is_none() {
                         probe_nonce += 1;
                         probe_due = Some(Instant::now() + probe_timeout);
@@ -298,7 +304,15 @@ impl Subscriber {
             // Redis's glob is wider than ours, or an unsubscribe is still in flight.
             return None;
         }
-        let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+        let raw = msg.get_payload_bytes();
+        // Our own echo (hybrid) is recognised by its first bytes, before any copy or parse;
+        // envelopes written by other encoders still get the full check below.
+        if raw.starts_with(&self.own_prefix) {
+            metrics::envelope_received();
+            metrics::envelope_self_filtered();
+            return None;
+        }
+        let payload = Bytes::copy_from_slice(raw);
         let decoded = match BusMessage::decode(channel, payload) {
             Ok(m) => m,
             Err(e) => {
@@ -433,18 +447,27 @@ pub enum Seen {
     Duplicate,
 }
 
-/// Last `seq` per (`src`, channel).
+/// Ticks (probe intervals) after which a silent (`src`, channel) is forgotten: a publisher
+/// that restarted comes back with a new `src`, so without this every deploy would leave
+/// its entries behind for good.
+pub const FORGET_AFTER_TICKS: u64 = 600;
+
+/// Last `seq` per (`src`, channel), with the tick it was last seen at.
 #[derive(Default)]
 pub struct SeqTracker {
-    last: HashMap<(Uuid, Channel), u64>,
+    last: HashMap<(Uuid, Channel), (u64, u64)>,
+    tick: u64,
 }
 
 impl SeqTracker {
     pub fn observe(&mut self, src: Uuid, channel: &Channel, seq: u64) -> Seen {
-        let Some(last) = self.last.get_mut(&(src, channel.clone())) else {
-            self.last.insert((src, channel.clone()), seq);
+        let now = self.tick;
+        let Some((last, seen_at)) = self.last.get_mut(&(src, channel.clone())) else {
+            // A new src (or one forgotten while silent) starts wherever it is.
+            self.last.insert((src, channel.clone()), (seq, now));
             return Seen::InOrder;
         };
+        *seen_at = now;
         if seq == last.saturating_add(1) {
             *last = seq;
             Seen::InOrder
@@ -452,19 +475,39 @@ impl SeqTracker {
             let lost = seq - *last - 1;
             *last = seq;
             Seen::Gap(lost)
-        } else if seq == 1 && *last > 1 {
-            // `seq` starts at 1 when a publisher starts: it restarted, nothing was lost.
-            *last = 1;
-            Seen::InOrder
         } else {
             Seen::Duplicate
         }
+    }
+
+    /// Advances the clock by one tick and forgets what has been silent for
+    /// [`FORGET_AFTER_TICKS`] (a sweep every 64 ticks keeps the cost negligible).
+    pub fn tick(&mut self) {
+        self.tick += 1;
+        if self.tick % 64 == 0 {
+            let now = self.tick;
+            self.last
+                .retain(|_, (_, seen_at)| now - *seen_at < FORGET_AFTER_TICKS);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
     }
 
     /// Forgets channels no longer of interest, so the map does not grow without bound.
     fn retain(&mut self, mut keep: impl FnMut(&Channel) -> bool) {
         self.last.retain(|(_, c), _| keep(c));
     }
+}
+
+/// The first bytes of every envelope `src` encodes (see `BusMessage::encode`).
+fn own_prefix(src: &Uuid) -> Vec<u8> {
+    format!("{{\"src\":\"{}\"", src.as_hyphenated()).into_bytes()
 }
 
 /// Lets one log line through per period; counts the ones held back.
@@ -525,15 +568,55 @@ mod tests {
             Seen::InOrder,
             "channels are tracked apart"
         );
-        assert_eq!(t.observe(a, &c, 1), Seen::InOrder, "restart");
-        assert_eq!(t.observe(a, &c, 1), Seen::Duplicate);
-        assert_eq!(t.observe(a, &c, 2), Seen::InOrder);
         t.retain(|ch| ch == &d);
         assert_eq!(
             t.observe(a, &c, 9),
             Seen::InOrder,
             "forgotten channel starts afresh"
         );
+    }
+
+    #[test]
+    fn seq_tracker_forgets_silent_sources() {
+        let mut t = SeqTracker::default();
+        let c = Channel::parse("trade:binance:BTC-USDT").unwrap();
+        let (old, live) = (Uuid::new_v4(), Uuid::new_v4());
+        t.observe(old, &c, 1);
+        t.observe(live, &c, 1);
+        for i in 0..FORGET_AFTER_TICKS + 64 {
+            t.tick();
+            assert_eq!(t.observe(live, &c, i + 2), Seen::InOrder);
+        }
+        assert_eq!(t.len(), 1, "the silent src is gone, the live one kept");
+        assert_eq!(t.observe(live, &c, FORGET_AFTER_TICKS + 66), Seen::InOrder);
+    }
+
+    #[test]
+    fn own_envelopes_are_recognised_without_decoding() {
+        let src = Uuid::new_v4();
+        let prefix = own_prefix(&src);
+        let mine = crate::envelope::BusMessage::encode(
+            src,
+            1,
+            1,
+            crate::event::Event::status(
+                crate::event::Exchange::Sim,
+                crate::event::StatusState::Connected,
+                None,
+            ),
+        );
+        assert!(mine.envelope.starts_with(&prefix));
+        let other = crate::envelope::BusMessage::encode(
+            Uuid::new_v4(),
+            1,
+            1,
+            crate::event::Event::status(
+                crate::event::Exchange::Sim,
+                crate::event::StatusState::Connected,
+                None,
+            ),
+        );
+        assert!(!other.envelope.starts_with(&prefix));
     }
 
     #[test]
