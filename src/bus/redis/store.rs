@@ -12,12 +12,12 @@
 //!   caller and drops the connection; the next call connects afresh. There is no backoff:
 //!   calls are driven by bot subscriptions, and each one waits at most the timeout.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::Client;
 use bytes::Bytes;
-use tokio::sync::Mutex;
 
 use super::{connect, io_timeout, last_key, redact, snapshot_key};
 use crate::bus::{BusError, SnapshotStore, StoreFuture};
@@ -53,6 +53,10 @@ impl RedisStore {
         })
     }
 
+    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The key holding `channel`'s latest value, if its type has one.
     fn key(&self, channel: &Channel) -> Option<String> {
         match channel.kind() {
@@ -63,16 +67,15 @@ impl RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
-        // The multiplexed connection is shared by cloning; the lock only guards (re)connecting.
-        let mut conn = {
-            let mut slot = self.conn.lock().await;
-            match slot.as_ref() {
-                Some(c) => c.clone(),
-                None => {
-                    let c = connect(&self.client, self.timeout).await?;
-                    *slot = Some(c.clone());
-                    c
-                }
+        // The multiplexed connection is shared by cloning. The lock only guards the slot and
+        // is never held across an await: while Redis is down each caller tries (and times
+        // out) on its own instead of queueing behind one another's connect attempts.
+        let current = self.slot().clone();
+        let mut conn = match current {
+            Some(c) => c,
+            None => {
+                let c = connect(&self.client, self.timeout).await?;
+                self.slot().get_or_insert(c).clone()
             }
         };
         let reply: ::redis::RedisResult<Option<Vec<u8>>> =
@@ -81,7 +84,7 @@ impl RedisStore {
             Ok(v) => Ok(v),
             Err(e) => {
                 // Whatever failed, a fresh connection next time is the cheap safe choice.
-                *self.conn.lock().await = None;
+                *self.slot() = None;
                 Err(e.into())
             }
         }
