@@ -457,8 +457,14 @@ impl Feed {
                                     error!(exchange = %self.exchange, %detail, "subscription refused");
                                     out.push(Event::status(self.exchange, StatusState::Error, Some(detail.clone())));
                                 }
-                                if let Some(id) = id {
-                                    pending_acks.remove(&id);
+                                match id {
+                                    Some(id) => {
+                                        pending_acks.remove(&id);
+                                    }
+                                    // An answer that names no request (Binance's older error
+                                    // shape) cannot be matched: count every request answered
+                                    // rather than wait forever for acks.
+                                    None => pending_acks.clear(),
                                 }
                                 if pending_acks.is_empty() {
                                     subscribed = true;
