@@ -70,7 +70,19 @@ struct EventHead {
 impl BusMessage {
     /// Wraps `event` in an envelope: the one and only serialization of this event.
     pub fn encode(src: Uuid, seq: u64, ts_pub: u64, event: Event) -> BusMessage {
-        let channel = event.channel();
+        BusMessage::encode_on(event.channel(), src, seq, ts_pub, event)
+    }
+
+    /// [`BusMessage::encode`] for a caller that already has the event's channel
+    /// (`channel` must be `event.channel()`).
+    pub fn encode_on(
+        channel: Channel,
+        src: Uuid,
+        seq: u64,
+        ts_pub: u64,
+        event: Event,
+    ) -> BusMessage {
+        debug_assert_eq!(channel, event.channel());
         let ts_recv = event.ts_recv();
         let event_json = event.to_json();
         let mut buf = BytesMut::with_capacity(event_json.len() + 96);

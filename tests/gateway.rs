@@ -873,7 +873,10 @@ async fn drop_oldest_on_a_book_resyncs_the_slow_bot_with_a_snapshot() {
         // resync a fresh snapshot must come first.
         if i > 0 || resyncs == chains.len() {
             assert!(!chain.is_empty(), "chain {i} after a resync is empty");
-            assert_eq!(chain[0]["action"], "snapshot", "chain {i} starts with a snapshot");
+            assert_eq!(
+                chain[0]["action"], "snapshot",
+                "chain {i} starts with a snapshot"
+            );
         }
         if !chain.is_empty() {
             assert_chain(chain);

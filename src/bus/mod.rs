@@ -93,9 +93,17 @@ impl Sequencer {
     /// The envelope for `event`: `seq` is 1 for a channel's first event, then +1 each.
     pub fn wrap(&mut self, event: Event) -> BusMessage {
         let channel = event.channel();
-        let seq = self.next.entry(channel).or_insert(0);
-        *seq += 1;
-        BusMessage::encode(self.src, *seq, now_micros(), event)
+        let seq = match self.next.get_mut(&channel) {
+            Some(seq) => {
+                *seq += 1;
+                *seq
+            }
+            None => {
+                self.next.insert(channel.clone(), 1);
+                1
+            }
+        };
+        BusMessage::encode_on(channel, self.src, seq, now_micros(), event)
     }
 }
 
