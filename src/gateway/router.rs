@@ -571,7 +571,7 @@ impl Router {
                 });
                 let retry = match snapshot {
                     None => true,
-                    Some((msg, book)) => !sync_from_snapshot(&channel, state, msg, book),
+                    Some((_, book)) => !sync_from_snapshot(&channel, state, book),
                 };
                 if retry {
                     self.fetch(channel, Some(REFETCH_DELAY));
@@ -694,12 +694,7 @@ fn start_resync(
 
 /// Applies a snapshot from the store to a Syncing book. Returns false when it is too old
 /// for the buffered deltas (ask again later).
-fn sync_from_snapshot(
-    channel: &Channel,
-    state: &mut ChannelState,
-    msg: BusMessage,
-    book: Arc<Book>,
-) -> bool {
+fn sync_from_snapshot(channel: &Channel, state: &mut ChannelState, book: Arc<Book>) -> bool {
     let Cache::Book(cache) = &mut state.cache else {
         return true;
     };
@@ -723,30 +718,25 @@ fn sync_from_snapshot(
         cache.buffer = buffered;
         return false;
     }
-    let Ok(text) = Utf8Bytes::try_from(msg.event_json()) else {
-        return false;
-    };
-    fan_out_book(channel, &state.subscribers, cache, &text, msg.ts_recv);
+    // Catch up on the buffered deltas before anyone sees the book: subscribers get one
+    // snapshot of the current state, not an older snapshot followed by a burst of deltas
+    // that waited (up to a snapshot refresh period) for it.
     let mut rest = buffered.into_iter();
     while let Some(delta) = rest.next() {
         let Some(d) = delta.book.clone() else {
             continue;
         };
-        match cache.book.apply(&d) {
-            Ok(()) => {
-                cache.template = Some(d);
-                cache.encoded = None;
-                if let Ok(text) = Utf8Bytes::try_from(delta.event_json()) {
-                    fan_out_book(channel, &state.subscribers, cache, &text, delta.ts_recv);
-                }
-            }
-            Err(e) => {
-                // A gap inside the buffer itself: sync again from this delta on.
-                let reason = e.to_string();
-                start_resync(channel, state, reason, std::iter::once(delta).chain(rest));
-                return false;
-            }
+        if let Err(e) = cache.book.apply(&d) {
+            // A gap inside the buffer itself: sync again from this delta on.
+            let reason = e.to_string();
+            start_resync(channel, state, reason, std::iter::once(delta).chain(rest));
+            return false;
         }
+        cache.template = Some(d);
+    }
+    cache.encoded = None;
+    if let Some((text, ts_recv)) = cache.snapshot_text() {
+        fan_out_book(channel, &state.subscribers, cache, &text, ts_recv);
     }
     true
 }
