@@ -245,7 +245,7 @@ async fn hybrid_delivers_each_event_exactly_once() {
         sim.http.expect("port"),
         "binance",
         &["BTC-USDT"],
-        &["trade"],
+        &["trade", "book"],
     );
     let (h, b) = (free_port(), free_port());
     let mut hybrid = Proc::role(
@@ -259,6 +259,25 @@ async fn hybrid_delivers_each_event_exactly_once() {
     bot.subscribe(&["trade:binance:BTC-USDT", "trade:*:BTC-USDT"])
         .await;
     contiguous_trades(&mut bot, 300).await;
+    // Its own books are kept in-process: a late joiner gets a snapshot at once and the
+    // chain never breaks on the local path (no bus-side resync).
+    let mut books = Bot::connect(&hybrid.bots_url()).await;
+    books.subscribe(&["book:*:*"]).await;
+    let (first, _) = books.until(WAIT, |v| v["type"] == "book").await;
+    assert_eq!(first["action"], "snapshot", "{first}");
+    let mut seq = first["seq"].as_u64().expect("seq");
+    for _ in 0..100 {
+        let (d, _) = books.until(WAIT, |v| v["type"] == "book").await;
+        assert_eq!(d["action"], "delta");
+        assert_eq!(d["prev_seq"].as_u64(), Some(seq), "chain");
+        seq = d["seq"].as_u64().expect("seq");
+    }
+    assert_eq!(
+        hybrid
+            .metric(r#"mdbridge_book_resyncs_total{side="bus"}"#)
+            .await,
+        0.0
+    );
     // Its own echoes came back from Redis and were dropped by src.
     assert!(
         hybrid

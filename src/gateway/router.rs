@@ -147,6 +147,8 @@ impl BookCache {
 struct ChannelState {
     subscribers: Vec<Arc<ClientQueue>>,
     cache: Cache,
+    /// Fed by this instance's own publisher: the cache is complete whether watched or not.
+    local: bool,
 }
 
 impl ChannelState {
@@ -207,11 +209,11 @@ impl Router {
                     None => break,
                 },
                 msg = recv_local(&mut local) => match msg {
-                    Some(msg) => self.on_message(msg),
+                    Some(msg) => self.on_message(msg, true),
                     None => local = None,
                 },
                 msg = messages.recv(), if bus_open => match msg {
-                    Some(msg) => self.on_message(msg),
+                    Some(msg) => self.on_message(msg, false),
                     None => {
                         tracing::debug!("bus closed; the router keeps serving commands");
                         bus_open = false;
@@ -326,6 +328,7 @@ impl Router {
                     .or_insert_with(|| ChannelState {
                         subscribers: Vec::new(),
                         cache: Cache::for_kind(kind),
+                        local: false,
                     });
             }
         }
@@ -409,7 +412,7 @@ impl Router {
             state.subscribers.retain(|q| q.id() != id);
             if state.subscribers.len() != before {
                 queue.clear_broken(channel);
-                if state.subscribers.is_empty() && !keep_unwatched {
+                if state.subscribers.is_empty() && !keep_unwatched && !state.local {
                     state.cache = Cache::for_kind(channel.kind());
                 }
             }
@@ -452,7 +455,10 @@ impl Router {
     }
 
     /// One bus message: update the channel's cache, then fan the same bytes out.
-    fn on_message(&mut self, msg: BusMessage) {
+    /// `local`: the message comes from this instance's own publisher (hybrid), which
+    /// delivers every message of its channels, so their caches are kept exact even while
+    /// nobody subscribes — a bot that joins gets a snapshot at once, with no store lookup.
+    fn on_message(&mut self, msg: BusMessage, local: bool) {
         if !self.channels.contains_key(&msg.channel) {
             let subscribers = self.resolve(&msg.channel);
             self.channels.insert(
@@ -460,13 +466,15 @@ impl Router {
                 ChannelState {
                     subscribers,
                     cache: Cache::for_kind(msg.kind()),
+                    local: false,
                 },
             );
         }
-        let maintain = self.store.is_none();
         let Some(state) = self.channels.get_mut(&msg.channel) else {
             return;
         };
+        state.local |= local;
+        let maintain = self.store.is_none() || state.local;
         if state.subscribers.is_empty() && !maintain {
             // Nobody listens and the store can serve the next subscriber: keep nothing.
             return;
