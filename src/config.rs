@@ -302,6 +302,12 @@ pub enum Role {
     Hybrid,
 }
 
+/// Kline intervals Binance serves (spot WebSocket streams documentation).
+const BINANCE_KLINE_INTERVALS: [&str; 16] = [
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w",
+    "1M",
+];
+
 /// Sections whose keys may be overridden from the environment.
 const ENV_SECTIONS: [&str; 5] = ["instance", "redis", "bots", "http", "durable"];
 
@@ -478,6 +484,21 @@ impl Config {
             if feed.channels.is_empty() {
                 bad(&at("channels"), "list at least one channel".into());
             }
+            if matches!(feed.exchange, Exchange::Binance | Exchange::Sim) {
+                for c in &feed.channels {
+                    if let FeedChannel::Candle(i) = c {
+                        if !BINANCE_KLINE_INTERVALS.contains(&i.as_str()) {
+                            bad(
+                                &at("channels"),
+                                format!(
+                                    "`candle:{i}`: Binance klines come in {}",
+                                    BINANCE_KLINE_INTERVALS.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
             for (k, u) in [("url", &feed.url), ("rest_url", &feed.rest_url)] {
                 if let Some(u) = u {
                     match url::Url::parse(u) {
@@ -605,6 +626,13 @@ depth_limit = 0
 
         let f = write("[bots]\nslow_client = \"ignore\"\n");
         assert!(Config::load(Some(f.path()), Role::Executor).is_err());
+
+        let f = write("[[feeds]]\nexchange = \"binance\"\nsymbols = [\"BTC-USDT\"]\nchannels = [\"candle:7m\"]\n");
+        let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
+        assert!(
+            err.to_string().contains("candle:7m`: Binance klines"),
+            "{err}"
+        );
 
         let f = write("[[feeds]]\nexchange = \"binance\"\nsymbols = [\"BTC-USDT\"]\nchannels = [\"candle:7q\"]\n");
         let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
