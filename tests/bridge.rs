@@ -239,22 +239,11 @@ async fn contiguous_trades(bot: &mut Bot, n: usize) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_delivers_each_event_exactly_once() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "200", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
-        &["BTC-USDT"],
-        &["trade", "book"],
-    );
-    let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role(
-        "hybrid",
-        &role_config(&redis.url(), h, b, &feed),
-        h,
-        Some(b),
-    );
-    hybrid.wait_healthy().await;
+    let SimHybrid {
+        hybrid,
+        redis,
+        sim: _sim,
+    } = sim_hybrid("200", &["BTC-USDT"], &["trade", "book"], "").await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:binance:BTC-USDT", "trade:*:BTC-USDT"])
         .await;
@@ -371,46 +360,19 @@ async fn redis_restart_mid_stream_both_roles_recover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "1000", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
+    let b = sim_hybrid(
+        "1000",
         &["BTC-USDT"],
         &["trade", "book"],
-    );
-    let (h, b) = (free_port(), free_port());
-    let extra = format!("{feed}\n");
-    let config = role_config(&redis.url(), h, b, "").replace(
-        "[bots]\n",
-        "[bots]\nqueue_size = 256\nslow_client = \"disconnect\"\n",
-    ) + &extra;
-    let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
-    hybrid.wait_healthy().await;
-
-    // The slow bot asks for everything, with a tiny receive buffer, and never reads.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(2048).expect("rcvbuf");
-    let stream = socket
-        .connect(format!("127.0.0.1:{b}").parse().expect("addr"))
-        .await
-        .expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream)
-        .await
-        .expect("ws");
-    {
-        use futures_util::SinkExt;
-        slow.send(tokio_tungstenite::tungstenite::Message::text(
-            json!({"op":"subscribe","channels":["trade:*:*","book:*:*"]}).to_string(),
-        ))
-        .await
-        .expect("send");
-    }
-    let mut fast = Bot::connect(&hybrid.bots_url()).await;
+        "queue_size = 256\nslow_client = \"disconnect\"",
+    )
+    .await;
+    let slow = stalled_bot(b.hybrid.bots.expect("port"), &["trade:*:*", "book:*:*"]).await;
+    let mut fast = Bot::connect(&b.hybrid.bots_url()).await;
     fast.subscribe(&["trade:binance:BTC-USDT"]).await;
     contiguous_trades(&mut fast, 400).await;
     wait_until("the slow bot is disconnected", WAIT, || async {
-        hybrid
+        b.hybrid
             .metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#)
             .await
             >= 1.0
@@ -422,52 +384,28 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "1000", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
+    let b = sim_hybrid(
+        "1000",
         &["BTC-USDT"],
         &["trade", "book"],
-    );
-    let (h, b) = (free_port(), free_port());
-    let config = role_config(&redis.url(), h, b, "").replace(
-        "[bots]\n",
-        "[bots]\nqueue_size = 256\nslow_client = \"drop_oldest\"\n",
-    ) + &feed;
-    let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
-    hybrid.wait_healthy().await;
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(2048).expect("rcvbuf");
-    let stream = socket
-        .connect(format!("127.0.0.1:{b}").parse().expect("addr"))
-        .await
-        .expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(hybrid.bots_url(), stream)
-        .await
-        .expect("ws");
-    {
-        use futures_util::SinkExt;
-        slow.send(tokio_tungstenite::tungstenite::Message::text(
-            json!({"op":"subscribe","channels":["trade:*:*","book:*:*"]}).to_string(),
-        ))
-        .await
-        .expect("send");
-    }
-    let mut fast = Bot::connect(&hybrid.bots_url()).await;
+        "queue_size = 256\nslow_client = \"drop_oldest\"",
+    )
+    .await;
+    let slow = stalled_bot(b.hybrid.bots.expect("port"), &["trade:*:*", "book:*:*"]).await;
+    let mut fast = Bot::connect(&b.hybrid.bots_url()).await;
     fast.subscribe(&["trade:binance:BTC-USDT"]).await;
     contiguous_trades(&mut fast, 300).await;
     wait_until("frames dropped for the slow bot", WAIT, || async {
-        hybrid.metric("mdbridge_bot_frames_dropped_total").await >= 1.0
+        b.hybrid.metric("mdbridge_bot_frames_dropped_total").await >= 1.0
     })
     .await;
     assert_eq!(
-        hybrid
+        b.hybrid
             .metric(r#"mdbridge_bot_disconnects_total{reason="slow"}"#)
             .await,
         0.0
     );
-    assert_eq!(hybrid.metric("mdbridge_bot_clients").await, 2.0);
+    assert_eq!(b.hybrid.metric("mdbridge_bot_clients").await, 2.0);
     drop(slow);
 }
 
@@ -527,22 +465,11 @@ async fn bad_bot_requests_get_error_codes_and_the_connection_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_stops_delivery() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT,ETH-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
-        &["BTC-USDT", "ETH-USDT"],
-        &["trade"],
-    );
-    let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role(
-        "hybrid",
-        &role_config(&redis.url(), h, b, &feed),
-        h,
-        Some(b),
-    );
-    hybrid.wait_healthy().await;
+    let SimHybrid {
+        hybrid,
+        redis: _redis,
+        sim: _sim,
+    } = sim_hybrid("100", &["BTC-USDT", "ETH-USDT"], &["trade"], "").await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:binance:*"]).await;
     let mut symbols = HashSet::new();

@@ -227,22 +227,11 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_still_ends_with_a_close_frame() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "0", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
-        &["BTC-USDT"],
-        &["trade", "book"],
-    );
-    let (h, b) = (free_port(), free_port());
-    let mut hybrid = Proc::role(
-        "hybrid",
-        &role_config(&redis.url(), h, b, &feed),
-        h,
-        Some(b),
-    );
-    hybrid.wait_healthy().await;
+    let SimHybrid {
+        mut hybrid,
+        redis: _redis,
+        sim: _sim,
+    } = sim_hybrid("0", &["BTC-USDT"], &["trade", "book"], "").await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:*:*", "book:*:*"]).await;
     for _ in 0..200 {

@@ -500,3 +500,43 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(rel)
 }
+
+/// A simulator feeding a hybrid instance through a private Redis: the usual one-process
+/// bridge of the tests. Fields drop in reverse order: hybrid, simulator, Redis.
+pub struct SimHybrid {
+    pub hybrid: Proc,
+    pub sim: Proc,
+    pub redis: RedisServer,
+}
+
+/// Starts Redis, `mdbridge simulate --rate <rate>` for `symbols`, and a healthy hybrid
+/// whose Binance feed reads `channels` from it. `bots` is added to the `[bots]` section.
+pub async fn sim_hybrid(rate: &str, symbols: &[&str], channels: &[&str], bots: &str) -> SimHybrid {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", rate, "--symbols", &symbols.join(",")]).await;
+    let feed = sim_feed(sim.http.expect("port"), "binance", symbols, channels);
+    let (h, b) = (free_port(), free_port());
+    let config = role_config(&redis.url(), h, b, "")
+        .replace("[bots]\n", &format!("[bots]\n{bots}\n"))
+        + &feed;
+    let mut hybrid = Proc::role("hybrid", &config, h, Some(b));
+    hybrid.wait_healthy().await;
+    SimHybrid { hybrid, sim, redis }
+}
+
+/// A bot that subscribes to `channels` with a tiny receive buffer and then never reads.
+pub async fn stalled_bot(bots_port: u16, channels: &[&str]) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(2048).expect("rcvbuf");
+    let stream = socket
+        .connect(format!("127.0.0.1:{bots_port}").parse().expect("addr"))
+        .await
+        .expect("connect");
+    let url = format!("ws://127.0.0.1:{bots_port}");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("ws");
+    let sub = serde_json::json!({"op":"subscribe","channels":channels});
+    ws.send(Message::text(sub.to_string())).await.expect("send");
+    ws
+}
