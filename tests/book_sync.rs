@@ -110,24 +110,12 @@ async fn assert_books_equal(bot: &mut Bot, book: &mut BotBook, sim: &Proc) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["book"]);
-    let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role(
-        "publisher",
-        &role_config(&redis.url(), ph, pb, &feed),
-        ph,
-        None,
-    );
-    let mut executor = Proc::role(
-        "executor",
-        &role_config(&redis.url(), eh, eb, ""),
-        eh,
-        Some(eb),
-    );
-    publisher.wait_healthy().await;
-    executor.wait_healthy().await;
+    let SimBridge {
+        executor,
+        publisher,
+        sim,
+        redis: _redis,
+    } = sim_bridge("100", &["BTC-USDT"], &["book"]).await;
 
     let mut bot = Bot::connect(&executor.bots_url()).await;
     bot.subscribe(&["book:binance:BTC-USDT", "status:binance"])

@@ -291,29 +291,12 @@ async fn hybrid_delivers_each_event_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_stream_both_roles_recover() {
-    let mut redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
-        &["BTC-USDT"],
-        &["trade", "book"],
-    );
-    let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role(
-        "publisher",
-        &role_config(&redis.url(), ph, pb, &feed),
-        ph,
-        None,
-    );
-    let mut executor = Proc::role(
-        "executor",
-        &role_config(&redis.url(), eh, eb, ""),
-        eh,
-        Some(eb),
-    );
-    publisher.wait_healthy().await;
-    executor.wait_healthy().await;
+    let SimBridge {
+        mut executor,
+        mut publisher,
+        sim: _sim,
+        mut redis,
+    } = sim_bridge("100", &["BTC-USDT"], &["trade", "book"]).await;
     let mut bot = Bot::connect(&executor.bots_url()).await;
     bot.subscribe(&["trade:binance:BTC-USDT"]).await;
     let (_, before) = contiguous_trades(&mut bot, 20).await;

@@ -540,3 +540,40 @@ pub async fn stalled_bot(bots_port: u16, channels: &[&str]) -> Ws {
     ws.send(Message::text(sub.to_string())).await.expect("send");
     ws
 }
+
+/// A simulator, a publisher reading it, and an executor, through a private Redis.
+pub struct SimBridge {
+    pub executor: Proc,
+    pub publisher: Proc,
+    pub sim: Proc,
+    pub redis: RedisServer,
+}
+
+/// Starts Redis, `mdbridge simulate --rate <rate>` for `symbols`, a publisher whose Binance
+/// feed reads `channels` from it and an executor; returns once both roles are healthy.
+pub async fn sim_bridge(rate: &str, symbols: &[&str], channels: &[&str]) -> SimBridge {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", rate, "--symbols", &symbols.join(",")]).await;
+    let feed = sim_feed(sim.http.expect("port"), "binance", symbols, channels);
+    let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
+    let mut publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), eh, eb, ""),
+        eh,
+        Some(eb),
+    );
+    publisher.wait_healthy().await;
+    executor.wait_healthy().await;
+    SimBridge {
+        executor,
+        publisher,
+        sim,
+        redis,
+    }
+}
