@@ -289,6 +289,47 @@ async fn hybrid_delivers_each_event_exactly_once() {
     contiguous_trades(&mut remote, 100).await;
 }
 
+/// Follows one book as a bot sees it and checks PROTOCOL §2 on every message: deltas
+/// chain exactly, and after a `resync` the next book message is a snapshot.
+#[derive(Default)]
+struct BookChain {
+    seq: Option<u64>,
+    awaiting_snapshot: bool,
+    resyncs: u64,
+    deltas_since_snapshot: u64,
+}
+
+impl BookChain {
+    async fn read(&mut self, bot: &mut Bot, book_messages: usize) {
+        let mut seen = 0;
+        while seen < book_messages {
+            let v = bot.next(WAIT).await.expect("frame");
+            match (v["type"].as_str(), v["action"].as_str()) {
+                (Some("status"), _) => {
+                    assert_eq!(v["state"], "resync", "{v}");
+                    self.resyncs += 1;
+                    self.awaiting_snapshot = true;
+                }
+                (Some("book"), Some("snapshot")) => {
+                    self.seq = v["seq"].as_u64();
+                    self.awaiting_snapshot = false;
+                    self.deltas_since_snapshot = 0;
+                    seen += 1;
+                }
+                (Some("book"), Some("delta")) => {
+                    assert!(!self.awaiting_snapshot, "a delta right after resync: {v}");
+                    assert!(self.seq.is_some(), "a delta before any snapshot: {v}");
+                    assert_eq!(v["prev_seq"].as_u64(), self.seq, "chain broken: {v}");
+                    self.seq = v["seq"].as_u64();
+                    self.deltas_since_snapshot += 1;
+                    seen += 1;
+                }
+                _ => panic!("unexpected frame {v}"),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_stream_both_roles_recover() {
     let SimBridge {
@@ -299,6 +340,10 @@ async fn redis_restart_mid_stream_both_roles_recover() {
     } = sim_bridge("100", &["BTC-USDT"], &["trade", "book"]).await;
     let mut bot = Bot::connect(&executor.bots_url()).await;
     bot.subscribe(&["trade:binance:BTC-USDT"]).await;
+    let mut books = Bot::connect(&executor.bots_url()).await;
+    books.subscribe(&["book:binance:BTC-USDT"]).await;
+    let mut chain = BookChain::default();
+    chain.read(&mut books, 20).await;
     let (_, before) = contiguous_trades(&mut bot, 20).await;
 
     redis.restart();
@@ -316,6 +361,11 @@ async fn redis_restart_mid_stream_both_roles_recover() {
         }
     }
     contiguous_trades(&mut bot, 20).await;
+    // The book bot lost deltas with Redis: it is told (`resync`), gets a fresh snapshot
+    // from the executor, and every delta after it chains again.
+    while chain.resyncs == 0 || chain.deltas_since_snapshot < 20 {
+        chain.read(&mut books, 1).await;
+    }
     assert!(
         executor
             .metric(r#"mdbridge_redis_reconnects_total{role="subscribe"}"#)
