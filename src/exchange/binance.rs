@@ -335,85 +335,185 @@ impl BinanceAdapter {
         let kind = kind
             .as_str()
             .ok_or_else(|| ParseError::UnknownEvent(kind.to_string()))?;
-        let event = match kind {
-            "trade" => {
-                let w: TradeWire =
-                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("trade"))?;
-                Event::Trade(Trade {
-                    exchange: label,
-                    symbol: self.symbol(w.symbol)?,
-                    ts: Some(ms_to_us(w.trade_time)),
-                    ts_recv,
-                    trade_id: w.trade_id.to_string(),
-                    price: w.price.into(),
-                    size: w.qty.into(),
-                    side: Some(if w.buyer_is_maker {
-                        Side::Sell
-                    } else {
-                        Side::Buy
-                    }),
-                })
-            }
-            "24hrTicker" => {
-                let w: TickerWire = simd_json::serde::from_refborrowed_value(v)
-                    .map_err(payload_err("24hrTicker"))?;
-                Event::Ticker(Ticker {
-                    exchange: label,
-                    symbol: self.symbol(w.symbol)?,
-                    ts: Some(ms_to_us(w.event_time)),
-                    ts_recv,
-                    bid: Some(w.bid.into()),
-                    bid_size: Some(w.bid_qty.into()),
-                    ask: Some(w.ask.into()),
-                    ask_size: Some(w.ask_qty.into()),
-                    last: Some(w.last.into()),
-                    volume_24h: Some(w.volume.into()),
-                })
-            }
-            "kline" => {
-                let w: KlineWire =
-                    simd_json::serde::from_refborrowed_value(v).map_err(payload_err("kline"))?;
-                let k = w.kline;
-                Event::Candle(Candle {
-                    exchange: label,
-                    symbol: self.symbol(w.symbol)?,
-                    ts: Some(ms_to_us(w.event_time)),
-                    ts_recv,
-                    interval: k.interval.to_string(),
-                    start: ms_to_us(k.start),
-                    open: k.open.into(),
-                    high: k.high.into(),
-                    low: k.low.into(),
-                    close: k.close.into(),
-                    volume: k.volume.into(),
-                    closed: k.closed,
-                })
-            }
-            "depthUpdate" => {
-                let w: DepthUpdateWire = simd_json::serde::from_refborrowed_value(v)
-                    .map_err(payload_err("depthUpdate"))?;
-                if w.first_update_id > w.final_update_id {
-                    return Err(ParseError::Payload {
-                        kind: "depthUpdate",
-                        reason: format!("U {} > u {}", w.first_update_id, w.final_update_id),
-                    });
-                }
-                return Ok(vec![Parsed::Diff(BookDiff {
-                    exchange: label,
-                    symbol: self.symbol(w.symbol)?,
-                    first_update_id: w.first_update_id,
-                    last_update_id: w.final_update_id,
-                    ts: Some(ms_to_us(w.event_time)),
-                    ts_recv,
-                    bids: levels(w.bids),
-                    asks: levels(w.asks),
-                })]);
-            }
-            "serverShutdown" => return Ok(vec![Parsed::ServerShutdown]),
-            other => return Err(ParseError::UnknownEvent(other.to_string())),
-        };
-        Ok(vec![Parsed::Event(event)])
+        match kind {
+            "trade" => self.trade(from_value(v, "trade")?, ts_recv),
+            "24hrTicker" => self.ticker(from_value(v, "24hrTicker")?, ts_recv),
+            "kline" => self.kline(from_value(v, "kline")?, ts_recv),
+            "depthUpdate" => self.depth(from_value(v, "depthUpdate")?, ts_recv),
+            "serverShutdown" => Ok(vec![Parsed::ServerShutdown]),
+            other => Err(ParseError::UnknownEvent(other.to_string())),
+        }
     }
+
+    /// The fast path for the four market payloads, when the frame's first bytes name its
+    /// kind: one pass from bytes into the borrowed wire struct, no intermediate value tree.
+    fn parse_sniffed(
+        &self,
+        frame: &mut [u8],
+        sniffed: Sniffed,
+        ts_recv: u64,
+    ) -> Result<Vec<Parsed>, ParseError> {
+        let combined = sniffed.combined;
+        match sniffed.kind {
+            Kind::Trade => self.trade(from_frame(frame, combined, "trade")?, ts_recv),
+            Kind::Ticker => self.ticker(from_frame(frame, combined, "24hrTicker")?, ts_recv),
+            Kind::Kline => self.kline(from_frame(frame, combined, "kline")?, ts_recv),
+            Kind::Depth => self.depth(from_frame(frame, combined, "depthUpdate")?, ts_recv),
+        }
+    }
+
+    fn trade(&self, w: TradeWire<'_>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        Ok(vec![Parsed::Event(Event::Trade(Trade {
+            exchange: self.label,
+            symbol: self.symbol(w.symbol)?,
+            ts: Some(ms_to_us(w.trade_time)),
+            ts_recv,
+            trade_id: w.trade_id.to_string(),
+            price: w.price.into(),
+            size: w.qty.into(),
+            side: Some(if w.buyer_is_maker {
+                Side::Sell
+            } else {
+                Side::Buy
+            }),
+        }))])
+    }
+
+    fn ticker(&self, w: TickerWire<'_>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        Ok(vec![Parsed::Event(Event::Ticker(Ticker {
+            exchange: self.label,
+            symbol: self.symbol(w.symbol)?,
+            ts: Some(ms_to_us(w.event_time)),
+            ts_recv,
+            bid: Some(w.bid.into()),
+            bid_size: Some(w.bid_qty.into()),
+            ask: Some(w.ask.into()),
+            ask_size: Some(w.ask_qty.into()),
+            last: Some(w.last.into()),
+            volume_24h: Some(w.volume.into()),
+        }))])
+    }
+
+    fn kline(&self, w: KlineWire<'_>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        let k = w.kline;
+        Ok(vec![Parsed::Event(Event::Candle(Candle {
+            exchange: self.label,
+            symbol: self.symbol(w.symbol)?,
+            ts: Some(ms_to_us(w.event_time)),
+            ts_recv,
+            interval: k.interval.to_string(),
+            start: ms_to_us(k.start),
+            open: k.open.into(),
+            high: k.high.into(),
+            low: k.low.into(),
+            close: k.close.into(),
+            volume: k.volume.into(),
+            closed: k.closed,
+        }))])
+    }
+
+    fn depth(&self, w: DepthUpdateWire<'_>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        if w.first_update_id > w.final_update_id {
+            return Err(ParseError::Payload {
+                kind: "depthUpdate",
+                reason: format!("U {} > u {}", w.first_update_id, w.final_update_id),
+            });
+        }
+        Ok(vec![Parsed::Diff(BookDiff {
+            exchange: self.label,
+            symbol: self.symbol(w.symbol)?,
+            first_update_id: w.first_update_id,
+            last_update_id: w.final_update_id,
+            ts: Some(ms_to_us(w.event_time)),
+            ts_recv,
+            bids: levels(w.bids),
+            asks: levels(w.asks),
+        })])
+    }
+}
+
+/// The market payloads the fast path knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Trade,
+    Ticker,
+    Kline,
+    Depth,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sniffed {
+    /// Wrapped as `{"stream":..,"data":{..}}`.
+    combined: bool,
+    kind: Kind,
+}
+
+/// Reads a frame's kind from its first bytes when Binance's own field order shows it:
+/// `{"stream":"btcusdt@trade",...` or `{"e":"trade",...`. Anything else (acks, errors,
+/// book tickers, other key orders) returns None and takes the general path.
+fn sniff(frame: &[u8]) -> Option<Sniffed> {
+    fn quoted(rest: &[u8]) -> Option<&[u8]> {
+        let end = rest.iter().take(64).position(|&b| b == b'"')?;
+        Some(&rest[..end])
+    }
+    if let Some(rest) = frame.strip_prefix(br#"{"stream":""#) {
+        let name = quoted(rest)?;
+        let kind = if name.ends_with(b"@trade") {
+            Kind::Trade
+        } else if name.ends_with(b"@ticker") {
+            Kind::Ticker
+        } else if name.windows(7).any(|w| w == b"@kline_") {
+            Kind::Kline
+        } else if name.windows(6).any(|w| w == b"@depth") {
+            Kind::Depth
+        } else {
+            return None;
+        };
+        return Some(Sniffed {
+            combined: true,
+            kind,
+        });
+    }
+    let rest = frame.strip_prefix(br#"{"e":""#)?;
+    let kind = match quoted(rest)? {
+        b"trade" => Kind::Trade,
+        b"24hrTicker" => Kind::Ticker,
+        b"kline" => Kind::Kline,
+        b"depthUpdate" => Kind::Depth,
+        _ => return None,
+    };
+    Some(Sniffed {
+        combined: false,
+        kind,
+    })
+}
+
+/// `{"stream":"..","data":T}`: only `data` is read.
+#[derive(Deserialize)]
+struct Combined<T> {
+    data: T,
+}
+
+/// One pass from the frame's bytes into `T`, unwrapping a combined-stream frame.
+fn from_frame<'a, T: Deserialize<'a>>(
+    frame: &'a mut [u8],
+    combined: bool,
+    kind: &'static str,
+) -> Result<T, ParseError> {
+    if combined {
+        simd_json::serde::from_slice::<Combined<T>>(frame)
+            .map(|c| c.data)
+            .map_err(payload_err(kind))
+    } else {
+        simd_json::serde::from_slice::<T>(frame).map_err(payload_err(kind))
+    }
+}
+
+fn from_value<'a, T: Deserialize<'a>>(
+    v: &'a BorrowedValue<'a>,
+    kind: &'static str,
+) -> Result<T, ParseError> {
+    simd_json::serde::from_refborrowed_value(v).map_err(payload_err(kind))
 }
 
 impl Adapter for BinanceAdapter {
@@ -447,6 +547,9 @@ impl Adapter for BinanceAdapter {
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        if let Some(sniffed) = sniff(frame) {
+            return self.parse_sniffed(frame, sniffed, ts_recv);
+        }
         let v = simd_json::to_borrowed_value(frame).map_err(|e| ParseError::Json(e.to_string()))?;
         if v.as_object().is_none() {
             return Err(ParseError::NotObject);
@@ -547,6 +650,39 @@ mod tests {
             Parsed::Event(e) => e,
             other => panic!("{name}: expected an event, got {other:?}"),
         }
+    }
+
+    /// The fast path (Binance's key order) and the general path (any other key order)
+    /// must agree on every payload kind.
+    #[test]
+    fn sniffed_and_general_paths_agree() {
+        let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+        for name in [
+            "trade.json",
+            "trade_combined.json",
+            "ticker.json",
+            "kline.json",
+            "depth_update.json",
+        ] {
+            let frame = fixture(name);
+            assert!(sniff(&frame).is_some(), "{name} takes the fast path");
+            let fast = format!("{:?}", adapter.parse(&mut frame.clone(), TS_RECV).unwrap());
+            // Same JSON with its keys reordered (serde_json sorts them): no sniffing.
+            let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+            let mut reordered = serde_json::to_vec(&v).unwrap();
+            assert!(
+                sniff(&reordered).is_none(),
+                "{name} reordered takes the general path"
+            );
+            let general = format!("{:?}", adapter.parse(&mut reordered, TS_RECV).unwrap());
+            assert_eq!(fast, general, "{name}");
+        }
+        // A sniffed frame that is cut short is an error, not a panic.
+        let mut cut = fixture("trade_combined.json");
+        cut.truncate(cut.len() / 2);
+        assert!(adapter.parse(&mut cut, TS_RECV).is_err());
+        let mut wrong = br#"{"e":"trade","E":"soon"}"#.to_vec();
+        assert!(adapter.parse(&mut wrong, TS_RECV).is_err());
     }
 
     #[test]
