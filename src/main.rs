@@ -21,6 +21,8 @@ use mdbridge::simulator::{Faults, SimConfig};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const DEFAULT_DEMO_HTTP: &str = "127.0.0.1:9100";
+
 /// Exit status for a configuration that was refused.
 const EXIT_BAD_CONFIG: u8 = 2;
 
@@ -90,7 +92,7 @@ struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8765")]
     listen: String,
     /// Admin HTTP (/metrics, /health).
-    #[arg(long, default_value = "127.0.0.1:9100")]
+    #[arg(long, default_value = DEFAULT_DEMO_HTTP)]
     http: String,
     /// Simulated market ticks per second per symbol.
     #[arg(long, default_value_t = 20)]
@@ -204,7 +206,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     config.bots.listen = args.listen.clone();
     config.http.listen = args.http.clone();
     let bots = app::bind("bot WebSocket (--listen)", &args.listen).await?;
-    let http = app::bind("admin HTTP (--http)", &args.http).await?;
+    // 9100 is also node_exporter's port: when the default is taken, the demo still runs,
+    // on a free port that it prints.
+    let http = match app::bind("admin HTTP (--http)", &args.http).await {
+        Ok(l) => l,
+        Err(e) if args.http == DEFAULT_DEMO_HTTP => {
+            eprintln!("mdbridge demo: {e}; using a free port instead");
+            app::bind("admin HTTP", "127.0.0.1:0").await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let options = DemoOptions {
