@@ -155,6 +155,14 @@ async fn publisher_to_executor_to_bot_exact_events_and_routing() {
     let pong = tickers.next(WAIT).await.expect("pong");
     assert_eq!(pong, json!({"type":"pong","req":9}));
 
+    // A late joiner to the feed's status learns its current state at once.
+    let mut watcher = Bot::connect(&b.executor.bots_url()).await;
+    watcher.subscribe(&["status:binance"]).await;
+    let status = watcher.next(WAIT).await.expect("latest status");
+    assert_eq!(status["type"], "status", "{status}");
+    assert_eq!(status["exchange"], "binance");
+    assert_eq!(status["state"], "connected");
+
     // A late joiner gets the latest ticker at once.
     let mut late = Bot::connect(&b.executor.bots_url()).await;
     late.subscribe(&["ticker:binance:BNB-BTC"]).await;

@@ -92,12 +92,12 @@ enum Cache {
 impl Cache {
     fn for_kind(kind: EventType) -> Cache {
         match kind {
-            EventType::Ticker | EventType::Candle => Cache::Latest {
+            EventType::Ticker | EventType::Candle | EventType::Status => Cache::Latest {
                 value: None,
                 fetching: false,
             },
             EventType::Book => Cache::Book(Box::default()),
-            EventType::Trade | EventType::Status => Cache::Nothing,
+            EventType::Trade => Cache::Nothing,
         }
     }
 }

@@ -8,7 +8,7 @@
 //! one batches naturally. Each batch is one pipeline:
 //!
 //! - `PUBLISH {p}{channel} <envelope>` for every envelope;
-//! - `SET {p}last:{channel} <envelope>` for `ticker` and `candle` events;
+//! - `SET {p}last:{channel} <envelope>` for `ticker`, `candle` and `status` events;
 //! - `SET {p}snapshot:{channel} <envelope>` for `book` snapshots.
 //!
 //! The writer also keeps an [`OrderBook`] per book channel and, every
@@ -361,7 +361,7 @@ impl Writer {
                 .arg(payload)
                 .ignore();
             match msg.kind() {
-                EventType::Ticker | EventType::Candle => {
+                EventType::Ticker | EventType::Candle | EventType::Status => {
                     pipe.cmd("SET")
                         .arg(super::last_key(prefix, &msg.channel))
                         .arg(payload)

@@ -61,8 +61,10 @@ impl RedisStore {
     fn key(&self, channel: &Channel) -> Option<String> {
         match channel.kind() {
             EventType::Book => Some(snapshot_key(&self.prefix, channel)),
-            EventType::Ticker | EventType::Candle => Some(last_key(&self.prefix, channel)),
-            EventType::Trade | EventType::Status => None,
+            EventType::Ticker | EventType::Candle | EventType::Status => {
+                Some(last_key(&self.prefix, channel))
+            }
+            EventType::Trade => None,
         }
     }
 
