@@ -621,6 +621,13 @@ impl Adapter for BinanceAdapter {
                 url.map_err(|e| SnapshotError::Url(format!("{rest_url_err}", rest_url_err = e)))?;
             let resp = http.get(url).send().await?;
             let status = resp.status();
+            // Binance answers 429 (and 418 once it bans) with Retry-After in seconds.
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(std::time::Duration::from_secs);
             let body = resp.bytes().await?;
             let ts_recv = crate::event::now_micros();
             if !status.is_success() {
@@ -628,6 +635,7 @@ impl Adapter for BinanceAdapter {
                 return Err(SnapshotError::Status {
                     status: status.as_u16(),
                     body,
+                    retry_after,
                 });
             }
             parse_depth_snapshot(label, &symbol, &body, ts_recv)

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -57,6 +57,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const SUBSCRIBE_PACING: Duration = Duration::from_millis(250);
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
+/// REST order-book snapshots one feed fetches at once.
+const SNAPSHOT_FETCHES_IN_FLIGHT: usize = 4;
+/// Longest `Retry-After` honoured as given; longer ones are cut (the feed stays responsive).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 /// Why a connection ended (other than shutdown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +134,10 @@ struct Feed {
     stale_after: Duration,
     rotate_after: Duration,
     http: reqwest::Client,
+    /// REST snapshots in flight at once for this feed: after a reconnect every book wants
+    /// one, and a burst of depth requests (weight 50 each at limit 1000) is how an IP gets
+    /// rate-limited.
+    fetch_slots: Arc<Semaphore>,
     events: mpsc::Sender<Event>,
     health: HealthHandle,
     shutdown: CancellationToken,
@@ -191,6 +199,7 @@ pub async fn run(
         rotate_after: Duration::from_secs(feed.rotate_after_secs.max(1)),
         adapter,
         http,
+        fetch_slots: Arc::new(Semaphore::new(SNAPSHOT_FETCHES_IN_FLIGHT)),
         events,
         health,
         shutdown,
@@ -309,12 +318,26 @@ impl Feed {
             self.adapter
                 .fetch_snapshot(&self.http, &self.rest_url, &req.symbol, self.depth_limit);
         let tx = tx.clone();
+        let slots = self.fetch_slots.clone();
         debug!(exchange = %self.exchange, symbol = %req.symbol, delay_ms = req.delay.as_millis() as u64, "fetching book snapshot");
         fetches.spawn(async move {
             if !req.delay.is_zero() {
                 sleep(req.delay).await;
             }
+            // Closed only if the feed is gone, and then nobody waits for the answer.
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
             let result = fetch.await;
+            if let Some(wait) = result.as_ref().err().and_then(SnapshotError::retry_after) {
+                // Keep the slot while the exchange asked us to stay away, so the feed's
+                // other fetches slow down with this one.
+                warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "exchange asked to retry the snapshot later"
+                );
+                sleep(wait.min(MAX_RETRY_AFTER)).await;
+            }
             let _ = tx.send((req.symbol, req.generation, result)).await;
         });
     }

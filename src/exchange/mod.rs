@@ -78,7 +78,12 @@ pub enum SnapshotError {
     #[error("snapshot request failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("snapshot request answered HTTP {status}: {body}")]
-    Status { status: u16, body: String },
+    Status {
+        status: u16,
+        body: String,
+        /// The server's `Retry-After` (Binance sends it with 429 and 418).
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("snapshot body not understood: {0}")]
     Decode(String),
     #[error("bad snapshot url: {0}")]
@@ -86,6 +91,14 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    /// How long the exchange asked us to stay away, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            SnapshotError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub fn recovery(&self) -> Recovery {
         match self {
             SnapshotError::Url(_) => Recovery::Fatal,
