@@ -1,4 +1,6 @@
-//! `mdbridge bench`: an end-to-end measuring bot. It connects to a bot server like any
+//! Bot-side command-line tools: `mdbridge bench` and `mdbridge watch`.
+//!
+//! `mdbridge bench` is an end-to-end measuring bot. It connects to a bot server like any
 //! client, subscribes, and reports events per second and the latency from `ts_recv` (the
 //! host read the exchange frame) to the moment this client parsed the event.
 //!
@@ -145,4 +147,39 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
     report.latency_us_p99 = pct(0.99);
     report.latency_us_max = all.last().copied().unwrap_or(0);
     Ok(report)
+}
+
+/// `mdbridge watch`: subscribes like a bot and prints every frame the server sends, one
+/// JSON object per line, until `limit` frames (if any) or the connection ends.
+pub async fn watch(
+    url: &str,
+    channels: &[String],
+    limit: Option<u64>,
+    mut out: impl std::io::Write,
+) -> Result<u64, BenchError> {
+    let connect_err = |e: &dyn std::fmt::Display| BenchError::Connect {
+        url: url.to_string(),
+        cause: e.to_string(),
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| connect_err(&e))?;
+    let sub = serde_json::json!({"op":"subscribe","channels":channels,"req":"watch"});
+    ws.send(Message::text(sub.to_string()))
+        .await
+        .map_err(|e| connect_err(&e))?;
+    let mut printed = 0u64;
+    while limit.is_none_or(|l| printed < l) {
+        let Some(Ok(msg)) = ws.next().await else {
+            break;
+        };
+        if let Message::Text(text) = msg {
+            if writeln!(out, "{}", text.as_str()).is_err() {
+                break;
+            }
+            printed += 1;
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(printed)
 }

@@ -56,6 +56,21 @@ enum Command {
     Normalize(NormalizeArgs),
     /// Measure a running bot server: events per second and ts_recv-to-bot latency.
     Bench(BenchArgs),
+    /// Subscribe like a bot and print every frame, one JSON object per line.
+    Watch(WatchArgs),
+}
+
+#[derive(clap::Args)]
+struct WatchArgs {
+    /// Channel patterns, e.g. 'trade:sim:BTC-USDT' 'book:sim:*'.
+    #[arg(required = true)]
+    channels: Vec<String>,
+    /// Bot server to connect to.
+    #[arg(long, default_value = "ws://127.0.0.1:8765")]
+    url: String,
+    /// Stop after this many frames.
+    #[arg(long, short = 'n')]
+    count: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +164,14 @@ fn main() -> ExitCode {
         Command::Demo(args) => report(runtime().and_then(|rt| rt.block_on(demo(args)))),
         Command::Simulate(args) => simulate(args),
         Command::Bench(args) => report(runtime().and_then(|rt| rt.block_on(bench(args)))),
+        Command::Watch(args) => report(runtime().and_then(|rt| {
+            rt.block_on(async move {
+                let stdout = std::io::stdout();
+                mdbridge::bench::watch(&args.url, &args.channels, args.count, stdout.lock())
+                    .await?;
+                Ok(())
+            })
+        })),
     }
 }
 

@@ -207,6 +207,28 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     let (trade, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(trade["exchange"], "sim");
     assert_eq!(trade["symbol"], "BTC-USDT");
+    // `mdbridge watch` prints what a bot receives, one JSON object per line.
+    let watched = Command::new(bin())
+        .args([
+            "watch",
+            "--url",
+            &demo.bots_url(),
+            "-n",
+            "3",
+            "trade:sim:BTC-USDT",
+        ])
+        .output()
+        .expect("run watch");
+    assert!(watched.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["type"], "subscribed");
+    assert!(lines[1..]
+        .iter()
+        .all(|v| v["type"] == "trade" && v["exchange"] == "sim"));
     let text = || printed.lock().map(|p| p.clone()).unwrap_or_default();
     wait_until("a summary line", WAIT, || async {
         text().contains("[demo] clients")
