@@ -288,6 +288,7 @@ pub async fn run_demo(
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
     println!("  metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
     println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
+    println!("  watch:   mdbridge watch --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'");
     println!("  Ctrl-C to stop");
 
     let mut ticker = tokio::time::interval(options.summary_every);
