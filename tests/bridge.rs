@@ -96,6 +96,24 @@ async fn publisher_to_executor_to_bot_exact_events_and_routing() {
         "subscribe frames: {sent}"
     );
 
+    // With no bot, the executor holds no market subscription in Redis: only its probe.
+    {
+        let mut c = b.redis.conn();
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("md:*")
+            .query(&mut c)
+            .expect("PUBSUB CHANNELS");
+        assert!(
+            channels.iter().all(|ch| ch.starts_with("md:probe:")),
+            "{channels:?}"
+        );
+        let patterns: u64 = redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query(&mut c)
+            .expect("NUMPAT");
+        assert_eq!(patterns, 0);
+    }
     let mut trades = Bot::connect(&b.executor.bots_url()).await;
     trades.subscribe(&["trade:*:BNB-BTC"]).await;
     let mut tickers = Bot::connect(&b.executor.bots_url()).await;
