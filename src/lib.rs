@@ -20,7 +20,7 @@
 //! - [`config`]: every setting, one place.
 //! - [`simulator`]: exchange-compatible servers for tests, demo and benchmarks.
 //! - [`app`]: wires the parts for each role and owns shutdown.
-//! - [`bench`]: the end-to-end measuring bot behind `mdbridge bench`.
+//! - [`bench`]: bot-side tools: the measuring bot behind `mdbridge bench`, and `mdbridge watch`.
 
 pub mod app;
 pub mod bench;
