@@ -64,10 +64,28 @@ pub fn install() -> PrometheusHandle {
             // A second recorder (e.g. tests embedding the library) keeps the first one.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
 }
+
+/// Histograms keep every raw sample until they are folded into buckets, which happens on
+/// a scrape or on upkeep. Without a scraper, the per-frame latency samples would grow
+/// without bound (megabytes per second under load), so a thread folds them every 5 s.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(cause = %e, "cannot start the metrics upkeep thread; histograms grow until scraped");
+    }
+}
+
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
