@@ -25,6 +25,7 @@ pub const ENVELOPES_SELF_FILTERED: &str = "mdbridge_envelopes_self_filtered_tota
 pub const ENVELOPES_LOST: &str = "mdbridge_envelopes_lost_total";
 pub const ENVELOPES_DUPLICATE: &str = "mdbridge_envelopes_duplicate_total";
 pub const ENVELOPES_INVALID: &str = "mdbridge_envelopes_invalid_total";
+pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
@@ -204,6 +205,9 @@ pub fn envelopes_lost(n: u64) {
 }
 pub fn envelope_duplicate() {
     counter!(ENVELOPES_DUPLICATE).increment(1);
+}
+pub fn envelope_overflow() {
+    counter!(ENVELOPES_OVERFLOW).increment(1);
 }
 pub fn envelope_invalid() {
     counter!(ENVELOPES_INVALID).increment(1);

@@ -855,3 +855,59 @@ async fn snapshot_key_includes_deltas_dropped_on_a_full_queue() {
     shutdown.cancel();
     let _ = task.await;
 }
+
+/// A router that does not keep up must cost dropped (counted) envelopes, never a stalled
+/// subscription whose backlog piles up in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_router_queue_drops_instead_of_stalling() {
+    let server = RedisTestServer::start();
+    let url = server.url();
+    let admin = raw(&url).await;
+    let (_itx, irx) = watch::channel(interest(&["trade:binance:*"]));
+    // Room for two messages, and nobody reads yet.
+    let (otx, mut rx) = mpsc::channel(2);
+    let shutdown = CancellationToken::new();
+    let task = RedisSubscriber::spawn(
+        config(&url),
+        Uuid::new_v4(),
+        irx,
+        otx,
+        HealthHandle::detached("sub"),
+        shutdown.clone(),
+    );
+    wait_until("psubscribe", || async { numpat(&admin).await == 1 }).await;
+    let other = Uuid::new_v4();
+    let m = |s: u64| BusMessage::encode(other, s, 1, trade(Exchange::Binance, "BTC-USDT", s));
+    for s in 1..=50 {
+        publish_raw(&admin, "trade:binance:BTC-USDT", &m(s).envelope).await;
+    }
+    // A marker after the burst: once it is through, the burst has been handled.
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut marker = 1_000;
+    loop {
+        publish_raw(&admin, "trade:binance:BTC-USDT", &m(marker).envelope).await;
+        match tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+            Ok(Some(msg)) => {
+                seqs.push(msg.seq);
+                if msg.seq >= 1_000 {
+                    break;
+                }
+            }
+            Ok(None) => panic!("subscriber stopped"),
+            Err(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no marker: the subscription stalled"
+        );
+        marker += 1;
+    }
+    assert_eq!(&seqs[..2], &[1, 2], "the queue held the first two");
+    assert!(
+        seqs.len() < 50,
+        "most of the burst was dropped, not queued: {seqs:?}"
+    );
+    shutdown.cancel();
+    let _ = task.await;
+}

@@ -93,6 +93,7 @@ impl RedisSubscriber {
                 tracker: SeqTracker::default(),
                 own_prefix: own_prefix(&src),
                 invalid_log: RateLimit::new(Duration::from_secs(10)),
+                overflow_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
             };
             sub.run(shutdown).await;
@@ -122,6 +123,7 @@ struct Subscriber {
     /// `{"src":"<own uuid>"`: how every envelope this instance encodes begins.
     own_prefix: Vec<u8>,
     invalid_log: RateLimit,
+    overflow_log: RateLimit,
     /// Set when a session got as far as subscribing; the reconnect loop then resets its
     /// backoff.
     session_was_up: bool,
@@ -268,8 +270,19 @@ impl Subscriber {
                             continue;
                         }
                         if let Some(m) = self.accept(&msg, &filter) {
-                            if self.out.send(m).await.is_err() {
-                                return End::Stop;
+                            // Never wait here: redis-rs reads the socket into an unbounded
+                            // queue whatever we do, so waiting would only move the backlog
+                            // into unbounded memory. A full router queue drops (counted);
+                            // a book that loses a delta resyncs from its snapshot key.
+                            match self.out.try_send(m) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(m)) => {
+                                    metrics::envelope_overflow();
+                                    if let Some(held_back) = self.overflow_log.allow() {
+                                        warn!(channel = %m.channel, held_back, "bot router queue full; envelopes dropped");
+                                    }
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => return End::Stop,
                             }
                         }
                     }
