@@ -128,6 +128,26 @@ impl BookSync {
         matches!(self.state, State::Live { .. })
     }
 
+    /// The seq of the last emitted book message, while live.
+    pub fn last_seq(&self) -> Option<u64> {
+        match self.state {
+            State::Live { last_u, .. } => Some(last_u),
+            State::Buffering { .. } => None,
+        }
+    }
+
+    /// The diffs now come from another socket of the same stream (a rotated connection):
+    /// its next diff may straddle the last emitted seq (`U <= last + 1 <= u`) like the
+    /// first diff after a snapshot; the chain of emitted messages stays exact.
+    pub fn continue_on_new_stream(&mut self) {
+        if let State::Live { last_u, .. } = self.state {
+            self.state = State::Live {
+                last_u,
+                first: true,
+            };
+        }
+    }
+
     /// The book as emitted so far (for inspection and tests).
     pub fn book(&self) -> &OrderBook {
         &self.book
@@ -450,6 +470,36 @@ mod tests {
             bids.contains(&"104.5") && bids.contains(&"111.5"),
             "{bids:?}"
         );
+    }
+
+    #[test]
+    fn a_new_stream_may_straddle_the_last_seq_once() {
+        let mut s = BookSync::new(X, "BTC-USDT");
+        let mut out = Vec::new();
+        let req = s.on_diff(diff(101, 104), &mut out).unwrap();
+        s.on_snapshot(req.generation, ok(snap(102)), &mut out);
+        s.on_diff(diff(105, 110), &mut out);
+        assert_eq!(s.last_seq(), Some(110));
+        // Same stream: a straddling diff is a gap.
+        let mut same = BookSync::new(X, "BTC-USDT");
+        let mut o = Vec::new();
+        let r = same.on_diff(diff(101, 104), &mut o).unwrap();
+        same.on_snapshot(r.generation, ok(snap(102)), &mut o);
+        same.on_diff(diff(105, 110), &mut o);
+        same.on_diff(diff(108, 112), &mut o);
+        assert_eq!(summary(&o).last().unwrap(), "Resync");
+        // A rotated socket batches differently: covered diffs are ignored, the first new
+        // one straddles, later ones chain exactly; no resync, no snapshot.
+        s.continue_on_new_stream();
+        s.on_diff(diff(103, 107), &mut out);
+        s.on_diff(diff(108, 112), &mut out);
+        s.on_diff(diff(113, 115), &mut out);
+        assert_eq!(
+            summary(&out)[3..],
+            ["Delta Some(112) Some(110)", "Delta Some(115) Some(112)"]
+        );
+        assert_chain_exact(&out);
+        assert_eq!(s.last_seq(), Some(115));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! One exchange socket per feed: connect, subscribe, heartbeat, stale detection,
 //! reconnect with backoff, rotation, book synchronisation and status events.
 //!
-//! One task owns the socket (no split halves): it reads frames, answers pings, hands book
+//! One task owns the socket (no split halves; two sockets for a moment while rotating, both
+//! polled in the same `select!`): it reads frames, answers pings, hands book
 //! diffs to a [`BookSync`] per symbol and receives REST snapshots from helper tasks over a
 //! channel, so a slow snapshot never stops frame reading. Events leave through the bounded
 //! `events` channel with `send().await`: when the consumer is slow the socket is simply
@@ -20,9 +21,26 @@
 //!   (a `status` `resync` event per book; a fresh snapshot follows on the new connection).
 //! - No frame at all (data or ping — Binance pings every 20 s) for `stale_after_ms`
 //!   means a half-open connection: it is dropped and reconnected the same way.
-//! - Rotation: after `rotate_after_secs` (default 23.5 h, before Binance's 24 h cut) and on
-//!   Binance's `serverShutdown` notice the connection is dropped on our terms and a new one
-//!   is made at once (no backoff delay); books resync as after any reconnect.
+//! - Rotation, make-before-break: after `rotate_after_secs` (default 23.5 h, before
+//!   Binance's 24 h cut) a second socket to the same URL is opened and subscribed while the
+//!   current one is still read and still the only source of events. The new socket's trades
+//!   and diffs are held (at most 16 384, more counts as a failure of the new socket); its
+//!   tickers and candles are dropped. The feed switches once the new socket has every
+//!   subscription acknowledged and, for every live book, its first diff starts at or
+//!   before the next update id the book needs (`U <= last + 1`;
+//!   update ids are global per symbol), and its first trade of a symbol is not past the
+//!   next trade id. At the switch the held items are replayed: diffs through the books'
+//!   `BookSync` (covered ones are ignored, the first new one may straddle), trades only if
+//!   their id is above the last one emitted for the symbol (also checked afterwards); books
+//!   not yet live start their sync over on the new socket. The old socket is then closed.
+//!   No status event is emitted; `exchange_reconnects_total{reason="rotate"}` counts it.
+//! - If the new socket cannot be opened or fails before the switch, the current one is kept
+//!   and rotation is tried again after 1 s, doubling up to 60 s (the exchange's own cut is
+//!   then a normal reconnect). If it is open but has not caught up within 10 s (or
+//!   `rotate_after`, if shorter), the feed falls back to a plain reconnect at once:
+//!   `disconnected`, books `resync`, `reconnecting` (reason `rotate_fallback`).
+//! - Binance's `serverShutdown` notice drops the connection on our terms and a new one is
+//!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
 //!   so it does not wait for the next read.
 //! - `connected` is emitted (gauge 1, backoff reset) when every SUBSCRIBE request has been
@@ -32,16 +50,20 @@
 //! - A bad URL is fatal for the feed (`error` event, health down); everything else retries
 //!   forever.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -61,6 +83,15 @@ const SNAPSHOT_CHANNEL: usize = 64;
 const SNAPSHOT_FETCHES_IN_FLIGHT: usize = 4;
 /// Longest `Retry-After` honoured as given; longer ones are cut (the feed stays responsive).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// Rotation: how long the new connection may take, once open, to be subscribed and to
+/// continue every live book (or `rotate_after`, if shorter) before the feed falls back to
+/// a plain reconnect.
+const ROTATE_SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rotation: first and longest delay before trying again after the new connection failed.
+const ROTATE_RETRY_MIN: Duration = Duration::from_secs(1);
+const ROTATE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Rotation: trades and diffs of the new connection held until the switch.
+const ROTATE_BUFFER: usize = 16 * 1024;
 
 /// Why a connection ended (other than shutdown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +110,8 @@ pub enum ConnError {
     Stale(Duration),
     #[error("rotating the connection after {0:?}")]
     Rotate(Duration),
+    #[error("rotation: the new connection did not catch up within {0:?}")]
+    RotateStalled(Duration),
     #[error("the exchange announced a server shutdown")]
     ServerShutdown,
 }
@@ -100,13 +133,17 @@ impl ConnError {
             ConnError::Closed(_) => "closed",
             ConnError::Stale(_) => "stale",
             ConnError::Rotate(_) => "rotate",
+            ConnError::RotateStalled(_) => "rotate_fallback",
             ConnError::ServerShutdown => "server_shutdown",
         }
     }
 
     /// Planned reconnects happen at once, without backoff.
     fn planned(&self) -> bool {
-        matches!(self, ConnError::Rotate(_) | ConnError::ServerShutdown)
+        matches!(
+            self,
+            ConnError::Rotate(_) | ConnError::RotateStalled(_) | ConnError::ServerShutdown
+        )
     }
 }
 
@@ -122,6 +159,130 @@ enum SessionEnd {
 }
 
 type SnapshotResult = (String, u64, Result<BookSnapshot, SnapshotError>);
+
+/// One open exchange socket and how far its subscription got.
+struct Socket {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending_acks: HashSet<u64>,
+    /// Every SUBSCRIBE request has been answered.
+    subscribed: bool,
+    /// No frame until then means a dead connection.
+    stale_at: Instant,
+}
+
+impl Socket {
+    /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
+    async fn open(
+        url: String,
+        requests: Vec<(u64, String)>,
+        stale_after: Duration,
+    ) -> Result<Socket, ConnError> {
+        let ws = match timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT)),
+            Ok(Err(e)) => return Err(ConnError::Connect(e.to_string())),
+            Ok(Ok((ws, _response))) => ws,
+        };
+        let mut sock = Socket {
+            ws,
+            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
+            subscribed: requests.is_empty(),
+            stale_at: Instant::now() + stale_after,
+        };
+        for (i, (_, text)) in requests.into_iter().enumerate() {
+            if i > 0 {
+                sleep(SUBSCRIBE_PACING).await;
+            }
+            sock.ws
+                .send(Message::text(text))
+                .await
+                .map_err(|e| ConnError::Socket(e.to_string()))?;
+        }
+        sock.stale_at = Instant::now() + stale_after;
+        Ok(sock)
+    }
+
+    /// Counts an answer to a request; true when it was the last one missing.
+    fn on_answer(&mut self, id: Option<u64>) -> bool {
+        if self.subscribed {
+            return false;
+        }
+        match id {
+            Some(id) => {
+                self.pending_acks.remove(&id);
+            }
+            // An answer that names no request (Binance's older error shape) cannot be
+            // matched: count every request answered rather than wait forever for acks.
+            None => self.pending_acks.clear(),
+        }
+        self.subscribed = self.pending_acks.is_empty();
+        self.subscribed
+    }
+
+    /// Closes with a Close frame and reads on (discarding) until the exchange answers it,
+    /// all within [`CLOSE_TIMEOUT`]: dropping a socket with unread data would reset it
+    /// instead of closing it.
+    async fn close(mut self) {
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            if self.ws.close(None).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+type Opening = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnError>> + Send>>;
+
+/// Where the make-before-break rotation of a session stands.
+enum Rotation {
+    /// Rotate at `at`.
+    Idle { at: Instant },
+    /// The new socket is connecting and subscribing (the current one is still read).
+    Opening(Opening),
+    /// Both sockets are read; events still come from the current one.
+    Overlap(Box<Overlap>),
+}
+
+struct Overlap {
+    sock: Socket,
+    /// Give up (plain reconnect) if not switched by then.
+    deadline: Instant,
+    /// Trades and diffs of the new socket, replayed (deduplicated) at the switch.
+    buffered: VecDeque<Parsed>,
+    /// Per symbol, `U` of the new socket's first diff.
+    first_update: HashMap<String, u64>,
+    /// Per symbol, the id of the new socket's first trade.
+    first_trade: HashMap<String, u64>,
+}
+
+enum Step {
+    Due,
+    Opened(Result<Box<Socket>, ConnError>),
+    Frame(Option<Result<Message, WsError>>),
+    TimedOut,
+}
+
+impl Rotation {
+    /// Waits for the next thing the rotation has to act on.
+    async fn step(&mut self) -> Step {
+        match self {
+            Rotation::Idle { at } => {
+                sleep_until(*at).await;
+                Step::Due
+            }
+            Rotation::Opening(open) => Step::Opened(open.as_mut().await),
+            Rotation::Overlap(o) => tokio::select! {
+                msg = o.sock.ws.next() => Step::Frame(msg),
+                _ = sleep_until(o.deadline) => Step::TimedOut,
+            },
+        }
+    }
+}
 
 struct Feed {
     adapter: Arc<dyn Adapter>,
@@ -142,6 +303,8 @@ struct Feed {
     health: HealthHandle,
     shutdown: CancellationToken,
     books: HashMap<String, BookSync>,
+    /// Last trade id emitted per symbol in this session (see [`Feed::fresh_trade`]).
+    last_trade: HashMap<String, u64>,
     invalid_frames: u64,
 }
 
@@ -204,6 +367,7 @@ pub async fn run(
         health,
         shutdown,
         books,
+        last_trade: HashMap::new(),
         invalid_frames: 0,
     };
     let mut backoff = new_backoff(&feed);
@@ -352,7 +516,8 @@ impl Feed {
         }
     }
 
-    /// One connection, from connect to loss. Never returns while the socket is healthy.
+    /// One connection, from connect to loss. Never returns while the socket is healthy;
+    /// a rotation (make-before-break) swaps the socket inside the session.
     async fn session(&mut self) -> SessionEnd {
         let lost = |error: ConnError, opened: bool, subscribed: bool| SessionEnd::Lost {
             error,
@@ -362,55 +527,46 @@ impl Feed {
         if url::Url::parse(&self.ws_url).is_err() {
             return lost(ConnError::Url(self.ws_url.clone()), false, false);
         }
-        let connect = timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async(self.ws_url.as_str()),
-        );
-        let mut ws = tokio::select! {
+        let requests = self.adapter.subscribe_frames(&self.symbols, &self.channels);
+        let mut sock = tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            r = connect => match r {
-                Err(_) => return lost(ConnError::ConnectTimeout(CONNECT_TIMEOUT), false, false),
-                Ok(Err(e)) => return lost(ConnError::Connect(e.to_string()), false, false),
-                Ok(Ok((ws, _response))) => ws,
+            r = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after) => match r {
+                Ok(sock) => sock,
+                Err(e) => {
+                    let opened = !matches!(e, ConnError::Connect(_) | ConnError::ConnectTimeout(_));
+                    return lost(e, opened, false);
+                }
             },
         };
         debug!(exchange = %self.exchange, url = %self.ws_url, "exchange socket open");
-
-        let requests = self.adapter.subscribe_frames(&self.symbols, &self.channels);
-        let mut pending_acks: HashSet<u64> = requests.iter().map(|(id, _)| *id).collect();
-        for (i, (_, text)) in requests.into_iter().enumerate() {
-            if i > 0 {
-                sleep(SUBSCRIBE_PACING).await;
-            }
-            if let Err(e) = ws.send(Message::text(text)).await {
-                return lost(ConnError::Socket(e.to_string()), true, false);
-            }
-        }
+        // Trade ids of this session's connections; a new session may face a restarted
+        // (simulated) exchange whose ids start over.
+        self.last_trade.clear();
 
         let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotResult>(SNAPSHOT_CHANNEL);
         // Dropped with the session: fetches of a dead connection are aborted.
         let mut fetches = JoinSet::new();
-        let rotate_at = Instant::now() + self.rotate_after;
-        let mut stale_at = Instant::now() + self.stale_after;
-        let mut subscribed = false;
+        let mut rotation = Rotation::Idle {
+            at: Instant::now() + self.rotate_after,
+        };
+        let mut rotate_retry = ROTATE_RETRY_MIN;
         let mut flowing = false;
         let mut healthy = false;
         let mut streaming = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<Event> = Vec::new();
-        if pending_acks.is_empty() {
-            subscribed = true;
+        if sock.subscribed {
             out.push(self.on_subscribed());
         }
         loop {
             if !self.emit_all(std::mem::take(&mut out)).await {
-                let _ = timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+                sock.close().await;
                 return SessionEnd::Shutdown;
             }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
-                    let _ = timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+                    sock.close().await;
                     return SessionEnd::Shutdown;
                 }
                 Some((symbol, generation, result)) = snap_rx.recv() => {
@@ -421,95 +577,26 @@ impl Feed {
                     }
                 }
                 Some(_) = fetches.join_next(), if !fetches.is_empty() => {}
-                msg = ws.next() => {
-                    let ts_recv = now_micros();
-                    stale_at = Instant::now() + self.stale_after;
-                    let bytes: &[u8] = match &msg {
-                        None => return lost(ConnError::Closed("end of stream".into()), true, subscribed),
-                        Some(Err(e)) => return lost(ConnError::Socket(e.to_string()), true, subscribed),
-                        Some(Ok(Message::Close(frame))) => {
-                            let why = frame.as_ref().map_or_else(
-                                || "close frame without reason".to_string(),
-                                |f| format!("code {} {}", u16::from(f.code), f.reason),
-                            );
-                            return lost(ConnError::Closed(why), true, subscribed);
-                        }
-                        Some(Ok(Message::Ping(_))) => {
-                            // tungstenite queued the pong; write it now, not at the next read.
-                            if let Err(e) = ws.flush().await {
-                                return lost(ConnError::Socket(e.to_string()), true, subscribed);
-                            }
-                            continue;
-                        }
-                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
-                        Some(Ok(Message::Text(t))) => t.as_bytes(),
-                        Some(Ok(Message::Binary(b))) => b,
-                    };
-                    buf.clear();
-                    buf.extend_from_slice(bytes);
-                    let parsed = match self.adapter.parse(&mut buf, ts_recv) {
+                msg = sock.ws.next() => {
+                    let parsed = match self.receive(&mut sock, msg, &mut buf).await {
                         Ok(p) => p,
-                        Err(e) => {
-                            // Recovery::Skip for every parse error: count, log, carry on.
-                            self.invalid_frame(&e, bytes);
-                            continue;
-                        }
+                        Err(e) => return lost(e, true, sock.subscribed),
                     };
                     for item in parsed {
-                        match item {
-                            Parsed::Event(e) => {
-                                out.push(e);
-                                flowing = true;
-                            }
-                            Parsed::Diff(d) => {
-                                flowing = true;
-                                match self.books.get_mut(&d.symbol) {
-                                    Some(book) => {
-                                        if let Some(req) = book.on_diff(d, &mut out) {
-                                            self.spawn_fetch(&mut fetches, &snap_tx, req);
-                                        }
-                                    }
-                                    None => {
-                                        let why = format!("book diff for unsubscribed symbol {}", d.symbol);
-                                        self.invalid_frame(&why, bytes);
-                                    }
-                                }
-                            }
-                            Parsed::Ack { id } | Parsed::Refused { id, .. } if !subscribed => {
-                                if let Parsed::Refused { detail, .. } = &item {
-                                    error!(exchange = %self.exchange, %detail, "subscription refused");
-                                    out.push(Event::status(self.exchange, StatusState::Error, Some(detail.clone())));
-                                }
-                                match id {
-                                    Some(id) => {
-                                        pending_acks.remove(&id);
-                                    }
-                                    // An answer that names no request (Binance's older error
-                                    // shape) cannot be matched: count every request answered
-                                    // rather than wait forever for acks.
-                                    None => pending_acks.clear(),
-                                }
-                                if pending_acks.is_empty() {
-                                    subscribed = true;
-                                    out.push(self.on_subscribed());
-                                }
-                            }
-                            Parsed::Ack { .. } => {}
-                            Parsed::Refused { detail, .. } => {
-                                error!(exchange = %self.exchange, %detail, "request refused");
-                                out.push(Event::status(self.exchange, StatusState::Error, Some(detail)));
-                            }
-                            Parsed::ServerShutdown => {
-                                // Emit what this frame produced, then leave on our terms.
-                                let _ = self.emit_all(std::mem::take(&mut out)).await;
-                                return lost(ConnError::ServerShutdown, true, subscribed);
-                            }
+                        if let Parsed::ServerShutdown = item {
+                            // Emit what this frame produced, then leave on our terms.
+                            let _ = self.emit_all(std::mem::take(&mut out)).await;
+                            return lost(ConnError::ServerShutdown, true, sock.subscribed);
                         }
+                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_)) {
+                            flowing = true;
+                        }
+                        self.handle(item, &mut sock, &mut out, &mut fetches, &snap_tx);
                     }
                     // Healthy once every subscription is acknowledged: a quiet market is not a
                     // fault (a silent socket is caught by the stale timer). Once per state
                     // change, since the registry takes a lock.
-                    if subscribed && !healthy {
+                    if sock.subscribed && !healthy {
                         healthy = true;
                         self.health.up(Some(format!("subscribed at {}", self.ws_url)));
                     }
@@ -518,10 +605,292 @@ impl Feed {
                         self.health.up(Some(format!("streaming from {}", self.ws_url)));
                     }
                 }
-                _ = sleep_until(stale_at) => return lost(ConnError::Stale(self.stale_after), true, subscribed),
-                _ = sleep_until(rotate_at) => return lost(ConnError::Rotate(self.rotate_after), true, subscribed),
+                step = rotation.step() => {
+                    match step {
+                        Step::Due => {
+                            info!(exchange = %self.exchange, url = %self.ws_url, "rotating the exchange connection: opening the new one");
+                            let open = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after);
+                            rotation = Rotation::Opening(Box::pin(async move { open.await.map(Box::new) }));
+                            continue;
+                        }
+                        Step::Opened(Ok(new)) => {
+                            debug!(exchange = %self.exchange, "rotation: new socket open");
+                            rotation = Rotation::Overlap(Box::new(Overlap {
+                                sock: *new,
+                                deadline: Instant::now() + self.rotate_after.min(ROTATE_SWITCH_TIMEOUT),
+                                buffered: VecDeque::new(),
+                                first_update: HashMap::new(),
+                                first_trade: HashMap::new(),
+                            }));
+                        }
+                        Step::Frame(msg) => {
+                            let Rotation::Overlap(o) = &mut rotation else { continue };
+                            let failed = match self.receive(&mut o.sock, msg, &mut buf).await {
+                                Ok(parsed) => self.overlap_frame(o, parsed, &mut out).err(),
+                                Err(e) => Some(e.to_string()),
+                            };
+                            if let Some(why) = failed {
+                                rotation = self.rotation_failed(&why, &mut rotate_retry);
+                                continue;
+                            }
+                        }
+                        Step::Opened(Err(e)) => {
+                            rotation = self.rotation_failed(&e, &mut rotate_retry);
+                            continue;
+                        }
+                        Step::TimedOut => {
+                            let timeout = self.rotate_after.min(ROTATE_SWITCH_TIMEOUT);
+                            warn!(exchange = %self.exchange, "rotation: the new connection did not catch up in time: reconnecting");
+                            let subscribed = sock.subscribed;
+                            sock.close().await;
+                            return lost(ConnError::RotateStalled(timeout), true, subscribed);
+                        }
+                    }
+                }
+                _ = sleep_until(sock.stale_at) => return lost(ConnError::Stale(self.stale_after), true, sock.subscribed),
+            }
+            // Switch once the new socket is subscribed and continues every live book.
+            if let Rotation::Overlap(o) = &rotation {
+                if self.ready_to_switch(o) {
+                    let Rotation::Overlap(o) = std::mem::replace(
+                        &mut rotation,
+                        Rotation::Idle {
+                            at: Instant::now() + self.rotate_after,
+                        },
+                    ) else {
+                        unreachable!()
+                    };
+                    self.switch(&mut sock, *o, &mut out, &mut fetches, &snap_tx);
+                    rotate_retry = ROTATE_RETRY_MIN;
+                }
             }
         }
+    }
+
+    /// Makes `new` the socket of the session (see the module doc): books continue on it,
+    /// its held trades and diffs are replayed without repeats, the old socket is closed.
+    fn switch(
+        &mut self,
+        sock: &mut Socket,
+        new: Overlap,
+        out: &mut Vec<Event>,
+        fetches: &mut JoinSet<()>,
+        snap_tx: &mpsc::Sender<SnapshotResult>,
+    ) {
+        let old = std::mem::replace(sock, new.sock);
+        // Closed aside: the new socket is read meanwhile.
+        tokio::spawn(old.close());
+        for book in self.books.values_mut() {
+            if book.is_live() {
+                book.continue_on_new_stream();
+            } else {
+                // No book emitted since the last snapshot (or resync): start its sync over
+                // on the new socket. Emits nothing.
+                book.on_disconnect("rotation", out);
+            }
+        }
+        let replayed = new.buffered.len();
+        for item in new.buffered {
+            self.handle(item, sock, out, fetches, snap_tx);
+        }
+        metrics::exchange_reconnect(self.exchange, ConnError::Rotate(self.rotate_after).reason());
+        info!(exchange = %self.exchange, replayed, "rotated to the new exchange connection (make-before-break)");
+    }
+
+    /// The new socket of a rotation failed: keep the current one, try again later.
+    fn rotation_failed(&self, why: &dyn std::fmt::Display, retry: &mut Duration) -> Rotation {
+        warn!(exchange = %self.exchange, cause = %why, retry_in_ms = retry.as_millis() as u64, "rotation failed: keeping the current connection");
+        let at = Instant::now() + *retry;
+        *retry = (*retry * 2).min(ROTATE_RETRY_MAX);
+        Rotation::Idle { at }
+    }
+
+    /// Turns one read off `sock` into parsed items (none for control frames and bad
+    /// frames); `Err` when the socket is lost.
+    async fn receive(
+        &mut self,
+        sock: &mut Socket,
+        msg: Option<Result<Message, WsError>>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Vec<Parsed>, ConnError> {
+        let ts_recv = now_micros();
+        sock.stale_at = Instant::now() + self.stale_after;
+        let bytes: &[u8] = match &msg {
+            None => return Err(ConnError::Closed("end of stream".into())),
+            Some(Err(e)) => return Err(ConnError::Socket(e.to_string())),
+            Some(Ok(Message::Close(frame))) => {
+                let why = frame.as_ref().map_or_else(
+                    || "close frame without reason".to_string(),
+                    |f| format!("code {} {}", u16::from(f.code), f.reason),
+                );
+                return Err(ConnError::Closed(why));
+            }
+            Some(Ok(Message::Ping(_))) => {
+                // tungstenite queued the pong; write it now, not at the next read.
+                sock.ws
+                    .flush()
+                    .await
+                    .map_err(|e| ConnError::Socket(e.to_string()))?;
+                return Ok(Vec::new());
+            }
+            Some(Ok(Message::Pong(_) | Message::Frame(_))) => return Ok(Vec::new()),
+            Some(Ok(Message::Text(t))) => t.as_bytes(),
+            Some(Ok(Message::Binary(b))) => b,
+        };
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        match self.adapter.parse(buf, ts_recv) {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                // Recovery::Skip for every parse error: count, log, carry on.
+                self.invalid_frame(&e, bytes);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Handles one item of the socket whose events are emitted (not `ServerShutdown`).
+    fn handle(
+        &mut self,
+        item: Parsed,
+        sock: &mut Socket,
+        out: &mut Vec<Event>,
+        fetches: &mut JoinSet<()>,
+        snap_tx: &mpsc::Sender<SnapshotResult>,
+    ) {
+        match item {
+            Parsed::Event(e) => {
+                if self.fresh_trade(&e) {
+                    out.push(e);
+                }
+            }
+            Parsed::Diff(d) => match self.books.get_mut(&d.symbol) {
+                Some(book) => {
+                    if let Some(req) = book.on_diff(d, out) {
+                        self.spawn_fetch(fetches, snap_tx, req);
+                    }
+                }
+                None => {
+                    let why = format!("book diff for unsubscribed symbol {}", d.symbol);
+                    self.invalid_frame(&why, d.symbol.as_bytes());
+                }
+            },
+            Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
+                if let Parsed::Refused { detail, .. } = &item {
+                    error!(exchange = %self.exchange, %detail, "subscription refused");
+                    out.push(Event::status(
+                        self.exchange,
+                        StatusState::Error,
+                        Some(detail.clone()),
+                    ));
+                }
+                if sock.on_answer(id) {
+                    out.push(self.on_subscribed());
+                }
+            }
+            Parsed::Ack { .. } | Parsed::ServerShutdown => {}
+            Parsed::Refused { detail, .. } => {
+                error!(exchange = %self.exchange, %detail, "request refused");
+                out.push(Event::status(
+                    self.exchange,
+                    StatusState::Error,
+                    Some(detail),
+                ));
+            }
+        }
+    }
+
+    /// False for a trade already emitted (id not above the last one of its symbol): after
+    /// a rotation both sockets carried it. Trade ids increase per symbol on Binance.
+    fn fresh_trade(&mut self, e: &Event) -> bool {
+        let Event::Trade(t) = e else { return true };
+        let Ok(id) = t.trade_id.parse::<u64>() else {
+            return true;
+        };
+        match self.last_trade.get_mut(&t.symbol) {
+            Some(last) if id <= *last => false,
+            Some(last) => {
+                *last = id;
+                true
+            }
+            None => {
+                self.last_trade.insert(t.symbol.clone(), id);
+                true
+            }
+        }
+    }
+
+    /// One frame of the new socket during a rotation: acks are counted, trades and diffs
+    /// kept for the switch, tickers and candles dropped (the old socket still emits them).
+    /// `Err` when the rotation has to be given up.
+    fn overlap_frame(
+        &mut self,
+        o: &mut Overlap,
+        parsed: Vec<Parsed>,
+        out: &mut Vec<Event>,
+    ) -> Result<(), String> {
+        for item in parsed {
+            match item {
+                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) => {
+                    if o.buffered.len() >= ROTATE_BUFFER {
+                        return Err(format!(
+                            "more than {ROTATE_BUFFER} events before the switch"
+                        ));
+                    }
+                    match &item {
+                        Parsed::Diff(d) => {
+                            o.first_update
+                                .entry(d.symbol.clone())
+                                .or_insert(d.first_update_id);
+                        }
+                        Parsed::Event(Event::Trade(t)) => {
+                            if let Ok(id) = t.trade_id.parse() {
+                                o.first_trade.entry(t.symbol.clone()).or_insert(id);
+                            }
+                        }
+                        _ => {}
+                    }
+                    o.buffered.push_back(item);
+                }
+                Parsed::Event(_) => {}
+                Parsed::Ack { id } => {
+                    o.sock.on_answer(id);
+                }
+                Parsed::Refused { detail, .. } => {
+                    error!(exchange = %self.exchange, %detail, "request refused on the new connection");
+                    out.push(Event::status(
+                        self.exchange,
+                        StatusState::Error,
+                        Some(detail.clone()),
+                    ));
+                    return Err(format!("request refused: {detail}"));
+                }
+                Parsed::ServerShutdown => {
+                    return Err("the exchange announced a server shutdown".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The new socket is subscribed and, for every live book, its first diff starts at or
+    /// before the next update id the book needs (update ids are global per symbol, so its
+    /// diffs continue the book without a new snapshot). Likewise its first trade of a
+    /// symbol, when it has one, must not be past the next trade id (no trade is lost).
+    fn ready_to_switch(&self, o: &Overlap) -> bool {
+        let books = self.books.values().all(|book| match book.last_seq() {
+            None => true,
+            Some(last) => o
+                .first_update
+                .get(book.symbol())
+                .is_some_and(|&first| first <= last + 1),
+        });
+        let trades = o.first_trade.iter().all(|(symbol, &first)| {
+            self.last_trade
+                .get(symbol)
+                .is_none_or(|&last| first <= last + 1)
+        });
+        o.sock.subscribed && books && trades
     }
 
     fn on_subscribed(&self) -> Event {
