@@ -56,21 +56,7 @@ async fn scripted_bridge(symbols: &[&str], channels: &[&str]) -> Bridge {
     let redis = RedisServer::start();
     let exchange = ScriptedExchange::start().await;
     let feed = sim_feed(exchange.port(), "binance", symbols, channels);
-    let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
-    let mut publisher = Proc::role(
-        "publisher",
-        &role_config(&redis.url(), ph, pb, &feed),
-        ph,
-        None,
-    );
-    let mut executor = Proc::role(
-        "executor",
-        &role_config(&redis.url(), eh, eb, ""),
-        eh,
-        Some(eb),
-    );
-    executor.wait_healthy().await;
-    publisher.wait_healthy().await;
+    let (publisher, executor) = publisher_and_executor(&redis, &feed).await;
     wait_until("publisher subscribed to the exchange", WAIT, || async {
         exchange.subscribed_clients() > 0
     })

@@ -549,16 +549,12 @@ pub struct SimBridge {
     pub redis: RedisServer,
 }
 
-/// Starts Redis, `mdbridge simulate --rate <rate>` for `symbols`, a publisher whose Binance
-/// feed reads `channels` from it and an executor; returns once both roles are healthy.
-pub async fn sim_bridge(rate: &str, symbols: &[&str], channels: &[&str]) -> SimBridge {
-    let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", rate, "--symbols", &symbols.join(",")]).await;
-    let feed = sim_feed(sim.http.expect("port"), "binance", symbols, channels);
+/// A publisher with `feed` (a `[[feeds]]` section) and an executor on `redis`, both healthy.
+pub async fn publisher_and_executor(redis: &RedisServer, feed: &str) -> (Proc, Proc) {
     let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
     let mut publisher = Proc::role(
         "publisher",
-        &role_config(&redis.url(), ph, pb, &feed),
+        &role_config(&redis.url(), ph, pb, feed),
         ph,
         None,
     );
@@ -570,6 +566,16 @@ pub async fn sim_bridge(rate: &str, symbols: &[&str], channels: &[&str]) -> SimB
     );
     publisher.wait_healthy().await;
     executor.wait_healthy().await;
+    (publisher, executor)
+}
+
+/// Starts Redis, `mdbridge simulate --rate <rate>` for `symbols`, a publisher whose Binance
+/// feed reads `channels` from it and an executor; returns once both roles are healthy.
+pub async fn sim_bridge(rate: &str, symbols: &[&str], channels: &[&str]) -> SimBridge {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", rate, "--symbols", &symbols.join(",")]).await;
+    let feed = sim_feed(sim.http.expect("port"), "binance", symbols, channels);
+    let (publisher, executor) = publisher_and_executor(&redis, &feed).await;
     SimBridge {
         executor,
         publisher,
