@@ -34,6 +34,7 @@ pub struct BenchReport {
     pub latency_us_p99: u64,
     pub latency_us_max: u64,
     pub errors: u64,
+    pub violations: Violations,
 }
 
 impl BenchReport {
@@ -43,11 +44,91 @@ impl BenchReport {
 }
 
 #[derive(Deserialize)]
-struct Head {
+struct Head<'a> {
     #[serde(rename = "type")]
-    kind: String,
+    kind: &'a str,
     #[serde(default)]
     ts_recv: Option<u64>,
+    #[serde(default)]
+    exchange: Option<&'a str>,
+    #[serde(default)]
+    symbol: Option<&'a str>,
+    #[serde(default)]
+    action: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    prev_seq: Option<u64>,
+    #[serde(default)]
+    trade_id: Option<&'a str>,
+    #[serde(default)]
+    state: Option<&'a str>,
+}
+
+/// What one bot saw that breaks PROTOCOL §2: the correctness half of a load test.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Violations {
+    /// A book delta whose `prev_seq` is not the previous book message's `seq`, or a delta
+    /// before any snapshot, without a `resync` status or snapshot in between.
+    pub book_chain: u64,
+    /// A numeric trade id not above the previous one of its (exchange, symbol): a
+    /// duplicate or a reordering.
+    pub trade_order: u64,
+    /// Trade ids skipped (lost trades), for exchanges whose ids are consecutive.
+    pub trade_gaps: u64,
+}
+
+/// Follows books and trades per (exchange, symbol) as one bot receives them.
+#[derive(Default)]
+struct Checker {
+    books: std::collections::HashMap<(String, String), Option<u64>>,
+    trades: std::collections::HashMap<(String, String), u64>,
+    violations: Violations,
+}
+
+impl Checker {
+    fn observe(&mut self, h: &Head<'_>) {
+        let key = || {
+            (
+                h.exchange.unwrap_or_default().to_string(),
+                h.symbol.unwrap_or_default().to_string(),
+            )
+        };
+        match h.kind {
+            "book" => {
+                let at = self.books.entry(key()).or_insert(None);
+                match h.action {
+                    Some("snapshot") => *at = h.seq,
+                    _ => {
+                        if at.is_none() || h.prev_seq != *at {
+                            self.violations.book_chain += 1;
+                        }
+                        *at = h.seq;
+                    }
+                }
+            }
+            // A resync resets every book of that exchange: the next message is a snapshot.
+            "status" if h.state == Some("resync") => {
+                let exchange = h.exchange.unwrap_or_default();
+                for ((ex, _), at) in self.books.iter_mut() {
+                    if ex == exchange {
+                        *at = None;
+                    }
+                }
+            }
+            "trade" => {
+                let Some(id) = h.trade_id.and_then(|t| t.parse::<u64>().ok()) else {
+                    return;
+                };
+                match self.trades.insert(key(), id) {
+                    Some(last) if id <= last => self.violations.trade_order += 1,
+                    Some(last) => self.violations.trade_gaps += id - last - 1,
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Errors of the measuring client.
@@ -79,6 +160,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         let duration = options.duration;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(1 << 16);
+            let mut checker = Checker::default();
             let mut events = 0u64;
             let mut errors = 0u64;
             let mut refused = None;
@@ -95,7 +177,8 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
                     errors += 1;
                     continue;
                 };
-                match head.kind.as_str() {
+                checker.observe(&head);
+                match head.kind {
                     "subscribed" | "pong" => {}
                     "error" => {
                         errors += 1;
@@ -116,13 +199,14 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
                 latencies,
                 started.elapsed().as_secs_f64(),
                 refused,
+                checker.violations,
             )
         }));
     }
     let mut report = BenchReport::default();
     let mut all = Vec::new();
     for task in tasks {
-        let Ok((events, errors, latencies, secs, refused)) = task.await else {
+        let Ok((events, errors, latencies, secs, refused, violations)) = task.await else {
             continue;
         };
         if events == 0 {
@@ -131,6 +215,9 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             }
         }
         report.events += events;
+        report.violations.book_chain += violations.book_chain;
+        report.violations.trade_order += violations.trade_order;
+        report.violations.trade_gaps += violations.trade_gaps;
         report.errors += errors;
         report.seconds = report.seconds.max(secs);
         all.extend(latencies);
@@ -182,4 +269,46 @@ pub async fn watch(
     }
     let _ = ws.close(None).await;
     Ok(printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(checker: &mut Checker, frames: &[&str]) {
+        for f in frames {
+            let h: Head<'_> = serde_json::from_str(f).expect("test frame");
+            checker.observe(&h);
+        }
+    }
+
+    #[test]
+    fn checker_counts_chain_breaks_and_trade_disorder() {
+        let mut c = Checker::default();
+        feed(
+            &mut c,
+            &[
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":3,"prev_seq":2}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"snapshot","seq":10}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":12,"prev_seq":10}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":20,"prev_seq":15}"#,
+                r#"{"type":"status","exchange":"sim","state":"resync"}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"snapshot","seq":30}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":31,"prev_seq":30}"#,
+                r#"{"type":"trade","exchange":"sim","symbol":"A-B","trade_id":"1"}"#,
+                r#"{"type":"trade","exchange":"sim","symbol":"A-B","trade_id":"2"}"#,
+                r#"{"type":"trade","exchange":"sim","symbol":"A-B","trade_id":"2"}"#,
+                r#"{"type":"trade","exchange":"sim","symbol":"A-B","trade_id":"5"}"#,
+                r#"{"type":"trade","exchange":"sim","symbol":"C-D","trade_id":"9"}"#,
+            ],
+        );
+        assert_eq!(
+            c.violations,
+            Violations {
+                book_chain: 2,
+                trade_order: 1,
+                trade_gaps: 2
+            }
+        );
+    }
 }

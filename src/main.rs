@@ -268,6 +268,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         r.latency_us_max,
         r.errors
     );
+    let v = r.violations;
+    println!(
+        "checks: book chain breaks {} | trade ids out of order or repeated {} | trade ids skipped {}",
+        v.book_chain, v.trade_order, v.trade_gaps
+    );
     Ok(())
 }
 
