@@ -63,6 +63,8 @@ struct Head<'a> {
     trade_id: Option<&'a str>,
     #[serde(default)]
     state: Option<&'a str>,
+    #[serde(default)]
+    detail: Option<&'a str>,
 }
 
 /// What one bot saw that breaks PROTOCOL §2: the correctness half of a load test.
@@ -107,11 +109,16 @@ impl Checker {
                     }
                 }
             }
-            // A resync resets every book of that exchange: the next message is a snapshot.
+            // A resync resets the book its detail names (`book:<exchange>:<symbol>: …`), or
+            // every book of the exchange when it names none: a snapshot comes next.
             "status" if h.state == Some("resync") => {
                 let exchange = h.exchange.unwrap_or_default();
-                for ((ex, _), at) in self.books.iter_mut() {
-                    if ex == exchange {
+                let symbol = h
+                    .detail
+                    .and_then(|d| d.strip_prefix("book:"))
+                    .and_then(|d| d.split(':').nth(1));
+                for ((ex, sym), at) in self.books.iter_mut() {
+                    if ex == exchange && symbol.is_none_or(|s| s == sym) {
                         *at = None;
                     }
                 }
@@ -292,7 +299,9 @@ mod tests {
                 r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"snapshot","seq":10}"#,
                 r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":12,"prev_seq":10}"#,
                 r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":20,"prev_seq":15}"#,
-                r#"{"type":"status","exchange":"sim","state":"resync"}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"E-F","action":"snapshot","seq":5}"#,
+                r#"{"type":"status","exchange":"sim","state":"resync","detail":"book:sim:A-B: gap"}"#,
+                r#"{"type":"book","exchange":"sim","symbol":"E-F","action":"delta","seq":6,"prev_seq":5}"#,
                 r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"snapshot","seq":30}"#,
                 r#"{"type":"book","exchange":"sim","symbol":"A-B","action":"delta","seq":31,"prev_seq":30}"#,
                 r#"{"type":"trade","exchange":"sim","symbol":"A-B","trade_id":"1"}"#,
