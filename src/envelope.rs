@@ -7,6 +7,7 @@
 //!
 //! Wire shape: `{"src":"<uuid>","seq":N,"ts_pub":µs,"id":"<stream id>"?,"event":{...}}`.
 
+use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -67,6 +68,9 @@ struct EventHead {
     ts_recv: u64,
 }
 
+/// Initial envelope buffer: fits trades, tickers and deltas; big snapshots grow it once.
+const ENVELOPE_CAPACITY_HINT: usize = 512;
+
 impl BusMessage {
     /// Wraps `event` in an envelope: the one and only serialization of this event.
     pub fn encode(src: Uuid, seq: u64, ts_pub: u64, event: Event) -> BusMessage {
@@ -84,21 +88,20 @@ impl BusMessage {
     ) -> BusMessage {
         debug_assert_eq!(channel, event.channel());
         let ts_recv = event.ts_recv();
-        let event_json = event.to_json();
-        let mut buf = BytesMut::with_capacity(event_json.len() + 96);
+        let mut buf = BytesMut::with_capacity(ENVELOPE_CAPACITY_HINT);
         buf.put_slice(b"{\"src\":\"");
         buf.put_slice(
             src.as_hyphenated()
                 .encode_lower(&mut Uuid::encode_buffer())
                 .as_bytes(),
         );
-        buf.put_slice(b"\",\"seq\":");
-        buf.put_slice(itoa_u64(seq).as_bytes());
-        buf.put_slice(b",\"ts_pub\":");
-        buf.put_slice(itoa_u64(ts_pub).as_bytes());
-        buf.put_slice(b",\"event\":");
-        let start = buf.len();
-        buf.put_slice(&event_json);
+        let mut out = buf.writer();
+        // Writing into memory cannot fail, and the event is plain strings and integers.
+        let _ = write!(out, "\",\"seq\":{seq},\"ts_pub\":{ts_pub},\"event\":");
+        let start = out.get_ref().len();
+        // The event is serialized straight into the envelope: no intermediate buffer.
+        let _ = serde_json::to_writer(&mut out, &event);
+        let mut buf = out.into_inner();
         let end = buf.len();
         buf.put_u8(b'}');
         let book = match event {
@@ -160,10 +163,6 @@ impl BusMessage {
     pub fn kind(&self) -> EventType {
         self.channel.kind()
     }
-}
-
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
 }
 
 #[cfg(test)]
