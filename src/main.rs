@@ -109,8 +109,8 @@ struct DemoArgs {
     /// Admin HTTP (/metrics, /health).
     #[arg(long, default_value = DEFAULT_DEMO_HTTP)]
     http: String,
-    /// Simulated market ticks per second per symbol.
-    #[arg(long, default_value_t = 20)]
+    /// Simulated market events (trades + depth updates) per second, over all symbols.
+    #[arg(long, default_value_t = 100)]
     rate: u32,
     /// Comma-separated symbols.
     #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
@@ -127,8 +127,9 @@ struct SimulateArgs {
     exchange: String,
     #[arg(long, default_value = "127.0.0.1:9443")]
     listen: String,
-    /// Market ticks per second per symbol (each tick: a trade and a depth update); 0 = flat out.
-    #[arg(long, default_value_t = 50)]
+    /// Market events per second over all symbols: trades and depth updates, half each
+    /// (tickers and klines come on top, once a second per symbol); 0 = flat out.
+    #[arg(long, default_value_t = 200)]
     rate: u32,
     /// Comma-separated symbols.
     #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]

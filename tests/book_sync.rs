@@ -115,7 +115,7 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
         publisher,
         sim,
         redis: _redis,
-    } = sim_bridge("100", &["BTC-USDT"], &["book"]).await;
+    } = sim_bridge("200", &["BTC-USDT"], &["book"]).await;
 
     let mut bot = Bot::connect(&executor.bots_url()).await;
     bot.subscribe(&["book:binance:BTC-USDT", "status:binance"])
@@ -203,7 +203,7 @@ async fn gap_leads_to_resync_and_the_bot_book_still_equals_the_exchange_book() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_snapshot_and_dropped_exchange_connection_still_give_an_exact_book() {
     let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "100", "--symbols", "BTC-USDT"]).await;
+    let sim = Proc::simulator(&["--rate", "200", "--symbols", "BTC-USDT"]).await;
     // The REST snapshot answers long after the diff stream started.
     sim.post("/_sim/snapshot_delay?ms=700").await;
     let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["book"]);

@@ -255,7 +255,7 @@ async fn hybrid_delivers_each_event_exactly_once() {
         hybrid,
         redis,
         sim: _sim,
-    } = sim_hybrid("200", &["BTC-USDT"], &["trade", "book"], "").await;
+    } = sim_hybrid("400", &["BTC-USDT"], &["trade", "book"], "").await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:binance:BTC-USDT", "trade:*:BTC-USDT"])
         .await;
@@ -349,7 +349,7 @@ async fn redis_restart_mid_stream_both_roles_recover() {
         mut publisher,
         sim: _sim,
         mut redis,
-    } = sim_bridge("100", &["BTC-USDT"], &["trade", "book"]).await;
+    } = sim_bridge("200", &["BTC-USDT"], &["trade", "book"]).await;
     let mut bot = Bot::connect(&executor.bots_url()).await;
     bot.subscribe(&["trade:binance:BTC-USDT"]).await;
     let mut books = Bot::connect(&executor.bots_url()).await;
@@ -406,7 +406,7 @@ async fn redis_restart_mid_stream_both_roles_recover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
     let b = sim_hybrid(
-        "1000",
+        "2000",
         &["BTC-USDT"],
         &["trade", "book"],
         "queue_size = 256\nslow_client = \"disconnect\"",
@@ -430,7 +430,7 @@ async fn slow_bot_is_disconnected_while_fast_bot_gets_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_keeps_slow_bot_connected_and_counts_drops() {
     let b = sim_hybrid(
-        "1000",
+        "2000",
         &["BTC-USDT"],
         &["trade", "book"],
         "queue_size = 256\nslow_client = \"drop_oldest\"",
@@ -514,7 +514,7 @@ async fn unsubscribe_stops_delivery() {
         hybrid,
         redis: _redis,
         sim: _sim,
-    } = sim_hybrid("100", &["BTC-USDT", "ETH-USDT"], &["trade"], "").await;
+    } = sim_hybrid("400", &["BTC-USDT", "ETH-USDT"], &["trade"], "").await;
     let mut bot = Bot::connect(&hybrid.bots_url()).await;
     bot.subscribe(&["trade:binance:*"]).await;
     let mut symbols = HashSet::new();

@@ -663,8 +663,12 @@ async fn market_task(shared: AppState, sym: usize) {
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut ticker = (shared.config.rate > 0).then(|| {
-        // Burst (the default) keeps the average rate even above timer resolution.
-        tokio::time::interval(Duration::from_secs_f64(1.0 / shared.config.rate as f64))
+        // `rate` counts the trades and depth updates of all symbols; each tick makes one
+        // of each for this symbol. Burst (the default) keeps the average rate even above
+        // timer resolution.
+        let symbols = shared.config.symbols.len().max(1) as f64;
+        let ticks_per_second = f64::from(shared.config.rate) / (2.0 * symbols);
+        tokio::time::interval(Duration::from_secs_f64(1.0 / ticks_per_second))
     });
     let mut stall_since = None;
     loop {

@@ -33,8 +33,10 @@ pub struct SimConfig {
     /// Normalized symbols ("BTC-USDT"); Binance renders them "BTCUSDT" and
     /// stream names "btcusdt@trade".
     pub symbols: Vec<String>,
-    /// Market ticks per second per symbol; 0 = flat out (as fast as the
-    /// slowest client reads, yielding regularly).
+    /// Market events (trades + depth updates) per second over all symbols; each symbol
+    /// ticks `rate / (2 × symbols)` times a second, every tick one trade and one depth
+    /// update. 0 = flat out (as fast as the slowest client reads, yielding regularly).
+    /// Tickers and klines come on top, once a second per symbol.
     pub rate: u32,
     /// Seed for deterministic prices/sizes.
     pub seed: u64,
@@ -46,7 +48,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             symbols: vec!["BTC-USDT".to_string(), "ETH-USDT".to_string()],
-            rate: 50,
+            rate: 200,
             seed: 42,
             faults: Faults::default(),
         }
