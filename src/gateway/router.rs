@@ -44,7 +44,7 @@ use crate::event::{Book, BookAction, Channel, Event, EventType, Pattern, StatusS
 /// Deltas kept per Syncing book; older ones are dropped (the snapshot will be newer anyway).
 const SYNC_BUFFER_MAX: usize = 10_000;
 /// Wait before asking the store again; the publisher refreshes snapshot keys every second.
-const REFETCH_DELAY: Duration = Duration::from_millis(500);
+const REFETCH_DELAY: Duration = Duration::from_millis(200);
 /// A store that does not answer within this is treated as having nothing.
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
