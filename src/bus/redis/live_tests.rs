@@ -428,19 +428,25 @@ async fn own_envelopes_are_filtered() {
     assert_eq!(got.envelope, theirs.envelope);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wildcards_follow_our_segment_rule_and_interest_changes_apply_live() {
+/// A private server, an admin connection and a subscriber that holds one wildcard
+/// `pattern`, returned once Redis shows the pattern subscription.
+async fn wildcard_subscriber(pattern: &str) -> (RedisTestServer, MultiplexedConnection, Sub) {
     let server = RedisTestServer::start();
-    let url = server.url();
-    let admin = raw(&url).await;
-    let other = Uuid::new_v4();
-    let mut sub = subscriber(
-        &url,
+    let admin = raw(&server.url()).await;
+    let sub = subscriber(
+        &server.url(),
         Uuid::new_v4(),
-        &["*:binance:*"],
+        &[pattern],
         HealthHandle::detached("sub"),
     );
     wait_until("psubscribe", || async { numpat(&admin).await == 1 }).await;
+    (server, admin, sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_follow_our_segment_rule_and_interest_changes_apply_live() {
+    let (_server, admin, mut sub) = wildcard_subscriber("*:binance:*").await;
+    let other = Uuid::new_v4();
 
     let t = BusMessage::encode(other, 1, 1, trade(Exchange::Binance, "BTC-USDT", 1));
     // Redis's `md:*:binance:*` also matches this 4-segment candle channel; ours does not.
@@ -530,17 +536,8 @@ async fn overlapping_exact_and_wildcard_deliver_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_are_delivered_and_malformed_payloads_skipped() {
-    let server = RedisTestServer::start();
-    let url = server.url();
-    let admin = raw(&url).await;
+    let (_server, admin, mut sub) = wildcard_subscriber("trade:binance:*").await;
     let other = Uuid::new_v4();
-    let mut sub = subscriber(
-        &url,
-        Uuid::new_v4(),
-        &["trade:binance:*"],
-        HealthHandle::detached("sub"),
-    );
-    wait_until("psubscribe", || async { numpat(&admin).await == 1 }).await;
 
     let m = |s: u64| BusMessage::encode(other, s, 1, trade(Exchange::Binance, "BTC-USDT", s));
     publish_raw(&admin, "trade:binance:BTC-USDT", &m(1).envelope).await;
