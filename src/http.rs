@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/metrics`, `/health`, `/health/redis` (PROTOCOL §6).
+//! The admin HTTP listener: `/metrics`, `/health`, `/health/redis` (PROTOCOL §6), and the
+//! live status page (`/`, [`crate::status`]).
 //!
 //! It only reads what `app` hands it: the health registry, the Prometheus render handle and,
 //! for roles that use Redis, a Redis client to measure a round trip. It never reaches into
@@ -34,6 +35,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/health/redis", get(health_redis))
+        .merge(crate::status::routes())
         .with_state(state)
 }
 

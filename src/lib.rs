@@ -35,3 +35,4 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod simulator;
+pub mod status;
