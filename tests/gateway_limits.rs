@@ -244,6 +244,48 @@ async fn requests_past_the_burst_get_rate_limited_without_being_processed() {
 }
 
 #[tokio::test]
+async fn a_bot_that_keeps_flooding_past_the_limit_is_closed_with_1008() {
+    let cfg = BotsConfig {
+        max_requests_per_sec: 0.001,
+        request_burst: 1,
+        ..config()
+    };
+    let h = start(cfg).await;
+    let mut flooder = h.connect().await;
+    let mut polite = h.connect().await;
+    // Refused requests may run 10 bursts ahead of the refill rate: here 10.
+    for i in 0..12 {
+        send(&mut flooder, json!({"op":"ping","req":i})).await;
+    }
+    // The pong, then `rate_limited` answers (the last ones may be cut off by the close:
+    // the connection ends as soon as the flood is seen), then Close 1008.
+    let mut limited = 0;
+    let frame = within("the flooder's close frame", async {
+        loop {
+            match flooder.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "pong" {
+                        assert_eq!((v["req"].clone(), limited), (json!(0), 0));
+                    } else {
+                        assert_eq!(v["code"], "rate_limited", "{v}");
+                        limited += 1;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => return frame,
+                other => panic!("expected text or Close, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(limited <= 10, "{limited} rate_limited answers");
+    let frame = frame.expect("a close code");
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+    ping_pong(&mut polite, "fine").await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn past_max_connections_the_upgrade_gets_503_until_a_slot_frees() {
     let cfg = BotsConfig {
         max_connections: 2,

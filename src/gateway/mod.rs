@@ -154,6 +154,8 @@ impl Gateway {
         let tls = match listener::tls_acceptor(&config) {
             Ok(tls) => tls,
             Err(e) => {
+                // The caller only sees this at shutdown: say it now, and in /health.
+                tracing::error!(cause = %e, "bot server cannot start");
                 health.down(e.to_string());
                 return Err(e);
             }
