@@ -313,6 +313,47 @@ async fn past_max_connections_the_upgrade_gets_503_until_a_slot_frees() {
 }
 
 #[tokio::test]
+async fn past_max_handshakes_a_new_connection_waits_for_a_handshake_to_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = BotsConfig {
+        max_handshakes: 1,
+        ..config()
+    };
+    let h = start(cfg).await;
+    // `slow` holds the only handshake place: connected, request not sent yet.
+    let mut slow = TcpStream::connect(h.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let url = h.url();
+    let waiting = tokio::spawn(async move {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws
+    });
+    // Give a broken cap the chance to let the second handshake through (no assertion on
+    // time: a correct server passes however long this takes).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second handshake ran past max_handshakes = 1"
+    );
+    slow.write_all(
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut resp = [0u8; 12];
+    within("the first upgrade", slow.read_exact(&mut resp))
+        .await
+        .unwrap();
+    assert_eq!(&resp, b"HTTP/1.1 101");
+    // The place is free again: the waiting connection goes through.
+    let mut ws = within("the waiting upgrade", waiting).await.unwrap();
+    ping_pong(&mut ws, "waited").await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn too_large_messages_close_with_1009_whole_or_fragmented() {
     let cfg = BotsConfig {
         max_message_bytes: 512,
