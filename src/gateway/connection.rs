@@ -1,9 +1,8 @@
-//! One bot connection from accepted socket to goodbye: the TLS + WebSocket handshake
-//! (authentication, throttle, connection cap), then a reader and a writer task.
+//! One bot connection from accepted socket to goodbye: the handshake (`handshake.rs`),
+//! then a reader and a writer task.
 //!
 //! - The handshake runs under `HANDSHAKE_TIMEOUT` while holding a handshake permit
-//!   (see `listener.rs`). The upgrade is refused with 429 for an address in auth
-//!   cooldown, 401 without a valid token, 503 past `max_connections`.
+//!   (see `listener.rs`); the permit goes back as soon as it is over.
 //! - The reader rate-limits requests (`limits.rs`), parses them, refuses subscriptions
 //!   outside the token's `allow` list, and hands everything to the router; refusals go
 //!   through the router too, so replies keep the order of requests. Protocol violations
@@ -16,7 +15,7 @@
 //!
 //! Owns no subscription state: that is the router's.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -27,20 +26,18 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthThrottle, Permissions, Tokens};
 use super::client::{ClientId, ClientQueue, CloseReason, Outbound};
+use super::handshake::{handshake, Admitted, HandshakeFailure, Ws};
 use super::limits::{RateLimiter, Verdict};
 use super::protocol::{self, ErrorCode, Op, Request as BotRequest, RequestError};
 use super::router::Command;
-use super::stream::{BotStream, FrameWatch, MessageTimeout};
+use super::stream::MessageTimeout;
 use super::StatsInner;
 use crate::config::BotsConfig;
 use crate::event::now_micros;
@@ -88,32 +85,6 @@ impl Shared {
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
     }
-}
-
-/// One held place under `max_connections`; given back on drop.
-pub struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(counter.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A successful upgrade: what the token may do, and its place under the cap.
-struct Admitted {
-    perms: Permissions,
-    slot: Slot,
 }
 
 /// Why a connection ended (the `reason` label of the disconnect metric).
@@ -183,17 +154,8 @@ impl End {
     }
 }
 
-type Ws = WebSocketStream<FrameWatch<BotStream>>;
 type Sink = SplitSink<Ws, Message>;
 type Source = SplitStream<Ws>;
-
-/// Why a handshake did not produce a connection (the `reason` label of its metric).
-enum HandshakeFailure {
-    Tls(std::io::Error),
-    /// Already answered with an HTTP error and counted by [`admit`].
-    Refused,
-    WebSocket(WsError),
-}
 
 pub async fn connection(
     shared: Arc<Shared>,
@@ -228,101 +190,6 @@ pub async fn connection(
         }
     };
     serve_client(&shared, ws, admitted, peer).await;
-}
-
-async fn handshake(
-    shared: &Shared,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Result<(Ws, Admitted), HandshakeFailure> {
-    let stream = match &shared.tls {
-        Some(acceptor) => BotStream::Tls(Box::new(
-            acceptor.accept(tcp).await.map_err(HandshakeFailure::Tls)?,
-        )),
-        None => BotStream::Plain(tcp),
-    };
-    let timeout = Duration::from_millis(shared.config.message_timeout_ms.max(1));
-    let watched = FrameWatch::new(stream, timeout);
-    let mut admitted = None;
-    // The callback's signature is tungstenite's; its large `Err` is built only on refusal.
-    #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        admitted = Some(admit(shared, peer.ip(), req)?);
-        Ok(resp)
-    };
-    let accepted =
-        tokio_tungstenite::accept_hdr_async_with_config(watched, callback, Some(shared.ws_config))
-            .await;
-    match (accepted, admitted) {
-        (Ok(ws), Some(a)) => Ok((ws, a)),
-        (Err(WsError::Http(_)), _) => Err(HandshakeFailure::Refused),
-        (Err(e), _) => Err(HandshakeFailure::WebSocket(e)),
-        // Unreachable: tungstenite upgrades only after the callback said yes.
-        (Ok(_), None) => Err(HandshakeFailure::Refused),
-    }
-}
-
-/// Decides on an upgrade request: throttled address → 429, bad token → 401 (counted
-/// against the address), no slot left → 503.
-#[allow(clippy::result_large_err)]
-fn admit(shared: &Shared, ip: IpAddr, req: &Request) -> Result<Admitted, ErrorResponse> {
-    let now = Instant::now();
-    let perms = if shared.tokens.open() {
-        Permissions::All
-    } else {
-        if let Some(left) = shared.throttle.blocked(ip, now) {
-            crate::metrics::bot_handshake_refused("auth_throttled");
-            return Err(refusal(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many failed authentications; retry later",
-                Some((header::RETRY_AFTER, left.as_secs().max(1).to_string())),
-            ));
-        }
-        match shared.tokens.check(req) {
-            Some(perms) => {
-                shared.throttle.succeeded(ip);
-                perms
-            }
-            None => {
-                crate::metrics::bot_request_refused("unauthorized");
-                crate::metrics::bot_handshake_refused("unauthorized");
-                if shared.throttle.failed(ip, now) {
-                    crate::metrics::bot_auth_cooldown();
-                    tracing::warn!(peer = %ip, "bot authentication failed repeatedly; address in cooldown");
-                }
-                return Err(refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or invalid token",
-                    Some((header::WWW_AUTHENTICATE, "Bearer".into())),
-                ));
-            }
-        }
-    };
-    let Some(slot) = Slot::take(&shared.connections, shared.max_connections) else {
-        crate::metrics::bot_handshake_refused("max_connections");
-        return Err(refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many bot connections; retry later",
-            None,
-        ));
-    };
-    Ok(Admitted { perms, slot })
-}
-
-/// An HTTP error answer to an upgrade request.
-fn refusal(
-    status: StatusCode,
-    body: &str,
-    extra: Option<(header::HeaderName, String)>,
-) -> ErrorResponse {
-    let mut resp = ErrorResponse::new(Some(body.to_string()));
-    *resp.status_mut() = status;
-    if let Some((name, value)) = extra {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            resp.headers_mut().insert(name, v);
-        }
-    }
-    resp
 }
 
 async fn serve_client(shared: &Arc<Shared>, ws: Ws, admitted: Admitted, peer: SocketAddr) {

@@ -1,7 +1,8 @@
 //! The bot WebSocket server (PROTOCOL §4): wiring and shutdown.
 //!
 //! - `listener`: the accept loop, the handshake cap, TLS, the file-descriptor budget.
-//! - `connection`: one bot from handshake (auth, caps) to goodbye: reader and writer tasks.
+//! - `handshake`: TLS and the WebSocket upgrade with admission (throttle, token, cap).
+//! - `connection`: one bot from handshake to goodbye: reader and writer tasks.
 //! - `auth`: tokens, `allow` lists, the failed-authentication throttle.
 //! - `limits`: the per-connection request rate limit.
 //! - `stream`: plain/TLS transport and the watch on incomplete incoming messages.
@@ -32,6 +33,7 @@ use crate::health::HealthHandle;
 mod auth;
 pub mod client;
 mod connection;
+mod handshake;
 mod limits;
 mod listener;
 pub mod protocol;
