@@ -2,6 +2,7 @@
 //! authentication, and `wss://` with a certificate the client verifies. Real sockets and
 //! the in-process gateway (`gateway_harness`).
 
+mod common;
 mod gateway_harness;
 
 use std::sync::Arc;
@@ -218,4 +219,51 @@ async fn wss_with_a_verified_certificate_works_end_to_end() {
             .is_err()
     );
     h.stop().await;
+}
+
+/// The real executor process: refusals show in `/metrics` by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_counts_refused_handshakes_by_reason() {
+    use common::{free_port, role_config, Proc, RedisServer};
+    let redis = RedisServer::start();
+    let (h, b) = (free_port(), free_port());
+    let bots = "tokens = [\"good\"]\nauth_max_failures = 2\nmax_connections = 1";
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(&redis.url(), h, b, bots),
+        h,
+        Some(b),
+    );
+    executor.wait_healthy().await;
+    let url = |token: &str| format!("ws://127.0.0.1:{b}/?token={token}");
+    let (mut first, _) = tokio_tungstenite::connect_async(url("good")).await.unwrap();
+    ping_pong(&mut first, "1").await;
+    // From 127.0.0.2 (Linux routes all of 127/8 to loopback): a full server → 503.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = socket
+        .connect(format!("127.0.0.1:{b}").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        http_status(
+            tokio_tungstenite::client_async(url("good"), MaybeTlsStream::Plain(stream)).await
+        ),
+        503
+    );
+    for want in [401, 401, 429] {
+        assert_eq!(
+            http_status(tokio_tungstenite::connect_async(url("bad")).await),
+            want
+        );
+    }
+    let m = |reason: &str| format!("mdbridge_bot_handshakes_refused_total{{reason=\"{reason}\"}}");
+    assert_eq!(executor.metric(&m("unauthorized")).await, 2.0);
+    assert_eq!(executor.metric(&m("auth_throttled")).await, 1.0);
+    assert_eq!(executor.metric(&m("max_connections")).await, 1.0);
+    assert_eq!(
+        executor.metric("mdbridge_bot_auth_cooldowns_total").await,
+        1.0
+    );
+    ping_pong(&mut first, "2").await;
 }
