@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-/// Refused requests may run ahead of the refill rate by this many bursts before the bot is
-/// closed: a bot slightly over its limit keeps getting `rate_limited` answers, one that
+/// Refused requests may run ahead of the refill rate by this many times
+/// max(burst, rate per second) before the bot is closed: a bot slightly over its limit keeps getting `rate_limited` answers, one that
 /// ignores them and floods is cut off.
 const FLOOD_BURSTS: f64 = 10.0;
 
