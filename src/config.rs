@@ -177,6 +177,9 @@ pub struct BotsConfig {
     pub auth_max_failures: u32,
     pub auth_window_ms: u64,
     pub auth_cooldown_ms: u64,
+    /// SO_SNDBUF of each bot socket: bounds the kernel memory a bot that stops reading
+    /// can hold; 0 leaves the kernel's autotuning (up to `net.ipv4.tcp_wmem` max).
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for BotsConfig {
@@ -199,6 +202,7 @@ impl Default for BotsConfig {
             auth_max_failures: 5,
             auth_window_ms: 60_000,
             auth_cooldown_ms: 60_000,
+            send_buffer_bytes: 131_072,
         }
     }
 }

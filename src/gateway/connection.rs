@@ -165,6 +165,12 @@ pub async fn connection(
 ) {
     // Small frames must leave at once; batching happens in the writer.
     let _ = tcp.set_nodelay(true);
+    let sndbuf = shared.config.send_buffer_bytes;
+    if sndbuf > 0 {
+        if let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(sndbuf) {
+            tracing::debug!(peer = %peer, cause = %e, "cannot set SO_SNDBUF on a bot socket");
+        }
+    }
     let result = tokio::select! {
         _ = shared.shutdown.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&shared, tcp, peer)) => r,
