@@ -93,6 +93,55 @@ pub enum SlowClientPolicy {
     Disconnect,
 }
 
+/// One accepted bot token: a plain string may subscribe to everything; a table
+/// `{ token = "…", allow = ["trade:*:*", "book:binance:*"] }` only to what `allow` covers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a token string, or a table { token = \"…\", allow = [\"<pattern>\", …] }"
+)]
+pub enum BotToken {
+    Any(String),
+    Scoped(ScopedToken),
+}
+
+/// A token limited to the channels its `allow` patterns cover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedToken {
+    pub token: String,
+    pub allow: Vec<String>,
+}
+
+impl BotToken {
+    pub fn token(&self) -> &str {
+        match self {
+            BotToken::Any(t) => t,
+            BotToken::Scoped(s) => &s.token,
+        }
+    }
+
+    /// The allow patterns; `None` means every channel.
+    pub fn allow(&self) -> Option<&[String]> {
+        match self {
+            BotToken::Any(_) => None,
+            BotToken::Scoped(s) => Some(&s.allow),
+        }
+    }
+}
+
+impl From<&str> for BotToken {
+    fn from(t: &str) -> BotToken {
+        BotToken::Any(t.to_string())
+    }
+}
+
+impl From<String> for BotToken {
+    fn from(t: String) -> BotToken {
+        BotToken::Any(t)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BotsConfig {
@@ -100,14 +149,37 @@ pub struct BotsConfig {
     /// Frames queued per bot before `slow_client` applies.
     pub queue_size: usize,
     pub slow_client: SlowClientPolicy,
-    /// Accepted bearer tokens; empty means no authentication.
-    pub tokens: Vec<String>,
+    /// Accepted bearer tokens (plain or with an `allow` list); empty means no authentication.
+    pub tokens: Vec<BotToken>,
     /// Most subscription patterns one bot may hold.
     pub max_subscriptions: usize,
-    /// Largest text frame accepted from a bot.
+    /// Largest message (and frame) accepted from a bot; larger ones close it with 1009.
     pub max_message_bytes: usize,
     /// The server pings each bot this often; a bot silent for 3 intervals is closed.
     pub ping_interval_ms: u64,
+    /// Most bot connections at once; past it the upgrade is refused with HTTP 503.
+    pub max_connections: usize,
+    /// Most connections in the TLS/WebSocket handshake at once; more wait in the kernel's
+    /// accept queue.
+    pub max_handshakes: usize,
+    /// Requests (any text or binary message) one bot may send per second, sustained...
+    pub max_requests_per_sec: f64,
+    /// ...and in a burst; past it requests get `rate_limited`.
+    pub request_burst: u32,
+    /// A message whose first byte arrived this long ago and is still not complete closes
+    /// the connection (1008).
+    pub message_timeout_ms: u64,
+    /// PEM certificate chain and private key: both set means the bot port speaks `wss://`.
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    /// Failed authentications from one address within `auth_window_ms` before that
+    /// address gets HTTP 429 for `auth_cooldown_ms`.
+    pub auth_max_failures: u32,
+    pub auth_window_ms: u64,
+    pub auth_cooldown_ms: u64,
+    /// SO_SNDBUF of each bot socket: bounds the kernel memory a bot that stops reading
+    /// can hold; 0 leaves the kernel's autotuning (up to `net.ipv4.tcp_wmem` max).
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for BotsConfig {
@@ -120,6 +192,17 @@ impl Default for BotsConfig {
             max_subscriptions: 1_000,
             max_message_bytes: 65_536,
             ping_interval_ms: 20_000,
+            max_connections: 10_000,
+            max_handshakes: 256,
+            max_requests_per_sec: 50.0,
+            request_burst: 100,
+            message_timeout_ms: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            auth_max_failures: 5,
+            auth_window_ms: 60_000,
+            auth_cooldown_ms: 60_000,
+            send_buffer_bytes: 131_072,
         }
     }
 }
@@ -392,6 +475,13 @@ impl Config {
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),
+            ("bots.max_connections", self.bots.max_connections),
+            ("bots.max_handshakes", self.bots.max_handshakes),
+            ("bots.request_burst", self.bots.request_burst as usize),
+            (
+                "bots.auth_max_failures",
+                self.bots.auth_max_failures as usize,
+            ),
         ] {
             if v == 0 {
                 bad(key, "must be at least 1".into());
@@ -406,6 +496,9 @@ impl Config {
                 self.redis.snapshot_interval_ms,
             ),
             ("bots.ping_interval_ms", self.bots.ping_interval_ms),
+            ("bots.message_timeout_ms", self.bots.message_timeout_ms),
+            ("bots.auth_window_ms", self.bots.auth_window_ms),
+            ("bots.auth_cooldown_ms", self.bots.auth_cooldown_ms),
         ] {
             if v == 0 {
                 bad(key, "must be greater than 0".into());
@@ -435,9 +528,7 @@ impl Config {
                 ),
             );
         }
-        if self.bots.tokens.iter().any(|t| t.is_empty()) {
-            bad("bots.tokens", "tokens must not be empty strings".into());
-        }
+        self.validate_bots(role, &mut bad);
         for (i, pat) in self.durable.channels.iter().enumerate() {
             if let Err(e) = Pattern::parse(pat) {
                 bad(&format!("durable.channels[{i}]"), e.to_string());
@@ -539,6 +630,55 @@ impl Config {
         }
     }
 
+    /// The `[bots]` keys that need more than a range check: tokens, allow lists, TLS files.
+    fn validate_bots(&self, role: Role, bad: &mut impl FnMut(&str, String)) {
+        let b = &self.bots;
+        if !(b.max_requests_per_sec.is_finite() && b.max_requests_per_sec > 0.0) {
+            bad(
+                "bots.max_requests_per_sec",
+                "must be a number greater than 0".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in b.tokens.iter().enumerate() {
+            let at = format!("bots.tokens[{i}]");
+            if t.token().is_empty() {
+                bad(&at, "tokens must not be empty strings".into());
+            } else if !seen.insert(t.token()) {
+                bad(&at, "the same token is listed twice".into());
+            }
+            if let Some(allow) = t.allow() {
+                if allow.is_empty() {
+                    bad(
+                        &format!("{at}.allow"),
+                        "an empty allow list permits nothing; list patterns or remove the token"
+                            .into(),
+                    );
+                }
+                for (j, pat) in allow.iter().enumerate() {
+                    if let Err(e) = Pattern::parse(pat) {
+                        bad(&format!("{at}.allow[{j}]"), format!("`{pat}`: {e}"));
+                    }
+                }
+            }
+        }
+        match (&b.tls_cert_file, &b.tls_key_file) {
+            _ if role == Role::Publisher => {}
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                for (k, f) in [("bots.tls_cert_file", cert), ("bots.tls_key_file", key)] {
+                    if !Path::new(f).is_file() {
+                        bad(k, format!("`{f}`: file not found"));
+                    }
+                }
+            }
+            _ => bad(
+                "bots.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together".into(),
+            ),
+        }
+    }
+
     /// The default config file next to the working directory, when present.
     pub fn default_path() -> Option<PathBuf> {
         let p = PathBuf::from("config.toml");
@@ -637,6 +777,53 @@ depth_limit = 0
         let f = write("[[feeds]]\nexchange = \"binance\"\nsymbols = [\"BTC-USDT\"]\nchannels = [\"candle:7q\"]\n");
         let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
         assert!(err.to_string().contains("candle:7q"), "{err}");
+    }
+
+    #[test]
+    fn bot_tokens_are_plain_or_scoped_and_allow_patterns_are_checked() {
+        let f = write(
+            r#"
+[bots]
+tokens = ["plain", { token = "scoped", allow = ["trade:*:*", "book:binance:*"] }]
+max_requests_per_sec = 2.5
+"#,
+        );
+        let c = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(
+            c.bots.tokens,
+            vec![
+                BotToken::Any("plain".into()),
+                BotToken::Scoped(ScopedToken {
+                    token: "scoped".into(),
+                    allow: vec!["trade:*:*".into(), "book:binance:*".into()],
+                }),
+            ]
+        );
+        assert_eq!(c.bots.max_requests_per_sec, 2.5);
+
+        let f = write(
+            r#"
+[bots]
+tokens = ["a", "a", { token = "b", allow = ["trade:nyse:*"] }, { token = "c", allow = [] }]
+max_requests_per_sec = 0
+tls_cert_file = "/nonexistent/cert.pem"
+"#,
+        );
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        let text = err.to_string();
+        for key in [
+            "bots.tokens[1]: the same token",
+            "bots.tokens[2].allow[0]: `trade:nyse:*`",
+            "bots.tokens[3].allow: an empty allow list",
+            "bots.max_requests_per_sec",
+            "bots.tls_cert_file: tls_cert_file and tls_key_file",
+        ] {
+            assert!(text.contains(key), "{key} missing in:\n{text}");
+        }
+
+        let f = write("[bots]\ntokens = [{ token = \"x\", alow = [] }]\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("bots.tokens"), "{err}");
     }
 
     #[test]

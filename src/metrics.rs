@@ -36,6 +36,9 @@ pub const BOT_FRAMES_SENT: &str = "mdbridge_bot_frames_sent_total";
 pub const BOT_FRAMES_DROPPED: &str = "mdbridge_bot_frames_dropped_total";
 pub const BOT_DISCONNECTS: &str = "mdbridge_bot_disconnects_total";
 pub const BOT_REQUESTS_REFUSED: &str = "mdbridge_bot_requests_refused_total";
+pub const BOT_HANDSHAKES_REFUSED: &str = "mdbridge_bot_handshakes_refused_total";
+pub const BOT_HANDSHAKES_FAILED: &str = "mdbridge_bot_handshakes_failed_total";
+pub const BOT_AUTH_COOLDOWNS: &str = "mdbridge_bot_auth_cooldowns_total";
 pub const DELIVERY_LATENCY: &str = "mdbridge_delivery_latency_seconds";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
@@ -161,6 +164,18 @@ fn describe() {
         BOT_REQUESTS_REFUSED,
         "Bot requests answered with an error, by code."
     );
+    describe_counter!(
+        BOT_HANDSHAKES_REFUSED,
+        "Bot upgrades refused, by reason (unauthorized 401, auth_throttled 429, max_connections 503)."
+    );
+    describe_counter!(
+        BOT_HANDSHAKES_FAILED,
+        "Bot handshakes that did not complete, by reason (timeout, tls, websocket)."
+    );
+    describe_counter!(
+        BOT_AUTH_COOLDOWNS,
+        "Addresses put in cooldown after repeated failed bot authentication."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -241,6 +256,17 @@ pub fn bot_frames_dropped(n: u64, reason: &'static str) {
 }
 pub fn bot_request_refused(code: &'static str) {
     counter!(BOT_REQUESTS_REFUSED, "code" => code).increment(1);
+}
+/// `reason`: `unauthorized`, `auth_throttled` or `max_connections`.
+pub fn bot_handshake_refused(reason: &'static str) {
+    counter!(BOT_HANDSHAKES_REFUSED, "reason" => reason).increment(1);
+}
+/// `reason`: `timeout`, `tls` or `websocket`.
+pub fn bot_handshake_failed(reason: &'static str) {
+    counter!(BOT_HANDSHAKES_FAILED, "reason" => reason).increment(1);
+}
+pub fn bot_auth_cooldown() {
+    counter!(BOT_AUTH_COOLDOWNS).increment(1);
 }
 pub fn delivery_latency(elapsed: Duration) {
     histogram!(DELIVERY_LATENCY).record(elapsed.as_secs_f64());

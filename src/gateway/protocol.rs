@@ -30,8 +30,11 @@ pub enum ErrorCode {
     NotSubscribed,
     /// The subscription would exceed `bots.max_subscriptions`.
     TooManySubscriptions,
-    /// The frame is larger than `bots.max_message_bytes`.
-    MessageTooLarge,
+    /// The subscription names a pattern outside the token's `allow` list.
+    Forbidden,
+    /// More requests than `bots.max_requests_per_sec` / `request_burst` allow; the request
+    /// was not processed.
+    RateLimited,
     /// The request is valid but asks for something this server does not do (yet).
     NotSupported,
 }
@@ -46,7 +49,8 @@ impl ErrorCode {
             ErrorCode::BadChannel => "bad_channel",
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotSupported => "not_supported",
         }
     }
