@@ -65,6 +65,17 @@ pub struct RedisConfig {
     pub reconnect_max_ms: u64,
     /// How often the publisher refreshes `{p}snapshot:{channel}` from its books.
     pub snapshot_interval_ms: u64,
+    /// `rediss://` only: PEM file of the CA(s) that signed the server's certificate; unset
+    /// means the public web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` only: client certificate chain (PEM) for servers that require one
+    /// (`tls-auth-clients yes`); set together with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `rediss://` only: private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Most `PSUBSCRIBE` patterns one subscriber holds, whatever the bots ask: beyond it,
+    /// wildcards are replaced by covering patterns (see bus::redis::interest).
+    pub max_patterns: usize,
 }
 
 impl Default for RedisConfig {
@@ -79,6 +90,10 @@ impl Default for RedisConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             snapshot_interval_ms: 1_000,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_patterns: 64,
         }
     }
 }
@@ -380,6 +395,22 @@ impl Config {
                 ),
             ),
         }
+        let tls_url = self.redis.url.starts_with("rediss://");
+        for (key, set) in [
+            ("redis.tls_ca_file", self.redis.tls_ca_file.is_some()),
+            ("redis.tls_cert_file", self.redis.tls_cert_file.is_some()),
+            ("redis.tls_key_file", self.redis.tls_key_file.is_some()),
+        ] {
+            if set && !tls_url {
+                bad(key, "needs a rediss:// url".into());
+            }
+        }
+        if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
+            bad(
+                "redis.tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
         if self.redis.key_prefix.contains(['*', '?', '[', ']', ' ']) {
             bad(
                 "redis.key_prefix",
@@ -389,6 +420,7 @@ impl Config {
         for (key, v) in [
             ("redis.publish_queue_size", self.redis.publish_queue_size),
             ("redis.publish_batch_max", self.redis.publish_batch_max),
+            ("redis.max_patterns", self.redis.max_patterns),
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),

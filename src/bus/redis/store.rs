@@ -40,7 +40,7 @@ impl RedisStore {
             url: redact(&config.url),
             reason,
         };
-        let client = Client::open(config.url.as_str()).map_err(|e| unreachable(e.to_string()))?;
+        let client = super::client(config)?;
         let timeout = io_timeout(config);
         let conn = connect(&client, timeout)
             .await
