@@ -74,7 +74,8 @@ pub struct RedisConfig {
     /// `rediss://` only: private key (PEM) of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
     /// Most `PSUBSCRIBE` patterns one subscriber holds, whatever the bots ask: beyond it,
-    /// wildcards are replaced by covering patterns (see bus::redis::interest).
+    /// wildcards are replaced by covering patterns (see bus::redis::interest). 0: always
+    /// one cover per type (for ACLs that confine channels).
     pub max_patterns: usize,
 }
 
@@ -420,7 +421,6 @@ impl Config {
         for (key, v) in [
             ("redis.publish_queue_size", self.redis.publish_queue_size),
             ("redis.publish_batch_max", self.redis.publish_batch_max),
-            ("redis.max_patterns", self.redis.max_patterns),
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),

@@ -38,6 +38,10 @@ pub struct Plan {
 impl Plan {
     /// The subscriptions for `interest` under `prefix`, with at most `max_patterns`
     /// patterns (at least one when there is any wildcard).
+    ///
+    /// `max_patterns = 0` means covers only, one per type (`{p}trade:*`, or `{p}*` for a
+    /// typeless wildcard): a small fixed set of patterns that an ACL confining channels
+    /// can list literally (Redis checks a `PSUBSCRIBE` pattern literally against `&…`).
     pub fn new(interest: &Interest, prefix: &str, max_patterns: usize) -> Plan {
         let mut exact = BTreeSet::new();
         let mut wild: Vec<&Pattern> = Vec::new();
@@ -48,17 +52,17 @@ impl Plan {
                 exact.insert(format!("{prefix}{p}"));
             }
         }
-        let max = max_patterns.max(1);
-        if wild.len() <= max {
+        if wild.is_empty() || (max_patterns > 0 && wild.len() <= max_patterns) {
             let wild = wild.iter().map(|p| format!("{prefix}{p}")).collect();
             return Plan { exact, wild };
         }
-        // Too many: cover them, coarser and coarser until the budget holds.
+        // Too many (or covers only): cover them, coarser and coarser until the budget holds.
+        let depths: &[usize] = if max_patterns == 0 { &[1] } else { &[2, 1, 0] };
         let mut covers = BTreeSet::new();
-        for depth in [2, 1, 0] {
+        for &depth in depths {
             covers = wild.iter().map(|p| cover(p.as_str(), depth)).collect();
             remove_subsumed(&mut covers);
-            if covers.len() <= max {
+            if covers.len() <= max_patterns {
                 break;
             }
         }
@@ -274,6 +278,20 @@ mod tests {
         let plan = Plan::new(&interest(&p), "md:", 1);
         assert_eq!(plan.wild, set(&["md:*"]));
         assert!(plan.exact.is_empty(), "everything is covered");
+    }
+
+    #[test]
+    fn zero_budget_means_one_cover_per_type() {
+        let p = vec![
+            "trade:binance:*".to_string(),
+            "ticker:*:A-B".to_string(),
+            "book:binance:A-B".to_string(),
+        ];
+        let plan = Plan::new(&interest(&p), "md:", 0);
+        assert_eq!(plan.wild, set(&["md:ticker:*", "md:trade:*"]));
+        assert_eq!(plan.exact, set(&["md:book:binance:A-B"]));
+        let exact_only = Plan::new(&interest(&["book:binance:A-B".into()]), "md:", 0);
+        assert!(exact_only.wild.is_empty());
     }
 
     #[test]
