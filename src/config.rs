@@ -672,6 +672,29 @@ depth_limit = 0
     }
 
     #[test]
+    fn redis_tls_files_need_rediss_and_go_in_pairs() {
+        let f = write("[redis]\nurl = \"redis://h:6379/0\"\ntls_ca_file = \"/ca.pem\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("redis.tls_ca_file: needs a rediss:// url"),
+            "{err}"
+        );
+        let f = write("[redis]\nurl = \"rediss://h:6380/0\"\ntls_cert_file = \"/c.pem\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let f = write(
+            "[redis]\nurl = \"rediss://u:p@h:6380/0\"\ntls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\nmax_patterns = 0\n",
+        );
+        let config = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(config.redis.max_patterns, 0);
+        assert_eq!(
+            config.redis.tls_key_file.as_deref(),
+            Some(Path::new("/k.pem"))
+        );
+    }
+
+    #[test]
     fn durable_channels_are_refused_not_ignored() {
         let f = write("[durable]\nchannels = [\"trade:*:*\"]\n");
         let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();

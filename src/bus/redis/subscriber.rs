@@ -8,9 +8,11 @@
 //!   what does not match (a cover's extra, Redis's `*` also matching `:`, stragglers after
 //!   an unsubscribe) is dropped.
 //! - Interest changes are reconciled on the live connection in one pipelined round trip:
-//!   new subscriptions first, then the removed ones unsubscribed, no reconnect. An error
-//!   reply (e.g. `NOPERM` from an ACL) keeps the connection, marks health down and is
-//!   retried later; a connection error or `READONLY` rebuilds the session.
+//!   new subscriptions first, then the removed ones unsubscribed, no reconnect. A failure
+//!   is handled by its class: a connection error (or timeout) rebuilds the session; an
+//!   error reply keeps the connection, marks health down and is retried later. (redis-rs
+//!   0.29 hands a (P)SUBSCRIBE's error reply back as a success, so in practice an ACL
+//!   refusal shows only in Redis's `ACL LOG`; see docs/operations.md.)
 //! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally),
 //!   recognised by their first bytes before any parse.
 //! - Per (`src`, channel) the last `seq` is tracked ([`SeqTracker`]): a jump counts the
@@ -236,12 +238,9 @@ impl Subscriber {
                     }
                 }
                 _ = sleep_until(retry_at) => {
-                    retry_at = None;
+                    // Still armed: `apply` clears it (and restores health) on success.
                     if let Err(end) = self.apply(&sink, &mut subscribed, &target, timeout, &mut retry_at).await {
                         return end;
-                    }
-                    if retry_at.is_none() {
-                        self.health.up(None);
                     }
                 }
                 msg = stream.next() => match msg {
@@ -298,7 +297,10 @@ impl Subscriber {
     ) -> Result<(), End> {
         let Err(e) = reconcile(sink, subscribed, target, timeout).await else {
             metrics::redis_subscribed_patterns(subscribed.wild.len());
-            *retry_at = None;
+            if retry_at.take().is_some() {
+                // What was refused before is in place now.
+                self.health.up(None);
+            }
             return Ok(());
         };
         let failure = RedisFailure::classify(&e);
