@@ -99,7 +99,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let metrics = crate::metrics::install();
     let timeout = Duration::from_millis(config.redis.probe_timeout_ms.max(2_000));
-    check_connection(&config.redis.url, timeout).await?;
+    check_connection(&config.redis, timeout).await?;
     let src = Uuid::new_v4();
     let health = Health::new();
     info!(
@@ -115,7 +115,7 @@ pub async fn run(
         role: role_name(role),
         health: health.clone(),
         metrics,
-        redis: redis::Client::open(config.redis.url.as_str()).ok(),
+        redis: crate::bus::redis::client(&config.redis).ok(),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());
 

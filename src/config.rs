@@ -65,6 +65,18 @@ pub struct RedisConfig {
     pub reconnect_max_ms: u64,
     /// How often the publisher refreshes `{p}snapshot:{channel}` from its books.
     pub snapshot_interval_ms: u64,
+    /// `rediss://` only: PEM file of the CA(s) that signed the server's certificate; unset
+    /// means the public web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` only: client certificate chain (PEM) for servers that require one
+    /// (`tls-auth-clients yes`); set together with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `rediss://` only: private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Most `PSUBSCRIBE` patterns one subscriber holds, whatever the bots ask: beyond it,
+    /// wildcards are replaced by covering patterns (see bus::redis::interest). 0: always
+    /// one cover per type (for ACLs that confine channels).
+    pub max_patterns: usize,
 }
 
 impl Default for RedisConfig {
@@ -79,6 +91,10 @@ impl Default for RedisConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             snapshot_interval_ms: 1_000,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_patterns: 64,
         }
     }
 }
@@ -463,6 +479,22 @@ impl Config {
                 ),
             ),
         }
+        let tls_url = self.redis.url.starts_with("rediss://");
+        for (key, set) in [
+            ("redis.tls_ca_file", self.redis.tls_ca_file.is_some()),
+            ("redis.tls_cert_file", self.redis.tls_cert_file.is_some()),
+            ("redis.tls_key_file", self.redis.tls_key_file.is_some()),
+        ] {
+            if set && !tls_url {
+                bad(key, "needs a rediss:// url".into());
+            }
+        }
+        if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
+            bad(
+                "redis.tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
         if self.redis.key_prefix.contains(['*', '?', '[', ']', ' ']) {
             bad(
                 "redis.key_prefix",
@@ -824,6 +856,29 @@ tls_cert_file = "/nonexistent/cert.pem"
         let f = write("[bots]\ntokens = [{ token = \"x\", alow = [] }]\n");
         let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
         assert!(err.to_string().contains("bots.tokens"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_files_need_rediss_and_go_in_pairs() {
+        let f = write("[redis]\nurl = \"redis://h:6379/0\"\ntls_ca_file = \"/ca.pem\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("redis.tls_ca_file: needs a rediss:// url"),
+            "{err}"
+        );
+        let f = write("[redis]\nurl = \"rediss://h:6380/0\"\ntls_cert_file = \"/c.pem\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let f = write(
+            "[redis]\nurl = \"rediss://u:p@h:6380/0\"\ntls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\nmax_patterns = 0\n",
+        );
+        let config = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(config.redis.max_patterns, 0);
+        assert_eq!(
+            config.redis.tls_key_file.as_deref(),
+            Some(Path::new("/k.pem"))
+        );
     }
 
     #[test]

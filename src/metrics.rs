@@ -29,6 +29,8 @@ pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
+pub const REDIS_ERROR_REPLIES: &str = "mdbridge_redis_error_replies_total";
+pub const REDIS_SUBSCRIBED_PATTERNS: &str = "mdbridge_redis_subscribed_patterns";
 pub const BOT_CLIENTS: &str = "mdbridge_bot_clients";
 pub const BOT_CONNECTIONS: &str = "mdbridge_bot_connections_total";
 pub const BOT_SUBSCRIPTIONS: &str = "mdbridge_bot_subscriptions";
@@ -148,6 +150,14 @@ fn describe() {
         REDIS_PROBE_TIMEOUTS,
         "Liveness probes that did not come back through the subscription."
     );
+    describe_counter!(
+        REDIS_ERROR_REPLIES,
+        "Redis error replies that did not end the connection (OOM, LOADING, NOPERM...), by role and reason."
+    );
+    describe_gauge!(
+        REDIS_SUBSCRIBED_PATTERNS,
+        "PSUBSCRIBE patterns the subscriber holds (bounded by redis.max_patterns)."
+    );
     describe_gauge!(BOT_CLIENTS, "Connected bot clients.");
     describe_counter!(BOT_CONNECTIONS, "Bot connections accepted since start.");
     describe_gauge!(
@@ -236,6 +246,13 @@ pub fn redis_connected(role: &'static str, up: bool) {
 }
 pub fn redis_probe_timeout() {
     counter!(REDIS_PROBE_TIMEOUTS).increment(1);
+}
+/// An error reply handled without a reconnect; `reason` is `RedisFailure::reason`.
+pub fn redis_error_reply(role: &'static str, reason: &'static str) {
+    counter!(REDIS_ERROR_REPLIES, "role" => role, "reason" => reason).increment(1);
+}
+pub fn redis_subscribed_patterns(n: usize) {
+    gauge!(REDIS_SUBSCRIBED_PATTERNS).set(n as f64);
 }
 pub fn bot_connected() {
     counter!(BOT_CONNECTIONS).increment(1);

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod exchange;
+pub mod redis_extra;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ where
     }
 }
 
-fn find_redis_server() -> PathBuf {
+pub fn find_redis_server() -> PathBuf {
     if let Ok(p) = std::env::var("REDIS_SERVER_BIN") {
         return PathBuf::from(p);
     }

@@ -714,8 +714,9 @@ async fn a_silent_subscription_is_found_by_the_probe_and_rebuilt() {
     publish_raw(&admin, "trade:binance:BTC-USDT", &m(1).envelope).await;
     assert_eq!(recv(&mut sub.rx).await.seq, 1);
 
-    // The session uses two connections (pub/sub and probe): freeze both, silently.
-    proxy.freeze_existing(2);
+    // The session uses one connection (pub/sub, which also carries the probe's PING):
+    // freeze it, silently.
+    proxy.freeze_existing(1);
     // Without the probe nothing would ever notice: no error, no EOF. Keep publishing
     // until one arrives through a rebuilt session.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -734,7 +735,7 @@ async fn a_silent_subscription_is_found_by_the_probe_and_rebuilt() {
     };
     assert!(got.seq >= 2);
     assert!(
-        proxy.accepted() >= 4,
+        proxy.accepted() >= 2,
         "a new session was built through the proxy"
     );
     wait_until("healthy again", || async { health.all_healthy() }).await;
@@ -905,6 +906,114 @@ async fn a_full_router_queue_drops_instead_of_stalling() {
         seqs.len() < 50,
         "most of the burst was dropped, not queued: {seqs:?}"
     );
+    shutdown.cancel();
+    let _ = task.await;
+}
+
+/// The `id=` of every client logged in as `user`.
+async fn client_ids(admin: &MultiplexedConnection, user: &str) -> Vec<String> {
+    let mut c = admin.clone();
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    list.lines()
+        .filter(|l| l.contains(&format!(" user={user} ")))
+        .filter_map(|l| l.split(' ').next().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_refused_by_an_acl_keeps_its_connection_and_says_why() {
+    let server = RedisTestServer::start();
+    let admin = raw(&server.url()).await;
+    let acl = |rules: &'static [&'static str]| {
+        let mut c = admin.clone();
+        async move {
+            let _: () = ::redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("pub")
+                .arg(rules)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    // May publish, may not SET: every pipeline with a ticker gets NOPERM for its SET.
+    acl(&[
+        "on",
+        ">pw",
+        "resetchannels",
+        "&md:*",
+        "resetkeys",
+        "~md:*",
+        "-@all",
+        "+publish",
+        "+ping",
+    ])
+    .await;
+    let url = format!("redis://pub:pw@127.0.0.1:{}/0", server.port());
+    let mut sub = subscriber(
+        &server.url(),
+        Uuid::new_v4(),
+        &["ticker:binance:BTC-USDT"],
+        HealthHandle::detached("sub"),
+    );
+    wait_until("subscribed", || async {
+        numsub(&admin, "md:ticker:binance:BTC-USDT").await == 1
+    })
+    .await;
+    let health = Health::new();
+    let shutdown = CancellationToken::new();
+    let src = Uuid::new_v4();
+    let (bus, task) =
+        RedisPublisher::spawn(config(&url), src, health.register("pub"), shutdown.clone());
+    let mut seq = Sequencer::new(src);
+    let ticker = |bid: &str| {
+        Event::Ticker(Ticker {
+            exchange: Exchange::Binance,
+            symbol: "BTC-USDT".into(),
+            ts: None,
+            ts_recv: 1,
+            bid: Some(bid.into()),
+            bid_size: None,
+            ask: None,
+            ask_size: None,
+            last: None,
+            volume_24h: None,
+        })
+    };
+    wait_until("publisher connected", || async {
+        client_ids(&admin, "pub").await.len() == 1
+    })
+    .await;
+    let first = client_ids(&admin, "pub").await;
+    bus.publish(seq.wrap(ticker("1.0"))).await;
+    // The PUBLISH in the pipeline went through; the SET was refused.
+    assert_eq!(recv(&mut sub.rx).await.seq, 1);
+    wait_until("health down with the reason", || async {
+        health
+            .report()
+            .get("pub")
+            .is_some_and(|c| !c.healthy && c.detail.as_deref().unwrap_or("").contains("NOPERM"))
+    })
+    .await;
+    bus.publish(seq.wrap(ticker("2.0"))).await;
+    assert_eq!(recv(&mut sub.rx).await.seq, 2);
+    assert_eq!(get(&admin, "md:last:ticker:binance:BTC-USDT").await, None);
+    assert_eq!(client_ids(&admin, "pub").await, first, "no reconnect");
+
+    // The operator fixes the ACL: the next pipeline succeeds, health is back.
+    acl(&["+set"]).await;
+    bus.publish(seq.wrap(ticker("3.0"))).await;
+    assert_eq!(recv(&mut sub.rx).await.seq, 3);
+    wait_until("healthy again", || async { health.all_healthy() }).await;
+    let stored = get(&admin, "md:last:ticker:binance:BTC-USDT")
+        .await
+        .expect("latest value");
+    assert!(String::from_utf8_lossy(&stored).contains("3.0"));
+    assert_eq!(client_ids(&admin, "pub").await, first, "still no reconnect");
     shutdown.cancel();
     let _ = task.await;
 }

@@ -10,6 +10,11 @@
 //!   envelopes, and proves the subscription alive with a probe.
 //! - [`RedisStore`] ([`store`]): `GET` of the latest-value keys for late joiners.
 //! - [`check_connection`]: one `PING` at start, so an unreachable Redis is a clear error.
+//! - [`client`]: the one place a [`Client`] is built from the config (URL with optional
+//!   ACL user and password, `rediss://` with `tls_ca_file` / `tls_cert_file` /
+//!   `tls_key_file`), so every connection of every role authenticates the same way.
+//! - [`error`]: what a Redis failure means ([`RedisFailure`]) and the policy for it.
+//! - [`interest`]: the bots' interest as Redis subscriptions, bounded by `max_patterns`.
 //!
 //! Every connection here reconnects by itself with exponential backoff and jitter between
 //! `reconnect_min_ms` and `reconnect_max_ms`; the details are listed in each submodule.
@@ -18,17 +23,20 @@
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, Client};
+use ::redis::{AsyncConnectionConfig, Client, ClientTlsConfig, TlsCertificates};
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::BusError;
 use crate::config::RedisConfig;
 use crate::event::Channel;
 
+pub mod error;
+pub mod interest;
 pub mod publisher;
 pub mod store;
 pub mod subscriber;
 
+pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
 pub use subscriber::RedisSubscriber;
@@ -51,20 +59,65 @@ pub fn snapshot_key(prefix: &str, channel: &Channel) -> String {
     format!("{prefix}snapshot:{channel}")
 }
 
-/// The channel an instance's liveness probes travel on: `{p}probe:{src}`.
-pub fn probe_key(prefix: &str, src: &uuid::Uuid) -> String {
-    format!("{prefix}probe:{src}")
+/// The Redis client every connection of this process uses: publisher, subscriber, store,
+/// startup check and `/health/redis`.
+///
+/// The URL carries the ACL user and password (`redis://user:pass@host:port/db`; redis-rs
+/// sends `AUTH user pass` on every new connection). `rediss://` is TLS (rustls): with
+/// `tls_ca_file` the server must chain to that CA (and only to it), else to the public web
+/// PKI roots; `tls_cert_file` + `tls_key_file` add a client certificate. Files are read
+/// here, once per client, so a missing or bad file is an error at start.
+pub fn client(config: &RedisConfig) -> Result<Client, BusError> {
+    let fail = |reason: String| BusError::Unreachable {
+        url: redact(&config.url),
+        reason,
+    };
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| fail(format!("redis.{key} `{}`: {e}", path.display())))
+    };
+    let tls_files = config.tls_ca_file.is_some()
+        || config.tls_cert_file.is_some()
+        || config.tls_key_file.is_some();
+    if !tls_files {
+        return Client::open(config.url.as_str()).map_err(|e| fail(e.to_string()));
+    }
+    let root_cert = match &config.tls_ca_file {
+        Some(path) => Some(read("tls_ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read("tls_cert_file", cert)?,
+            client_key: read("tls_key_file", key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(fail(
+                "redis.tls_cert_file and redis.tls_key_file go together".into(),
+            ))
+        }
+    };
+    Client::build_with_tls(
+        config.url.as_str(),
+        TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| fail(e.to_string()))
 }
 
-/// Checks once that Redis at `url` answers `PING` within `timeout`.
+/// Checks once that Redis answers `PING` within `timeout`, with the credentials and TLS
+/// settings of `config`.
 ///
 /// Used at start so an unreachable Redis becomes one clear line rather than a retry loop.
-pub async fn check_connection(url: &str, timeout: Duration) -> Result<(), BusError> {
+pub async fn check_connection(config: &RedisConfig, timeout: Duration) -> Result<(), BusError> {
+    let url = config.url.as_str();
     let unreachable = |reason: String| BusError::Unreachable {
         url: redact(url),
         reason,
     };
-    let client = Client::open(url).map_err(|e| unreachable(e.to_string()))?;
+    let client = client(config)?;
     let attempt = async {
         let mut conn = connect(&client, timeout).await?;
         ::redis::cmd("PING").query_async::<String>(&mut conn).await
@@ -165,7 +218,11 @@ mod tests {
             .unwrap()
             .port();
         let url = format!("redis://127.0.0.1:{port}/0");
-        let err = check_connection(&url, Duration::from_millis(500))
+        let config = RedisConfig {
+            url: url.clone(),
+            ..RedisConfig::default()
+        };
+        let err = check_connection(&config, Duration::from_millis(500))
             .await
             .unwrap_err();
         let text = err.to_string();
@@ -176,7 +233,11 @@ mod tests {
     #[tokio::test]
     async fn check_connection_succeeds_against_a_server() {
         let server = crate::bus::redis_test_server::RedisTestServer::start();
-        check_connection(&server.url(), Duration::from_secs(2))
+        let config = RedisConfig {
+            url: server.url(),
+            ..RedisConfig::default()
+        };
+        check_connection(&config, Duration::from_secs(2))
             .await
             .unwrap();
     }

@@ -25,9 +25,14 @@
 //!   start loses nothing.
 //! - An idle connection is checked with a `PING` every `snapshot_interval_ms`, so a dead
 //!   Redis shows in health even when nothing is published.
-//! - Any error on a pipeline (including a reply slower than `probe_timeout_ms`) counts the
-//!   whole batch as failed, marks health down, sets `redis_connected{role="publish"}` to 0
-//!   and drops the connection.
+//! - Any error on a pipeline counts the whole batch as failed (reason = the error's
+//!   class, see [`RedisFailure`]). A connection failure (including a reply slower than
+//!   `probe_timeout_ms`) or `READONLY` (a replica after a failover) marks health down,
+//!   sets `redis_connected{role="publish"}` to 0 and drops the connection. An error reply
+//!   on a healthy connection does not: `OOM` is counted
+//!   (`redis_error_replies{role="publish",reason="redis_oom"}`) and logged rate-limited;
+//!   `LOADING` also pauses sending for [`LOADING_PAUSE`](super::error::LOADING_PAUSE);
+//!   `NOPERM`/auth errors and `LOADING` mark health down until a pipeline succeeds.
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
@@ -53,7 +58,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::{backoff, connect, io_timeout, redact};
+use super::subscriber::RateLimit;
+use super::{backoff, connect, io_timeout, redact, Recovery, RedisFailure};
 use crate::book::OrderBook;
 use crate::bus::Bus;
 use crate::config::RedisConfig;
@@ -92,15 +98,16 @@ impl RedisPublisher {
         let books = SharedBooks::default();
         let writer_books = books.clone();
         let task = tokio::spawn(async move {
-            match Client::open(config.url.as_str()) {
+            match super::client(&config) {
                 Ok(client) => {
                     Writer::new(config, src, client, health, writer_books)
                         .run(rx, shutdown)
                         .await
                 }
                 Err(e) => {
-                    // Config validation refuses such URLs; stay alive and count, never panic.
-                    health.down(format!("bad redis url: {e}"));
+                    // Config validation and the startup check refuse such settings; stay
+                    // alive and count, never panic.
+                    health.down(e.to_string());
                     drain_forever(rx, shutdown).await;
                 }
             }
@@ -170,6 +177,11 @@ struct Writer {
     /// A pipeline went out since the last refresh tick (else the tick pings).
     sent_since_tick: bool,
     books: SharedBooks,
+    /// An error reply marked health down (see `failed`); the next success clears it.
+    degraded: bool,
+    /// `LOADING`: nothing is sent before this.
+    paused_until: Option<Instant>,
+    error_log: RateLimit,
 }
 
 impl Writer {
@@ -192,6 +204,9 @@ impl Writer {
             was_connected: false,
             sent_since_tick: false,
             books,
+            degraded: false,
+            paused_until: None,
+            error_log: RateLimit::new(Duration::from_secs(10)),
         }
     }
 
@@ -332,7 +347,43 @@ impl Writer {
             .unwrap_or(Duration::from_millis(self.config.reconnect_max_ms))
     }
 
-    fn lost_connection(&mut self, cause: &::redis::RedisError) {
+    /// Acts on a failed command by its class ([`RedisFailure::recovery`]): only a dead
+    /// connection or a `READONLY` replica is reconnected. An error reply from a healthy
+    /// connection (`OOM`, `LOADING`, `NOPERM`...) is counted and logged (rate-limited);
+    /// `LOADING` also pauses sending for a moment; `NOPERM`/auth and `LOADING` mark
+    /// health down until a pipeline succeeds again.
+    fn failed(&mut self, failure: RedisFailure) {
+        let pause = match failure.recovery() {
+            Recovery::Reconnect => return self.lost_connection(&failure),
+            Recovery::WaitAndRetry(pause) => Some(pause),
+            // No scripts are sent today: a NOSCRIPT can only be dropped like any reply.
+            Recovery::Drop | Recovery::ReloadScript | Recovery::Fatal => None,
+        };
+        metrics::redis_error_reply("publish", failure.reason());
+        if let Some(pause) = pause {
+            self.paused_until = Some(Instant::now() + pause);
+        }
+        if matches!(
+            failure.recovery(),
+            Recovery::Fatal | Recovery::WaitAndRetry(_)
+        ) {
+            self.health.down(format!("redis: {failure}"));
+            self.degraded = true;
+        }
+        if let Some(suppressed) = self.error_log.allow() {
+            warn!(cause = %failure, suppressed, "redis refused a publisher pipeline; envelopes dropped, connection kept");
+        }
+    }
+
+    /// A pipeline went through: whatever error reply marked health down is over.
+    fn succeeded(&mut self) {
+        if std::mem::take(&mut self.degraded) {
+            self.health.up(None);
+        }
+    }
+
+    fn lost_connection(&mut self, cause: &dyn std::fmt::Display) {
+        self.degraded = false;
         self.conn = None;
         metrics::redis_connected("publish", false);
         self.health.down(format!("redis: {cause}"));
@@ -352,6 +403,14 @@ impl Writer {
             batch.clear();
             return;
         };
+        if let Some(until) = self.paused_until {
+            if Instant::now() < until {
+                metrics::envelopes_publish_failed(n as u64, "redis_loading");
+                batch.clear();
+                return;
+            }
+            self.paused_until = None;
+        }
         let prefix = &self.config.key_prefix;
         let mut pipe = Pipeline::with_capacity(n + n / 4);
         for msg in batch.iter() {
@@ -383,10 +442,16 @@ impl Writer {
         self.sent_since_tick = true;
         metrics::publish_batch(n);
         match pipe.query_async::<()>(conn).await {
-            Ok(()) => metrics::envelopes_published(n as u64),
+            Ok(()) => {
+                metrics::envelopes_published(n as u64);
+                self.succeeded();
+            }
             Err(e) => {
-                metrics::envelopes_publish_failed(n as u64, "redis_down");
-                self.lost_connection(&e);
+                // Under OOM Redis still accepts the PUBLISHes and refuses the SETs; the
+                // first error reply is all a pipeline returns, so the batch counts as failed.
+                let failure = RedisFailure::classify(&e);
+                metrics::envelopes_publish_failed(n as u64, failure.reason());
+                self.failed(failure);
             }
         }
     }
@@ -398,7 +463,7 @@ impl Writer {
             return;
         };
         if let Err(e) = ::redis::cmd("PING").query_async::<()>(conn).await {
-            self.lost_connection(&e);
+            self.failed(RedisFailure::classify(&e));
         }
     }
 
@@ -446,7 +511,7 @@ impl Writer {
                     }
                 }
             }
-            Err(e) => self.lost_connection(&e),
+            Err(e) => self.failed(RedisFailure::classify(&e)),
         }
     }
 }

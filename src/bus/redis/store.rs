@@ -8,8 +8,9 @@
 //!
 //! - [`RedisStore::connect`] connects once and fails with a clear error if Redis is
 //!   unreachable.
-//! - Any error on a `GET` (or a reply slower than `probe_timeout_ms`) is returned to the
-//!   caller and drops the connection; the next call connects afresh. There is no backoff:
+//! - Any error on a `GET` is returned to the caller. A connection failure (or a reply
+//!   slower than `probe_timeout_ms`, or `READONLY`) also drops the connection and the next
+//!   call connects afresh; an error reply on a live connection keeps it. There is no backoff:
 //!   calls are driven by bot subscriptions, and each one waits at most the timeout.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -19,7 +20,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::Client;
 use bytes::Bytes;
 
-use super::{connect, io_timeout, last_key, redact, snapshot_key};
+use super::{connect, io_timeout, last_key, redact, snapshot_key, Recovery, RedisFailure};
 use crate::bus::{BusError, SnapshotStore, StoreFuture};
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
@@ -40,7 +41,7 @@ impl RedisStore {
             url: redact(&config.url),
             reason,
         };
-        let client = Client::open(config.url.as_str()).map_err(|e| unreachable(e.to_string()))?;
+        let client = super::client(config)?;
         let timeout = io_timeout(config);
         let conn = connect(&client, timeout)
             .await
@@ -85,8 +86,11 @@ impl RedisStore {
         match reply {
             Ok(v) => Ok(v),
             Err(e) => {
-                // Whatever failed, a fresh connection next time is the cheap safe choice.
-                *self.slot() = None;
+                // A dead connection (or a replica after a failover) is replaced next time;
+                // an error reply on a live one (NOPERM, LOADING...) keeps it.
+                if RedisFailure::classify(&e).recovery() == Recovery::Reconnect {
+                    *self.slot() = None;
+                }
                 Err(e.into())
             }
         }

@@ -1,12 +1,18 @@
 //! The receiving side of the Redis bus: one pub/sub connection that follows the gateway's
 //! [`Interest`], turns Redis messages back into [`BusMessage`]s and hands them on.
 //!
-//! - Exact patterns become `SUBSCRIBE {p}{channel}`, wildcard patterns `PSUBSCRIBE
-//!   {p}{pattern}`. Redis's `*` also matches `:`, so every received channel is checked
-//!   again with [`Pattern::matches`] against the current interest; what does not match
-//!   (including stragglers after an unsubscribe) is dropped.
-//! - Interest changes are reconciled on the live connection: new patterns subscribed,
-//!   removed ones unsubscribed, no reconnect.
+//! - The interest becomes subscriptions through [`Plan`](super::interest::Plan): exact
+//!   patterns `SUBSCRIBE {p}{channel}`, wildcards `PSUBSCRIBE {p}{pattern}`, at most
+//!   `max_patterns` of them (beyond that, covering patterns). Every received channel is
+//!   checked again against the current interest ([`Filter`](super::interest::Filter));
+//!   what does not match (a cover's extra, Redis's `*` also matching `:`, stragglers after
+//!   an unsubscribe) is dropped.
+//! - Interest changes are reconciled on the live connection in one pipelined round trip:
+//!   new subscriptions first, then the removed ones unsubscribed, no reconnect. A failure
+//!   is handled by its class: a connection error (or timeout) rebuilds the session; an
+//!   error reply keeps the connection, marks health down and is retried later. (redis-rs
+//!   0.29 hands a (P)SUBSCRIBE's error reply back as a success, so in practice an ACL
+//!   refusal shows only in Redis's `ACL LOG`; see docs/operations.md.)
 //! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally),
 //!   recognised by their first bytes before any parse.
 //! - Per (`src`, channel) the last `seq` is tracked ([`SeqTracker`]): a jump counts the
@@ -20,25 +26,26 @@
 //! Reconnect behaviour:
 //!
 //! - redis-rs's `aio::PubSub` never reconnects: when its stream ends or a command on it
-//!   fails, the whole session (pub/sub connection and probe connection) is rebuilt after
+//!   fails, the whole session (its one pub/sub connection) is rebuilt after
 //!   an exponential backoff with jitter (`reconnect_min_ms` .. `reconnect_max_ms`), and
 //!   the whole current interest is subscribed again.
 //! - Health goes down when a session ends and up once the new one is subscribed;
 //!   `redis_connected{role="subscribe"}` follows, and each rebuilt session adds one to
 //!   `redis_reconnects{role="subscribe"}`. The backoff restarts from the minimum after a
 //!   session came up.
-//! - A half-open TCP connection raises no error, so every `probe_interval_ms` a probe is
-//!   published (on a separate normal connection) to `{p}probe:{src}`, to which the
-//!   subscription also listens. A probe not back within `probe_timeout_ms` counts a
-//!   `redis_probe_timeouts` and the session is rebuilt. Probes are never forwarded.
+//! - A half-open TCP connection raises no error, so every `probe_interval_ms` a probe
+//!   `PING <nonce>` is sent on the pub/sub connection itself (Redis answers it in
+//!   subscribed mode with `["pong", nonce]`). A pong not back within `probe_timeout_ms`
+//!   counts a `redis_probe_timeouts` and the session is rebuilt. The probe needs no
+//!   `PUBLISH`, so an executor's ACL user can be denied publishing altogether.
 //! - Sequence tracking survives reconnects, so envelopes missed while disconnected are
 //!   counted as lost when the next one arrives.
 //! - The task ends when `shutdown` is cancelled or the receiver of `out` is dropped.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use ::redis::aio::{MultiplexedConnection, PubSubSink};
+use ::redis::aio::PubSubSink;
 use ::redis::{Client, Msg};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -49,11 +56,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::{backoff, connect, io_timeout, probe_key, redact};
+use super::interest::{reconcile, Filter, Plan};
+use super::{backoff, io_timeout, redact, Recovery, RedisFailure};
 use crate::bus::Interest;
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
-use crate::event::{Channel, Pattern};
+use crate::event::Channel;
 use crate::health::HealthHandle;
 use crate::metrics;
 
@@ -62,7 +70,7 @@ pub struct RedisSubscriber;
 
 impl RedisSubscriber {
     /// Starts the subscriber. `src` is this instance's uuid: envelopes carrying it are
-    /// dropped, and the liveness probe uses it in its channel name.
+    /// dropped.
     pub fn spawn(
         config: RedisConfig,
         src: Uuid,
@@ -72,17 +80,16 @@ impl RedisSubscriber {
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let client = match Client::open(config.url.as_str()) {
+            let client = match super::client(&config) {
                 Ok(c) => c,
                 Err(e) => {
-                    // Config validation refuses such URLs; never panic on one that slipped by.
-                    health.down(format!("bad redis url: {e}"));
-                    warn!(cause = %e, "redis subscriber has no usable url");
+                    // Validation and the startup check refuse such settings; never panic.
+                    health.down(e.to_string());
+                    warn!(cause = %e, "redis subscriber has no usable client");
                     return;
                 }
             };
             let mut sub = Subscriber {
-                probe_channel: probe_key(&config.key_prefix, &src),
                 config,
                 src,
                 client,
@@ -95,6 +102,7 @@ impl RedisSubscriber {
                 invalid_log: RateLimit::new(Duration::from_secs(10)),
                 overflow_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
+                refused_log: RateLimit::new(Duration::from_secs(10)),
             };
             sub.run(shutdown).await;
         })
@@ -113,7 +121,6 @@ struct Subscriber {
     config: RedisConfig,
     src: Uuid,
     client: Client,
-    probe_channel: String,
     interest: watch::Receiver<Interest>,
     /// False once the interest sender is gone: the last interest stays in force.
     interest_open: bool,
@@ -127,38 +134,8 @@ struct Subscriber {
     /// Set when a session got as far as subscribing; the reconnect loop then resets its
     /// backoff.
     session_was_up: bool,
-}
-
-/// What is subscribed on the current connection, as Redis channel names / patterns.
-#[derive(Default)]
-struct Subscribed {
-    exact: BTreeSet<String>,
-    wild: BTreeSet<String>,
-}
-
-/// The current interest, split for a cheap per-message check.
-#[derive(Default)]
-struct Filter {
-    exact: HashSet<String>,
-    wild: Vec<Pattern>,
-}
-
-impl Filter {
-    fn new(interest: &Interest) -> Filter {
-        let mut f = Filter::default();
-        for p in interest.iter() {
-            if p.is_wildcard() {
-                f.wild.push(p.clone());
-            } else {
-                f.exact.insert(p.as_str().to_string());
-            }
-        }
-        f
-    }
-
-    fn matches(&self, channel: &Channel) -> bool {
-        self.exact.contains(channel.as_str()) || self.wild.iter().any(|p| p.matches(channel))
-    }
+    /// Subscriptions refused with an error reply (ACL, loading): logged at most this often.
+    refused_log: RateLimit,
 }
 
 impl Subscriber {
@@ -200,38 +177,33 @@ impl Subscriber {
         let timeout = io_timeout(&self.config);
         let pubsub = match tokio::time::timeout(timeout, self.client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => return End::Reconnect(format!("connect: {e}")),
+            Ok(Err(e)) => {
+                return End::Reconnect(format!("connect: {}", RedisFailure::classify(&e)))
+            }
             Err(_) => return End::Reconnect("connect: timed out".into()),
         };
-        let probe_conn = match connect(&self.client, timeout).await {
-            Ok(c) => c,
-            Err(e) => return End::Reconnect(format!("probe connection: {e}")),
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let mut subscribed = Subscribed::default();
-        if let Err(e) = bounded(timeout, sink.subscribe(self.probe_channel.as_str())).await {
-            return End::Reconnect(format!("subscribe probe: {e}"));
-        }
+        let (sink, mut stream) = pubsub.split();
+        let mut subscribed = Plan::default();
         let interest = self.interest.borrow_and_update().clone();
         let mut filter = Filter::new(&interest);
-        if let Err(e) = reconcile(
-            &mut sink,
-            &mut subscribed,
-            &interest,
-            &self.config.key_prefix,
-            timeout,
-        )
-        .await
+        let mut target = self.plan(&interest);
+        // When an error reply refused part of the plan: when to try it again.
+        let mut retry_at: Option<Instant> = None;
+        if let Err(end) = self
+            .apply(&sink, &mut subscribed, &target, timeout, &mut retry_at)
+            .await
         {
-            return End::Reconnect(format!("subscribe: {e}"));
+            return end;
         }
         if sessions > 0 {
             metrics::redis_reconnect("subscribe");
         }
         metrics::redis_connected("subscribe", true);
-        self.health.up(None);
+        if retry_at.is_none() {
+            self.health.up(None);
+        }
         self.session_was_up = true;
-        info!(url = %redact(&self.config.url), patterns = interest.len(), "redis subscriber connected");
+        info!(url = %redact(&self.config.url), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
 
         let probe_every = Duration::from_millis(self.config.probe_interval_ms.max(1));
         let probe_timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
@@ -240,12 +212,11 @@ impl Subscriber {
         let mut probe_nonce = 0u64;
         // Deadline of the oldest probe not yet seen back.
         let mut probe_due: Option<Instant> = None;
+        let (probe_tx, mut probe_rx) = mpsc::channel::<u64>(4);
 
         loop {
             tokio::select! {
-                // Messages before timers: a probe counts as missing only once everything
-                // already received has been read, so a busy subscription never times out
-                // on a probe that sits in its own backlog.
+                // Messages before timers: drain what is already received first.
                 biased;
                 _ = shutdown.cancelled() => return End::Stop,
                 changed = self.interest.changed(), if self.interest_open => {
@@ -256,19 +227,25 @@ impl Subscriber {
                     let interest = self.interest.borrow_and_update().clone();
                     filter = Filter::new(&interest);
                     self.tracker.retain(|c| filter.matches(c));
-                    if let Err(e) = reconcile(&mut sink, &mut subscribed, &interest, &self.config.key_prefix, timeout).await {
-                        return End::Reconnect(format!("subscribe: {e}"));
+                    target = self.plan(&interest);
+                    if let Err(end) = self.apply(&sink, &mut subscribed, &target, timeout, &mut retry_at).await {
+                        return end;
+                    }
+                }
+                Some(nonce) = probe_rx.recv() => {
+                    if nonce == probe_nonce {
+                        probe_due = None;
+                    }
+                }
+                _ = sleep_until(retry_at) => {
+                    // Still armed: `apply` clears it (and restores health) on success.
+                    if let Err(end) = self.apply(&sink, &mut subscribed, &target, timeout, &mut retry_at).await {
+                        return end;
                     }
                 }
                 msg = stream.next() => match msg {
                     None => return End::Reconnect("connection closed".into()),
                     Some(msg) => {
-                        if msg.get_channel_name() == self.probe_channel {
-                            if probe_payload(&msg) == Some(probe_nonce) {
-                                probe_due = None;
-                            }
-                            continue;
-                        }
                         if let Some(m) = self.accept(&msg, &filter) {
                             // Never wait here: redis-rs reads the socket into an unbounded
                             // queue whatever we do, so waiting would only move the backlog
@@ -296,11 +273,51 @@ impl Subscriber {
                     if probe_due.is_none() {
                         probe_nonce += 1;
                         probe_due = Some(Instant::now() + probe_timeout);
-                        send_probe(probe_conn.clone(), self.probe_channel.clone(), probe_nonce);
+                        send_probe(sink.clone(), probe_nonce, probe_timeout, probe_tx.clone());
                     }
                 }
             }
         }
+    }
+
+    fn plan(&self, interest: &Interest) -> Plan {
+        Plan::new(interest, &self.config.key_prefix, self.config.max_patterns)
+    }
+
+    /// Applies `target`; a failure is handled by its class: a connection failure or a
+    /// `READONLY` ends the session, an error reply (ACL refusal, loading) keeps the
+    /// connection, marks health down and sets `retry_at` for another try.
+    async fn apply(
+        &mut self,
+        sink: &PubSubSink,
+        subscribed: &mut Plan,
+        target: &Plan,
+        timeout: Duration,
+        retry_at: &mut Option<Instant>,
+    ) -> Result<(), End> {
+        let Err(e) = reconcile(sink, subscribed, target, timeout).await else {
+            metrics::redis_subscribed_patterns(subscribed.wild.len());
+            if retry_at.take().is_some() {
+                // What was refused before is in place now.
+                self.health.up(None);
+            }
+            return Ok(());
+        };
+        let failure = RedisFailure::classify(&e);
+        let delay = match failure.recovery() {
+            Recovery::Reconnect => return Err(End::Reconnect(format!("subscribe: {failure}"))),
+            Recovery::WaitAndRetry(d) => d,
+            Recovery::Drop | Recovery::ReloadScript | Recovery::Fatal => {
+                Duration::from_millis(self.config.reconnect_max_ms.max(1))
+            }
+        };
+        metrics::redis_error_reply("subscribe", failure.reason());
+        self.health.down(format!("subscribe: {failure}"));
+        if let Some(suppressed) = self.refused_log.allow() {
+            warn!(cause = %failure, suppressed, "redis refused a subscription; retrying later");
+        }
+        *retry_at = Some(Instant::now() + delay);
+        Ok(())
     }
 
     /// Turns one Redis message into a message to forward, or counts why not.
@@ -366,80 +383,41 @@ impl Subscriber {
     }
 }
 
-/// Brings the connection's subscriptions in line with `interest`.
-async fn reconcile(
-    sink: &mut PubSubSink,
-    subscribed: &mut Subscribed,
-    interest: &Interest,
-    prefix: &str,
-    timeout: Duration,
-) -> ::redis::RedisResult<()> {
-    let mut exact = BTreeSet::new();
-    let mut wild = BTreeSet::new();
-    for p in interest.iter() {
-        let key = format!("{prefix}{p}");
-        if p.is_wildcard() {
-            wild.insert(key);
-        } else {
-            exact.insert(key);
-        }
-    }
-    let sub: Vec<&String> = exact.difference(&subscribed.exact).collect();
-    let unsub: Vec<&String> = subscribed.exact.difference(&exact).collect();
-    let psub: Vec<&String> = wild.difference(&subscribed.wild).collect();
-    let punsub: Vec<&String> = subscribed.wild.difference(&wild).collect();
-    // Redis refuses these commands without arguments: send only non-empty ones.
-    if !sub.is_empty() {
-        bounded(timeout, sink.subscribe(sub)).await?;
-    }
-    if !psub.is_empty() {
-        bounded(timeout, sink.psubscribe(psub)).await?;
-    }
-    if !unsub.is_empty() {
-        bounded(timeout, sink.unsubscribe(unsub)).await?;
-    }
-    if !punsub.is_empty() {
-        bounded(timeout, sink.punsubscribe(punsub)).await?;
-    }
-    subscribed.exact = exact;
-    subscribed.wild = wild;
-    Ok(())
-}
-
-/// A subscription command that takes longer than `timeout` means a dead connection.
-async fn bounded(
-    timeout: Duration,
-    fut: impl std::future::Future<Output = ::redis::RedisResult<()>>,
-) -> ::redis::RedisResult<()> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(::redis::RedisError::from((
-            ::redis::ErrorKind::IoError,
-            "subscription command timed out",
-        ))),
+/// The nonce a probe's pong carries back, if `reply` is one: `["pong", nonce]` on a
+/// subscribed connection (RESP2), the bare `nonce` on one with no subscription yet.
+fn pong_nonce(reply: &::redis::Value) -> Option<u64> {
+    use ::redis::Value;
+    let payload = match reply {
+        Value::Array(items) if items.len() == 2 => &items[1],
+        other => other,
+    };
+    match payload {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
     }
 }
 
-/// Publishes probe `nonce` without holding up the message loop; a failure shows up as
-/// the probe not coming back.
-fn send_probe(mut conn: MultiplexedConnection, channel: String, nonce: u64) {
+/// Sends probe `nonce` as a `PING` on the pub/sub connection itself, without holding up
+/// the message loop; the pong's nonce comes back on `back`. A failure shows up as the
+/// probe not coming back.
+fn send_probe(mut sink: PubSubSink, nonce: u64, timeout: Duration, back: mpsc::Sender<u64>) {
     tokio::spawn(async move {
-        let sent: ::redis::RedisResult<i64> = ::redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(nonce.to_string())
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = sent {
-            debug!(cause = %e, "probe publish failed");
+        let reply = tokio::time::timeout(
+            timeout,
+            sink.ping_message::<::redis::Value>(nonce.to_string()),
+        )
+        .await;
+        match reply {
+            Ok(Ok(v)) => {
+                if let Some(n) = pong_nonce(&v) {
+                    let _ = back.try_send(n);
+                }
+            }
+            Ok(Err(e)) => debug!(cause = %e, "probe ping failed"),
+            Err(_) => {}
         }
     });
-}
-
-fn probe_payload(msg: &Msg) -> Option<u64> {
-    std::str::from_utf8(msg.get_payload_bytes())
-        .ok()?
-        .parse()
-        .ok()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -524,14 +502,14 @@ fn own_prefix(src: &Uuid) -> Vec<u8> {
 }
 
 /// Lets one log line through per period; counts the ones held back.
-struct RateLimit {
+pub(crate) struct RateLimit {
     period: Duration,
     next: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimit {
-    fn new(period: Duration) -> RateLimit {
+    pub(crate) fn new(period: Duration) -> RateLimit {
         RateLimit {
             period,
             next: None,
@@ -540,7 +518,7 @@ impl RateLimit {
     }
 
     /// `Some(number suppressed since the last line)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self.next.is_some_and(|n| now < n) {
             self.suppressed += 1;
