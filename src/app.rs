@@ -116,6 +116,7 @@ pub async fn run(
         health: health.clone(),
         metrics,
         redis: redis::Client::open(config.redis.url.as_str()).ok(),
+        limits: crate::http::AdminLimits::from_config(&config.http),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());
 
@@ -209,6 +210,9 @@ pub struct DemoOptions {
     pub symbols: Vec<String>,
     pub rate: u32,
     pub summary_every: Duration,
+    /// How to run `mdbridge watch` from here, for the banner (`cargo run -- watch`, a
+    /// path, or `mdbridge watch`).
+    pub watch_command: String,
 }
 
 /// The zero-dependency demo: simulator + publisher + bot server on the in-process bus.
@@ -257,6 +261,7 @@ pub async fn run_demo(
         health: health.clone(),
         metrics,
         redis: None,
+        limits: crate::http::AdminLimits::from_config(&config.http),
     };
     let bots_addr = bots.local_addr()?;
     let http_addr = http.local_addr()?;
@@ -288,7 +293,10 @@ pub async fn run_demo(
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
     println!("  metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
     println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
-    println!("  watch:   mdbridge watch --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'");
+    println!(
+        "  watch:   {} --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'",
+        options.watch_command
+    );
     println!("  Ctrl-C to stop");
 
     let mut ticker = tokio::time::interval(options.summary_every);

@@ -3,6 +3,11 @@
 //! Other modules never spell a metric name: they call the function here, so a log line and
 //! its counter come from one call site and the exported names stay consistent. All names
 //! carry the `mdbridge_` prefix. The Prometheus recorder is installed by [`install`].
+//!
+//! Every series exists from start, at zero, with each label value known in advance
+//! ([`init`]): alerts and dashboards can be written before the first failure, and a rate
+//! over a counter that appears only at its first increment would miss that increment.
+//! A new series is added in three places here: its name, `describe`, `init`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -37,6 +42,40 @@ pub const BOT_FRAMES_DROPPED: &str = "mdbridge_bot_frames_dropped_total";
 pub const BOT_DISCONNECTS: &str = "mdbridge_bot_disconnects_total";
 pub const BOT_REQUESTS_REFUSED: &str = "mdbridge_bot_requests_refused_total";
 pub const DELIVERY_LATENCY: &str = "mdbridge_delivery_latency_seconds";
+pub const EXCHANGE_SUBSCRIBE_REFUSED: &str = "mdbridge_exchange_subscribe_refused_total";
+pub const ADMIN_CONNECTIONS: &str = "mdbridge_admin_connections";
+pub const ADMIN_CONNECTIONS_REFUSED: &str = "mdbridge_admin_connections_refused_total";
+pub const ADMIN_HEADER_TIMEOUTS: &str = "mdbridge_admin_header_timeouts_total";
+pub const ADMIN_UNAUTHORIZED: &str = "mdbridge_admin_requests_unauthorized_total";
+
+/// Label values known in advance, for [`init`]. Call sites pass these same strings.
+pub const EXCHANGE_RECONNECT_REASONS: &[&str] = &[
+    "bad_url",
+    "connect_failed",
+    "socket_error",
+    "closed",
+    "stale",
+    "rotate",
+    "rotate_fallback",
+    "server_shutdown",
+    "subscribe_refused",
+];
+pub const BOOK_RESYNC_SIDES: &[&str] = &["exchange", "bus", "bot_queue"];
+pub const PUBLISH_FAILED_REASONS: &[&str] = &["queue_full", "redis_down", "shutdown"];
+pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
+pub const BOT_DISCONNECT_REASONS: &[&str] = &["closed", "timeout", "slow", "shutdown", "error"];
+pub const BOT_REFUSED_CODES: &[&str] = &[
+    "bad_json",
+    "bad_request",
+    "unknown_op",
+    "bad_channel",
+    "not_subscribed",
+    "too_many_subscriptions",
+    "message_too_large",
+    "not_supported",
+    "unauthorized",
+];
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -65,6 +104,7 @@ pub fn install() -> PrometheusHandle {
             // A second recorder (e.g. tests embedding the library) keeps the first one.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            init();
             spawn_upkeep(handle.clone());
             handle
         })
@@ -161,11 +201,87 @@ fn describe() {
         BOT_REQUESTS_REFUSED,
         "Bot requests answered with an error, by code."
     );
+    describe_counter!(
+        EXCHANGE_SUBSCRIBE_REFUSED,
+        "SUBSCRIBE requests the exchange refused (the feed is unhealthy until it reconnects)."
+    );
+    describe_gauge!(ADMIN_CONNECTIONS, "Open admin HTTP connections.");
+    describe_counter!(
+        ADMIN_CONNECTIONS_REFUSED,
+        "Admin HTTP connections closed at accept: http.max_connections were open."
+    );
+    describe_counter!(
+        ADMIN_HEADER_TIMEOUTS,
+        "Admin HTTP connections closed because a request head did not arrive in time."
+    );
+    describe_counter!(
+        ADMIN_UNAUTHORIZED,
+        "Admin HTTP requests refused with 401 (missing or wrong bearer token)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From ts_recv (frame read off the exchange) to the frame written to a bot socket."
     );
+}
+
+/// Registers every series with each known label value, at zero (see the module doc).
+/// Registering is what makes a series exist: a counter or gauge handle starts at 0 and a
+/// histogram with no samples renders its buckets at 0.
+pub fn init() {
+    for exchange in Exchange::ALL {
+        let ex = exchange.as_str();
+        for kind in EventType::ALL {
+            counter!(EXCHANGE_EVENTS, "exchange" => ex, "type" => kind.as_str()).increment(0);
+        }
+        counter!(EXCHANGE_FRAMES_INVALID, "exchange" => ex).increment(0);
+        for &reason in EXCHANGE_RECONNECT_REASONS {
+            counter!(EXCHANGE_RECONNECTS, "exchange" => ex, "reason" => reason).increment(0);
+        }
+        gauge!(EXCHANGE_CONNECTED, "exchange" => ex).increment(0.0);
+        counter!(EXCHANGE_SUBSCRIBE_REFUSED, "exchange" => ex).increment(0);
+        for &side in BOOK_RESYNC_SIDES {
+            counter!(BOOK_RESYNCS, "exchange" => ex, "side" => side).increment(0);
+        }
+    }
+    counter!(ENVELOPES_PUBLISHED).increment(0);
+    for &reason in PUBLISH_FAILED_REASONS {
+        counter!(ENVELOPES_PUBLISH_FAILED, "reason" => reason).increment(0);
+    }
+    let _ = histogram!(PUBLISH_BATCH);
+    for name in [
+        ENVELOPES_RECEIVED,
+        ENVELOPES_SELF_FILTERED,
+        ENVELOPES_LOST,
+        ENVELOPES_DUPLICATE,
+        ENVELOPES_INVALID,
+        ENVELOPES_OVERFLOW,
+        REDIS_PROBE_TIMEOUTS,
+        BOT_CONNECTIONS,
+        BOT_FRAMES_SENT,
+        ADMIN_CONNECTIONS_REFUSED,
+        ADMIN_HEADER_TIMEOUTS,
+        ADMIN_UNAUTHORIZED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for &role in REDIS_ROLES {
+        counter!(REDIS_RECONNECTS, "role" => role).increment(0);
+        gauge!(REDIS_CONNECTED, "role" => role).increment(0.0);
+    }
+    for name in [BOT_CLIENTS, BOT_SUBSCRIPTIONS, ADMIN_CONNECTIONS] {
+        gauge!(name).increment(0.0);
+    }
+    for &reason in BOT_FRAMES_DROPPED_REASONS {
+        counter!(BOT_FRAMES_DROPPED, "reason" => reason).increment(0);
+    }
+    for &reason in BOT_DISCONNECT_REASONS {
+        counter!(BOT_DISCONNECTS, "reason" => reason).increment(0);
+    }
+    for &code in BOT_REFUSED_CODES {
+        counter!(BOT_REQUESTS_REFUSED, "code" => code).increment(0);
+    }
+    let _ = histogram!(DELIVERY_LATENCY);
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -241,6 +357,21 @@ pub fn bot_frames_dropped(n: u64, reason: &'static str) {
 }
 pub fn bot_request_refused(code: &'static str) {
     counter!(BOT_REQUESTS_REFUSED, "code" => code).increment(1);
+}
+pub fn exchange_subscribe_refused(exchange: Exchange) {
+    counter!(EXCHANGE_SUBSCRIBE_REFUSED, "exchange" => exchange.as_str()).increment(1);
+}
+pub fn admin_connections(delta: f64) {
+    gauge!(ADMIN_CONNECTIONS).increment(delta);
+}
+pub fn admin_connection_refused() {
+    counter!(ADMIN_CONNECTIONS_REFUSED).increment(1);
+}
+pub fn admin_header_timeout() {
+    counter!(ADMIN_HEADER_TIMEOUTS).increment(1);
+}
+pub fn admin_unauthorized() {
+    counter!(ADMIN_UNAUTHORIZED).increment(1);
 }
 pub fn delivery_latency(elapsed: Duration) {
     histogram!(DELIVERY_LATENCY).record(elapsed.as_secs_f64());

@@ -75,8 +75,10 @@ use crate::metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Gap between SUBSCRIBE requests: Binance allows 5 incoming messages per second.
-const SUBSCRIBE_PACING: Duration = Duration::from_millis(250);
+/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
+/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
+/// leaves room for the pong we owe its ping every 20 s.
+const SUBSCRIBE_PACING: Duration = Duration::from_millis(300);
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
 /// REST order-book snapshots one feed fetches at once.
@@ -166,6 +168,9 @@ struct Socket {
     pending_acks: HashSet<u64>,
     /// Every SUBSCRIBE request has been answered.
     subscribed: bool,
+    /// The exchange's reason for the first SUBSCRIBE it refused on this socket: the feed
+    /// stays unhealthy (never a silent green) while this socket serves it.
+    refused: Option<String>,
     /// No frame until then means a dead connection.
     stale_at: Instant,
 }
@@ -184,13 +189,14 @@ impl Socket {
         .await
         {
             Err(_) => return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT)),
-            Ok(Err(e)) => return Err(ConnError::Connect(e.to_string())),
+            Ok(Err(e)) => return Err(ConnError::Connect(connect_cause(&e))),
             Ok(Ok((ws, _response))) => ws,
         };
         let mut sock = Socket {
             ws,
             pending_acks: requests.iter().map(|(id, _)| *id).collect(),
             subscribed: requests.is_empty(),
+            refused: None,
             stale_at: Instant::now() + stale_after,
         };
         for (i, (_, text)) in requests.into_iter().enumerate() {
@@ -233,6 +239,33 @@ impl Socket {
             }
         })
         .await;
+    }
+}
+
+/// Why a connect failed, in words an operator acts on: DNS, refused, TLS, HTTP status.
+fn connect_cause(e: &WsError) -> String {
+    match e {
+        WsError::Io(io) => {
+            let text = io.to_string();
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                format!("connection refused ({text})")
+            } else if text.contains("lookup address") || text.contains("resolve") {
+                format!("DNS lookup failed ({text})")
+            } else {
+                format!("network error ({text})")
+            }
+        }
+        WsError::Tls(tls) => format!("TLS handshake failed ({tls})"),
+        WsError::Http(response) => {
+            let status = response.status();
+            format!(
+                "the server answered the WebSocket upgrade with HTTP {} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            )
+        }
+        WsError::Url(u) => format!("bad url ({u})"),
+        other => other.to_string(),
     }
 }
 
@@ -377,7 +410,7 @@ pub async fn run(
         if let Some((delay, why)) = next.take() {
             attempt += 1;
             let detail = format!("attempt {attempt} in {} ms after: {why}", delay.as_millis());
-            info!(exchange = %exchange, attempt, delay_ms = delay.as_millis() as u64, "reconnecting");
+            info!(exchange = %exchange, attempt, delay_ms = delay.as_millis() as u64, cause = %why, "reconnecting");
             if !state
                 .emit(Event::status(
                     exchange,
@@ -416,6 +449,7 @@ pub async fn run(
                         Some(error.to_string()),
                     ));
                 } else {
+                    // Said once, by the `reconnecting` line that follows (it carries the cause).
                     debug!(exchange = %exchange, cause = %error, "exchange connect failed");
                 }
                 let reason = error.to_string();
@@ -553,6 +587,7 @@ impl Feed {
         let mut flowing = false;
         let mut healthy = false;
         let mut streaming = false;
+        let mut refused_shown = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<Event> = Vec::new();
         if sock.subscribed {
@@ -596,11 +631,16 @@ impl Feed {
                     // Healthy once every subscription is acknowledged: a quiet market is not a
                     // fault (a silent socket is caught by the stale timer). Once per state
                     // change, since the registry takes a lock.
-                    if sock.subscribed && !healthy {
+                    if let Some(why) = &sock.refused {
+                        if !refused_shown {
+                            refused_shown = true;
+                            self.health.down(format!("the exchange refused a subscription: {why}"));
+                        }
+                    } else if sock.subscribed && !healthy {
                         healthy = true;
                         self.health.up(Some(format!("subscribed at {}", self.ws_url)));
                     }
-                    if flowing && !streaming {
+                    if flowing && !streaming && sock.refused.is_none() {
                         streaming = true;
                         self.health.up(Some(format!("streaming from {}", self.ws_url)));
                     }
@@ -777,14 +817,16 @@ impl Feed {
             },
             Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
                 if let Parsed::Refused { detail, .. } = &item {
-                    error!(exchange = %self.exchange, %detail, "subscription refused");
+                    error!(exchange = %self.exchange, url = %self.ws_url, %detail, "the exchange refused a subscription: the feed is unhealthy");
+                    metrics::exchange_subscribe_refused(self.exchange);
                     out.push(Event::status(
                         self.exchange,
                         StatusState::Error,
-                        Some(detail.clone()),
+                        Some(format!("subscription refused by the exchange: {detail}")),
                     ));
+                    sock.refused.get_or_insert_with(|| detail.clone());
                 }
-                if sock.on_answer(id) {
+                if sock.on_answer(id) && sock.refused.is_none() {
                     out.push(self.on_subscribed());
                 }
             }
