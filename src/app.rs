@@ -40,7 +40,8 @@ const DELIVERY_QUEUE: usize = 65_536;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// Redis did not answer at start (the message names the URL, password hidden).
-    #[error("{0}")]
+    /// Transparent: `{0}` with `#[from]` would print the cause twice in an error chain.
+    #[error(transparent)]
     Redis(#[from] crate::bus::BusError),
     #[error("cannot listen on {addr} ({what}): {cause}")]
     Bind {
@@ -48,7 +49,7 @@ pub enum AppError {
         addr: String,
         cause: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
