@@ -1,17 +1,58 @@
 #!/usr/bin/env bash
 # Runs mdbridge's whole test suite. Integration tests start their own redis-server on free
-# ports (the one on 6379, if any, is never touched); this script installs redis-server from
-# Debian's packages when it is missing.
+# ports (the one on 6379, if any, is never touched).
+#
+# redis-server is looked up exactly as the tests look it up (src/bus/redis_test_server.rs,
+# tests/common/mod.rs): $MDBRIDGE_REDIS_SERVER (or the older $REDIS_SERVER_BIN), else the
+# PATH, else /usr/bin, /usr/local/bin. When none is found it is installed from Debian's
+# packages with apt-get (as root, or with sudo when available); without either, the script
+# stops and says what to install. The binary found is exported as MDBRIDGE_REDIS_SERVER so
+# every test runs that one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
-  echo "test.sh: redis-server not found; installing it with apt-get" >&2
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+find_redis_server() {
+  local p
+  for p in "${MDBRIDGE_REDIS_SERVER:-}" "${REDIS_SERVER_BIN:-}"; do
+    if [ -n "$p" ]; then
+      if [ -x "$p" ]; then echo "$p"; return 0; fi
+      echo "test.sh: $p (from MDBRIDGE_REDIS_SERVER / REDIS_SERVER_BIN) is not an executable file" >&2
+      return 1
+    fi
+  done
+  if p=$(command -v redis-server 2>/dev/null); then echo "$p"; return 0; fi
+  for p in /usr/bin/redis-server /usr/local/bin/redis-server; do
+    if [ -x "$p" ]; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+if ! redis=$(find_redis_server); then
+  if [ -n "${MDBRIDGE_REDIS_SERVER:-}${REDIS_SERVER_BIN:-}" ]; then exit 1; fi
+  echo "test.sh: redis-server not found (looked at \$MDBRIDGE_REDIS_SERVER, PATH, /usr/bin, /usr/local/bin)" >&2
+  if [ "$(id -u)" = 0 ]; then
+    SUDO=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO="sudo -n"
+  else
+    cat >&2 <<'EOF'
+test.sh: cannot install it: not root and no password-less sudo. Install it yourself, e.g.
+    sudo apt-get install -y redis-server
+or point the tests at a binary you have:
+    MDBRIDGE_REDIS_SERVER=/path/to/redis-server ./scripts/test.sh
+EOF
+    exit 1
+  fi
+  echo "test.sh: installing the Debian package redis-server: ${SUDO:+$SUDO }apt-get install -y redis-server" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >&2
+  if ! redis=$(find_redis_server); then
+    echo "test.sh: redis-server still not found after installing the package" >&2
+    exit 1
+  fi
 fi
+export MDBRIDGE_REDIS_SERVER="$redis"
+echo "test.sh: using $("$redis" --version | head -n 1) at $redis" >&2
 
 # Unit, integration and benchmark targets (benchmarks run once each, as smoke tests).
 log=$(mktemp)
