@@ -144,7 +144,7 @@ fn describe() {
     );
     describe_gauge!(
         EXCHANGE_CONNECTED,
-        "1 while the exchange feed is connected and subscribed."
+        "Exchange sockets connected and subscribed (one per feed, or per shard of a large feed)."
     );
     describe_counter!(
         BOOK_RESYNCS,
@@ -294,8 +294,14 @@ pub fn exchange_frame_invalid(exchange: Exchange) {
 pub fn exchange_reconnect(exchange: Exchange, reason: &'static str) {
     counter!(EXCHANGE_RECONNECTS, "exchange" => exchange.as_str(), "reason" => reason).increment(1);
 }
+/// One exchange socket subscribed (`up`) or lost: the gauge counts subscribed sockets, so
+/// several feeds or shards of one exchange add up. Callers pair every `true` with a `false`.
 pub fn exchange_connected(exchange: Exchange, up: bool) {
-    gauge!(EXCHANGE_CONNECTED, "exchange" => exchange.as_str()).set(if up { 1.0 } else { 0.0 });
+    gauge!(EXCHANGE_CONNECTED, "exchange" => exchange.as_str()).increment(if up {
+        1.0
+    } else {
+        -1.0
+    });
 }
 /// `side` is `"exchange"` (the host saw an update-id gap) or `"bus"` (an executor saw a chain break).
 pub fn book_resync(exchange: Exchange, side: &'static str) {

@@ -16,7 +16,8 @@
 //!   `reconnect_max_ms`). The sequence restarts from the minimum once a connection got as
 //!   far as having all its subscriptions acknowledged.
 //! - A lost socket (error, close frame, end of stream) emits `disconnected` with the reason,
-//!   marks the feed's health down and the `exchange_connected` gauge 0, counts
+//!   marks the feed's health down and takes the socket out of the `exchange_connected`
+//!   gauge (a count of subscribed sockets, so shards and several feeds add up), counts
 //!   `exchange_reconnect` with a reason label, and puts every live book into `resync`
 //!   (a `status` `resync` event per book; a fresh snapshot follows on the new connection).
 //! - No frame at all (data or ping — Binance pings every 20 s) for `stale_after_ms`
@@ -339,6 +340,8 @@ struct Feed {
     /// Last trade id emitted per symbol in this session (see [`Feed::fresh_trade`]).
     last_trade: HashMap<String, u64>,
     invalid_frames: u64,
+    /// This feed's socket is counted in the `exchange_connected` gauge.
+    counted_connected: std::sync::atomic::AtomicBool,
 }
 
 fn new_backoff(feed: &FeedConfig) -> ExponentialBackoff {
@@ -402,6 +405,7 @@ pub async fn run(
         books,
         last_trade: HashMap::new(),
         invalid_frames: 0,
+        counted_connected: std::sync::atomic::AtomicBool::new(false),
     };
     let mut backoff = new_backoff(&feed);
     let mut attempt: u32 = 0;
@@ -433,7 +437,7 @@ pub async fn run(
                 opened,
                 subscribed,
             } => {
-                metrics::exchange_connected(exchange, false);
+                state.set_connected(false);
                 metrics::exchange_reconnect(exchange, error.reason());
                 state.health.down(format!("disconnected: {error}"));
                 let mut out = Vec::new();
@@ -483,11 +487,22 @@ pub async fn run(
             }
         }
     }
-    metrics::exchange_connected(exchange, false);
+    state.set_connected(false);
     state.health.down("stopped");
 }
 
 impl Feed {
+    /// Counts this feed's socket in (or out of) the `exchange_connected` gauge, once.
+    fn set_connected(&self, up: bool) {
+        // One task owns the feed; the atomic only makes `&self` enough.
+        let was = self
+            .counted_connected
+            .swap(up, std::sync::atomic::Ordering::Relaxed);
+        if was != up {
+            metrics::exchange_connected(self.exchange, up);
+        }
+    }
+
     /// Sends one event, giving up on shutdown or when the receiver is gone.
     async fn emit(&self, event: Event) -> bool {
         metrics::exchange_event(self.exchange, event.kind());
@@ -937,7 +952,7 @@ impl Feed {
 
     fn on_subscribed(&self) -> Event {
         info!(exchange = %self.exchange, url = %self.ws_url, symbols = self.symbols.len(), "exchange feed subscribed");
-        metrics::exchange_connected(self.exchange, true);
+        self.set_connected(true);
         Event::status(
             self.exchange,
             StatusState::Connected,
