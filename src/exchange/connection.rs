@@ -1,5 +1,6 @@
-//! One exchange socket per feed: connect, subscribe, heartbeat, stale detection,
-//! reconnect with backoff, rotation, book synchronisation and status events.
+//! One exchange socket per feed (or per shard of a large feed, see [`super::run_feed`]):
+//! subscribe, heartbeat, stale detection, reconnect with backoff, rotation, book
+//! synchronisation and status events. Opening and closing one socket is [`super::socket`].
 //!
 //! One task owns the socket (no split halves; two sockets for a moment while rotating, both
 //! polled in the same `select!`): it reads frames, answers pings, hands book
@@ -44,14 +45,17 @@
 //!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
 //!   so it does not wait for the next read.
-//! - `connected` is emitted (gauge 1, backoff reset) when every SUBSCRIBE request has been
-//!   answered; health goes up when data then flows. A refused subscription emits `error`.
+//! - `connected` is emitted (socket counted in the gauge, backoff reset) when every
+//!   SUBSCRIBE request has been accepted; health goes up, and again when data flows.
+//! - A refused SUBSCRIBE emits `error` with the exchange's reason and keeps the feed's
+//!   health down with that reason for as long as the connection lasts (the streams that
+//!   were accepted still flow); no `connected` is emitted: never a silent green.
 //! - Shutdown: the token is checked while connecting, waiting, reading and sending; the
 //!   socket is closed with a Close frame (bounded wait) and the feed returns.
 //! - A bad URL is fatal for the feed (`error` event, health down); everything else retries
 //!   forever.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,27 +63,20 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::socket::{Socket, CONNECT_TIMEOUT};
 use super::{Adapter, BookSnapshot, BookSync, Parsed, Recovery, SnapshotError, SnapshotRequest};
 use crate::config::{FeedChannel, FeedConfig};
 use crate::event::{now_micros, Event, Exchange, StatusState};
 use crate::health::HealthHandle;
 use crate::metrics;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
-/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
-/// leaves room for the pong we owe its ping every 20 s.
-const SUBSCRIBE_PACING: Duration = Duration::from_millis(300);
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
 /// REST order-book snapshots one feed fetches at once.
@@ -162,113 +159,6 @@ enum SessionEnd {
 }
 
 type SnapshotResult = (String, u64, Result<BookSnapshot, SnapshotError>);
-
-/// One open exchange socket and how far its subscription got.
-struct Socket {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pending_acks: HashSet<u64>,
-    /// Every SUBSCRIBE request has been answered.
-    subscribed: bool,
-    /// The exchange's reason for the first SUBSCRIBE it refused on this socket: the feed
-    /// stays unhealthy (never a silent green) while this socket serves it.
-    refused: Option<String>,
-    /// No frame until then means a dead connection.
-    stale_at: Instant,
-}
-
-impl Socket {
-    /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
-    async fn open(
-        url: String,
-        requests: Vec<(u64, String)>,
-        stale_after: Duration,
-    ) -> Result<Socket, ConnError> {
-        let ws = match timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await
-        {
-            Err(_) => return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT)),
-            Ok(Err(e)) => return Err(ConnError::Connect(connect_cause(&e))),
-            Ok(Ok((ws, _response))) => ws,
-        };
-        let mut sock = Socket {
-            ws,
-            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
-            subscribed: requests.is_empty(),
-            refused: None,
-            stale_at: Instant::now() + stale_after,
-        };
-        for (i, (_, text)) in requests.into_iter().enumerate() {
-            if i > 0 {
-                sleep(SUBSCRIBE_PACING).await;
-            }
-            sock.ws
-                .send(Message::text(text))
-                .await
-                .map_err(|e| ConnError::Socket(e.to_string()))?;
-        }
-        sock.stale_at = Instant::now() + stale_after;
-        Ok(sock)
-    }
-
-    /// Counts an answer to a request; true when it was the last one missing.
-    fn on_answer(&mut self, id: Option<u64>) -> bool {
-        if self.subscribed {
-            return false;
-        }
-        match id {
-            Some(id) => {
-                self.pending_acks.remove(&id);
-            }
-            // An answer that names no request (Binance's older error shape) cannot be
-            // matched: count every request answered rather than wait forever for acks.
-            None => self.pending_acks.clear(),
-        }
-        self.subscribed = self.pending_acks.is_empty();
-        self.subscribed
-    }
-
-    /// Closes with a Close frame and reads on (discarding) until the exchange answers it,
-    /// all within [`CLOSE_TIMEOUT`]: dropping a socket with unread data would reset it
-    /// instead of closing it.
-    async fn close(mut self) {
-        let _ = timeout(CLOSE_TIMEOUT, async {
-            if self.ws.close(None).await.is_ok() {
-                while let Some(Ok(_)) = self.ws.next().await {}
-            }
-        })
-        .await;
-    }
-}
-
-/// Why a connect failed, in words an operator acts on: DNS, refused, TLS, HTTP status.
-fn connect_cause(e: &WsError) -> String {
-    match e {
-        WsError::Io(io) => {
-            let text = io.to_string();
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                format!("connection refused ({text})")
-            } else if text.contains("lookup address") || text.contains("resolve") {
-                format!("DNS lookup failed ({text})")
-            } else {
-                format!("network error ({text})")
-            }
-        }
-        WsError::Tls(tls) => format!("TLS handshake failed ({tls})"),
-        WsError::Http(response) => {
-            let status = response.status();
-            format!(
-                "the server answered the WebSocket upgrade with HTTP {} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            )
-        }
-        WsError::Url(u) => format!("bad url ({u})"),
-        other => other.to_string(),
-    }
-}
 
 type Opening = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnError>> + Send>>;
 

@@ -17,6 +17,7 @@
 pub mod binance;
 pub mod book_sync;
 pub mod connection;
+mod socket;
 
 use std::future::Future;
 use std::io::{BufRead, Write};
