@@ -217,6 +217,18 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Like [`report`], but with `[log] format = "json"` the last word is a JSON log record
+/// too, so a log shipper reading stderr never meets a line it cannot parse.
+fn report_as(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
+    match (format, result) {
+        (LogFormat::Json, Err(e)) => {
+            error!(error = %format!("{e:#}"), "mdbridge stopped");
+            ExitCode::FAILURE
+        }
+        (_, result) => report(result),
+    }
+}
+
 fn run_role(role: Role, args: RoleArgs) -> ExitCode {
     let path = args.config.or_else(Config::default_path);
     let config = match Config::load(path.as_deref(), role) {
@@ -227,15 +239,19 @@ fn run_role(role: Role, args: RoleArgs) -> ExitCode {
         }
     };
     init_tracing(&config.log);
-    report(runtime().and_then(|rt| {
-        rt.block_on(async move {
-            let listeners = Listeners::bind(&config, role).await?;
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
-            app::run(role, config, listeners, shutdown).await?;
-            Ok(())
-        })
-    }))
+    let format = config.log.format;
+    report_as(
+        format,
+        runtime().and_then(|rt| {
+            rt.block_on(async move {
+                let listeners = Listeners::bind(&config, role).await?;
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                app::run(role, config, listeners, shutdown).await?;
+                Ok(())
+            })
+        }),
+    )
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {

@@ -114,6 +114,26 @@ fn unreachable_redis_is_one_clear_line() {
         1,
         "{err}"
     );
+
+    // With JSON logs the same one error is a JSON record, like every other line.
+    let out = Command::new(bin())
+        .args(["executor", "--config"])
+        .arg(&path)
+        .env("MDBRIDGE_REDIS_URL", format!("redis://127.0.0.1:{port}/0"))
+        .env("MDBRIDGE_BOTS_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("MDBRIDGE_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("MDBRIDGE_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+    assert_eq!(err.matches("cannot reach Redis").count(), 1, "{err}");
     assert!(!err.contains("panicked"));
 }
 

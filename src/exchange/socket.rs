@@ -129,3 +129,42 @@ fn connect_cause(e: &WsError) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn open_err(url: String) -> String {
+        match Socket::open(url, Vec::new(), Duration::from_secs(5)).await {
+            Err(ConnError::Connect(cause)) => cause,
+            Err(other) => panic!("expected a connect error, got {other}"),
+            Ok(_) => panic!("connected"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_failures_say_why() {
+        // Nothing listens: refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let cause = open_err(format!("ws://127.0.0.1:{port}/stream")).await;
+        assert!(cause.starts_with("connection refused"), "{cause}");
+
+        // Something answers the upgrade with an HTTP error: its status.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        });
+        let cause = open_err(format!("ws://{addr}/stream")).await;
+        assert!(cause.contains("HTTP 503 Service Unavailable"), "{cause}");
+    }
+}
