@@ -58,7 +58,6 @@ pub const EXCHANGE_RECONNECT_REASONS: &[&str] = &[
     "rotate",
     "rotate_fallback",
     "server_shutdown",
-    "subscribe_refused",
 ];
 pub const BOOK_RESYNC_SIDES: &[&str] = &["exchange", "bus", "bot_queue"];
 pub const PUBLISH_FAILED_REASONS: &[&str] = &["queue_full", "redis_down", "shutdown"];

@@ -24,6 +24,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// What the server saw: per connection, the streams it was asked for (in order).
 type Seen = Arc<Mutex<Vec<Vec<String>>>>;
+/// Per connection, when each SUBSCRIBE request arrived.
+type Arrivals = Arc<Mutex<Vec<Vec<std::time::Instant>>>>;
 
 /// Accepts connections; on each, records every SUBSCRIBE's streams and answers it with
 /// `reply(id)` (an ack or an error); once `go` turns true, sends one trade per `@trade`
@@ -32,6 +34,7 @@ type Seen = Arc<Mutex<Vec<Vec<String>>>>;
 async fn server(
     listener: TcpListener,
     seen: Seen,
+    arrivals: Arrivals,
     reply: fn(u64) -> String,
     go: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -47,7 +50,15 @@ async fn server(
             s.push(Vec::new());
             s.len() - 1
         };
-        tokio::spawn(connection(ws, index, seen.clone(), reply, go.clone()));
+        arrivals.lock().unwrap().push(Vec::new());
+        tokio::spawn(connection(
+            ws,
+            index,
+            seen.clone(),
+            arrivals.clone(),
+            reply,
+            go.clone(),
+        ));
     }
 }
 
@@ -55,6 +66,7 @@ async fn connection(
     mut ws: WebSocketStream<TcpStream>,
     index: usize,
     seen: Seen,
+    arrivals: Arrivals,
     reply: fn(u64) -> String,
     mut go: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -72,7 +84,9 @@ async fn connection(
                     .iter()
                     .map(|s| s.as_str().unwrap().to_string())
                     .collect();
+                assert!(streams.len() <= 1024, "one SUBSCRIBE over 1024 streams");
                 seen.lock().unwrap()[index].extend(streams);
+                arrivals.lock().unwrap()[index].push(std::time::Instant::now());
                 let id = v["id"].as_u64().unwrap();
                 if ws.send(Message::text(reply(id))).await.is_err() {
                     return;
@@ -119,6 +133,7 @@ fn refuse_first(id: u64) -> String {
 
 struct Rig {
     seen: Seen,
+    arrivals: Arrivals,
     go: tokio::sync::watch::Sender<bool>,
     events: mpsc::Receiver<Event>,
     health: Health,
@@ -129,8 +144,15 @@ async fn rig(symbols: Vec<String>, reply: fn(u64) -> String) -> Rig {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen: Seen = Arc::default();
+    let arrivals: Arrivals = Arc::default();
     let (go, go_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(server(listener, seen.clone(), reply, go_rx));
+    tokio::spawn(server(
+        listener,
+        seen.clone(),
+        arrivals.clone(),
+        reply,
+        go_rx,
+    ));
     let mut feed = FeedConfig::new(Exchange::Binance, symbols, vec![FeedChannel::Trade]);
     feed.url = Some(format!("ws://127.0.0.1:{port}/stream"));
     feed.rest_url = Some(format!("http://127.0.0.1:{port}"));
@@ -141,6 +163,7 @@ async fn rig(symbols: Vec<String>, reply: fn(u64) -> String) -> Rig {
     tokio::spawn(run_feed(feed, tx, handle, stop.clone()));
     Rig {
         seen,
+        arrivals,
         go,
         events,
         health,
@@ -174,6 +197,17 @@ async fn a_feed_over_1024_streams_is_sharded_and_every_event_arrives_once() {
         per_socket.iter().all(|&n| n <= 1024),
         "a socket over 1024 streams: {per_socket:?}"
     );
+    // Paced: never more than 5 requests within a second on one connection (Binance's
+    // limit on incoming messages). Only an upper bound on the rate: a slow machine only
+    // spreads them further.
+    for (k, times) in rig.arrivals.lock().unwrap().iter().enumerate() {
+        for w in times.windows(6) {
+            assert!(
+                w[5].duration_since(w[0]) >= Duration::from_secs(1),
+                "socket {k}: 6 SUBSCRIBE requests within a second"
+            );
+        }
+    }
     // Each stream asked for once, on one socket only.
     let mut all: Vec<String> = rig.seen.lock().unwrap().concat();
     all.sort();

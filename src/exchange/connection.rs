@@ -850,3 +850,31 @@ impl Feed {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason label exists from start (metrics::init), so none may be missing there.
+    #[test]
+    fn every_reconnect_reason_is_initialised_in_metrics() {
+        let d = Duration::from_secs(1);
+        for e in [
+            ConnError::Url(String::new()),
+            ConnError::Connect(String::new()),
+            ConnError::ConnectTimeout(d),
+            ConnError::Socket(String::new()),
+            ConnError::Closed(String::new()),
+            ConnError::Stale(d),
+            ConnError::Rotate(d),
+            ConnError::RotateStalled(d),
+            ConnError::ServerShutdown,
+        ] {
+            assert!(
+                metrics::EXCHANGE_RECONNECT_REASONS.contains(&e.reason()),
+                "{} missing from metrics::EXCHANGE_RECONNECT_REASONS",
+                e.reason()
+            );
+        }
+    }
+}
