@@ -109,6 +109,7 @@ pub async fn run(
         src = %src,
         "starting"
     );
+    log_fd_limit(&config);
 
     let stops = Stops::new();
     let admin = AdminState {
@@ -395,6 +396,22 @@ fn spawn_http(listener: TcpListener, state: AdminState, stop: CancellationToken)
             warn!(cause = %e, "admin HTTP listener failed");
         }
     })
+}
+
+/// Raises the descriptor limit (see `fd_limit`) and says what the admin port may take.
+fn log_fd_limit(config: &Config) {
+    let limit = crate::fd_limit::raise();
+    let soft = limit
+        .soft
+        .map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    match limit.raised_from {
+        Some(from) => {
+            info!(fd_limit = %soft, raised_from = from, admin_max_connections = config.http.max_connections, "file descriptor limit raised")
+        }
+        None => {
+            info!(fd_limit = %soft, admin_max_connections = config.http.max_connections, "file descriptor limit")
+        }
+    }
 }
 
 fn log_listen(what: &str, listener: &TcpListener) {
