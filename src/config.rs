@@ -131,10 +131,11 @@ pub struct HttpConfig {
     pub listen: String,
     /// Admin connections served at once; one more is closed at accept.
     pub max_connections: usize,
-    /// A request's head (request line and headers) must arrive within this, from the
-    /// connection's start or the previous response: half-sent requests cannot pile up.
+    /// A request's head (request line and headers) must arrive within this after
+    /// connect: half-sent requests cannot pile up.
     pub header_timeout_ms: u64,
-    /// A request (head, handler, response) must finish within this.
+    /// A request must be answered within this; a connection (one request) lives at most
+    /// `header_timeout_ms + request_timeout_ms`.
     pub request_timeout_ms: u64,
     /// When set, every admin endpoint wants `Authorization: Bearer <token>` (else 401).
     pub token: Option<String>,

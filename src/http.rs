@@ -7,12 +7,13 @@
 //! It cannot be exhausted by clients that connect and never finish (slowloris): our own
 //! accept loop (not `axum::serve`, which has no header timeout) serves each connection with
 //! hyper's HTTP/1 server, whose `header_read_timeout` closes a connection whose request
-//! head has not arrived within `[http] header_timeout_ms` — from connect, and again while
-//! a kept-alive connection waits for its next request. At most `[http] max_connections`
-//! are served at once; one more is closed at accept (counted), so the admin port can never
-//! take more than that many file descriptors from the bot listener. Each request is
-//! answered within `[http] request_timeout_ms`. With `[http] token` set, every endpoint
-//! wants `Authorization: Bearer <token>` (401 otherwise).
+//! head has not arrived within `[http] header_timeout_ms`. A connection serves one request
+//! (no keep-alive) and lives at most `header_timeout_ms + request_timeout_ms`, so a client
+//! that never reads the answer lets go too; each handler answers within
+//! `request_timeout_ms` (503 otherwise). At most `[http] max_connections` are served at
+//! once; one more is closed at accept (counted), so the admin port can never take more
+//! than that many file descriptors from the bot listener. With `[http] token` set, every
+//! endpoint wants `Authorization: Bearer <token>` (401 otherwise).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,18 +129,26 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let stop = shutdown.clone();
         let header_timeout = limits.header_timeout;
+        let lifetime = limits.header_timeout + limits.request_timeout;
         conns.spawn(async move {
             let _slot = slot;
             metrics::admin_connections(1.0);
             let mut builder = hyper::server::conn::http1::Builder::new();
+            // One request per connection: nothing waits between requests, and a request
+            // body nobody reads is never drained.
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .keep_alive(true);
+                .keep_alive(false);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
+                // A client that reads the answer slowly, or never, lets go at the latest here.
+                _ = tokio::time::sleep(lifetime) => {
+                    metrics::admin_timeout("lifetime");
+                    Ok(())
+                }
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
@@ -147,7 +156,7 @@ pub async fn serve(
             };
             if let Err(e) = result {
                 if e.is_timeout() {
-                    metrics::admin_header_timeout();
+                    metrics::admin_timeout("header");
                 }
                 debug!(cause = %e, "admin HTTP connection ended with an error");
             }

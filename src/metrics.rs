@@ -45,7 +45,7 @@ pub const DELIVERY_LATENCY: &str = "mdbridge_delivery_latency_seconds";
 pub const EXCHANGE_SUBSCRIBE_REFUSED: &str = "mdbridge_exchange_subscribe_refused_total";
 pub const ADMIN_CONNECTIONS: &str = "mdbridge_admin_connections";
 pub const ADMIN_CONNECTIONS_REFUSED: &str = "mdbridge_admin_connections_refused_total";
-pub const ADMIN_HEADER_TIMEOUTS: &str = "mdbridge_admin_header_timeouts_total";
+pub const ADMIN_TIMEOUTS: &str = "mdbridge_admin_timeouts_total";
 pub const ADMIN_UNAUTHORIZED: &str = "mdbridge_admin_requests_unauthorized_total";
 
 /// Label values known in advance, for [`init`]. Call sites pass these same strings.
@@ -62,6 +62,7 @@ pub const EXCHANGE_RECONNECT_REASONS: &[&str] = &[
 pub const BOOK_RESYNC_SIDES: &[&str] = &["exchange", "bus", "bot_queue"];
 pub const PUBLISH_FAILED_REASONS: &[&str] = &["queue_full", "redis_down", "shutdown"];
 pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+pub const ADMIN_TIMEOUT_KINDS: &[&str] = &["header", "lifetime"];
 pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
 pub const BOT_DISCONNECT_REASONS: &[&str] = &["closed", "timeout", "slow", "shutdown", "error"];
 pub const BOT_REFUSED_CODES: &[&str] = &[
@@ -210,8 +211,8 @@ fn describe() {
         "Admin HTTP connections closed at accept: http.max_connections were open."
     );
     describe_counter!(
-        ADMIN_HEADER_TIMEOUTS,
-        "Admin HTTP connections closed because a request head did not arrive in time."
+        ADMIN_TIMEOUTS,
+        "Admin HTTP connections closed for taking too long, by what: `header` (request head not in time) or `lifetime`."
     );
     describe_counter!(
         ADMIN_UNAUTHORIZED,
@@ -259,10 +260,12 @@ pub fn init() {
         BOT_CONNECTIONS,
         BOT_FRAMES_SENT,
         ADMIN_CONNECTIONS_REFUSED,
-        ADMIN_HEADER_TIMEOUTS,
         ADMIN_UNAUTHORIZED,
     ] {
         counter!(name).increment(0);
+    }
+    for &what in ADMIN_TIMEOUT_KINDS {
+        counter!(ADMIN_TIMEOUTS, "what" => what).increment(0);
     }
     for &role in REDIS_ROLES {
         counter!(REDIS_RECONNECTS, "role" => role).increment(0);
@@ -372,8 +375,9 @@ pub fn admin_connections(delta: f64) {
 pub fn admin_connection_refused() {
     counter!(ADMIN_CONNECTIONS_REFUSED).increment(1);
 }
-pub fn admin_header_timeout() {
-    counter!(ADMIN_HEADER_TIMEOUTS).increment(1);
+/// `what` is `"header"` or `"lifetime"` ([`ADMIN_TIMEOUT_KINDS`]).
+pub fn admin_timeout(what: &'static str) {
+    counter!(ADMIN_TIMEOUTS, "what" => what).increment(1);
 }
 pub fn admin_unauthorized() {
     counter!(ADMIN_UNAUTHORIZED).increment(1);

@@ -90,7 +90,7 @@ async fn half_sent_admin_requests_are_closed_and_metrics_and_bots_stay_available
         "{text}"
     );
     assert!(
-        metric_in(&text, "mdbridge_admin_header_timeouts_total") >= 1.0,
+        metric_in(&text, "mdbridge_admin_timeouts_total{what=\"header\"}") >= 1.0,
         "{text}"
     );
     // The bot is still served.
