@@ -39,7 +39,8 @@ async fn half_sent_admin_requests_are_closed_and_metrics_and_bots_stay_available
         &redis.url(),
         h,
         b,
-        "max_connections = 4\nheader_timeout_ms = 500",
+        // Long enough that all twelve are accepted while the first four still wait.
+        "max_connections = 4\nheader_timeout_ms = 3000",
     );
     let mut executor = Proc::role("executor", &config, h, Some(b));
     executor.wait_healthy().await;
