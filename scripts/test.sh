@@ -3,23 +3,22 @@
 # ports (the one on 6379, if any, is never touched).
 #
 # redis-server is looked up exactly as the tests look it up (src/bus/redis_test_server.rs,
-# tests/common/mod.rs): $MDBRIDGE_REDIS_SERVER (or the older $REDIS_SERVER_BIN), else the
-# PATH, else /usr/bin, /usr/local/bin. When none is found it is installed from Debian's
-# packages with apt-get (as root, or with sudo when available); without either, the script
-# stops and says what to install. The binary found is exported as MDBRIDGE_REDIS_SERVER so
+# tests/common/mod.rs): $REDIS_SERVER_BIN, else the PATH, else /usr/bin, /usr/local/bin.
+# (Not an MDBRIDGE_ variable: those override config keys, and unknown ones are refused.)
+# When none is found it is installed from Debian's packages with apt-get (as root, or with
+# password-less sudo); without either, the script stops and says what to install. The binary found is exported as REDIS_SERVER_BIN so
 # every test runs that one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 find_redis_server() {
   local p
-  for p in "${MDBRIDGE_REDIS_SERVER:-}" "${REDIS_SERVER_BIN:-}"; do
-    if [ -n "$p" ]; then
-      if [ -x "$p" ]; then echo "$p"; return 0; fi
-      echo "test.sh: $p (from MDBRIDGE_REDIS_SERVER / REDIS_SERVER_BIN) is not an executable file" >&2
-      return 1
-    fi
-  done
+  p="${REDIS_SERVER_BIN:-}"
+  if [ -n "$p" ]; then
+    if [ -x "$p" ]; then echo "$p"; return 0; fi
+    echo "test.sh: $p (from REDIS_SERVER_BIN) is not an executable file" >&2
+    return 1
+  fi
   if p=$(command -v redis-server 2>/dev/null); then echo "$p"; return 0; fi
   for p in /usr/bin/redis-server /usr/local/bin/redis-server; do
     if [ -x "$p" ]; then echo "$p"; return 0; fi
@@ -28,8 +27,8 @@ find_redis_server() {
 }
 
 if ! redis=$(find_redis_server); then
-  if [ -n "${MDBRIDGE_REDIS_SERVER:-}${REDIS_SERVER_BIN:-}" ]; then exit 1; fi
-  echo "test.sh: redis-server not found (looked at \$MDBRIDGE_REDIS_SERVER, PATH, /usr/bin, /usr/local/bin)" >&2
+  if [ -n "${REDIS_SERVER_BIN:-}" ]; then exit 1; fi
+  echo "test.sh: redis-server not found (looked at \$REDIS_SERVER_BIN, PATH, /usr/bin, /usr/local/bin)" >&2
   if [ "$(id -u)" = 0 ]; then
     SUDO=""
   elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
@@ -39,7 +38,7 @@ if ! redis=$(find_redis_server); then
 test.sh: cannot install it: not root and no password-less sudo. Install it yourself, e.g.
     sudo apt-get install -y redis-server
 or point the tests at a binary you have:
-    MDBRIDGE_REDIS_SERVER=/path/to/redis-server ./scripts/test.sh
+    REDIS_SERVER_BIN=/path/to/redis-server ./scripts/test.sh
 EOF
     exit 1
   fi
@@ -51,7 +50,7 @@ EOF
     exit 1
   fi
 fi
-export MDBRIDGE_REDIS_SERVER="$redis"
+export REDIS_SERVER_BIN="$redis"
 echo "test.sh: using $("$redis" --version | head -n 1) at $redis" >&2
 
 # Unit, integration and benchmark targets (benchmarks run once each, as smoke tests).

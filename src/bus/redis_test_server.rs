@@ -10,14 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The redis-server to run. Same rule as `tests/common` and `scripts/test.sh`:
-/// `MDBRIDGE_REDIS_SERVER` (or the older `REDIS_SERVER_BIN`), else the PATH, else
-/// /usr/bin, /usr/local/bin.
+/// `REDIS_SERVER_BIN`, else the PATH, else /usr/bin, /usr/local/bin. (Not an `MDBRIDGE_`
+/// variable: those are config overrides, and an unknown one is refused.)
 fn binary() -> std::path::PathBuf {
     use std::path::PathBuf;
-    for var in ["MDBRIDGE_REDIS_SERVER", "REDIS_SERVER_BIN"] {
-        if let Some(p) = std::env::var_os(var) {
-            return PathBuf::from(p);
-        }
+    if let Some(p) = std::env::var_os("REDIS_SERVER_BIN") {
+        return PathBuf::from(p);
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
@@ -32,7 +30,7 @@ fn binary() -> std::path::PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "redis-server not found (looked at $MDBRIDGE_REDIS_SERVER, PATH, /usr/bin, \
+                "redis-server not found (looked at $REDIS_SERVER_BIN, PATH, /usr/bin, \
                  /usr/local/bin): install it (`apt-get install -y redis-server`) or run \
                  ./scripts/test.sh, which does"
             )

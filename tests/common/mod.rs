@@ -48,13 +48,10 @@ where
 }
 
 /// The redis-server to run. Same rule as `src/bus/redis_test_server.rs` and
-/// `scripts/test.sh`: `MDBRIDGE_REDIS_SERVER` (or the older `REDIS_SERVER_BIN`), else the
-/// PATH, else /usr/bin, /usr/local/bin.
+/// `scripts/test.sh`: `REDIS_SERVER_BIN`, else the PATH, else /usr/bin, /usr/local/bin.
 fn find_redis_server() -> PathBuf {
-    for var in ["MDBRIDGE_REDIS_SERVER", "REDIS_SERVER_BIN"] {
-        if let Some(p) = std::env::var_os(var) {
-            return PathBuf::from(p);
-        }
+    if let Ok(p) = std::env::var("REDIS_SERVER_BIN") {
+        return PathBuf::from(p);
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
@@ -66,7 +63,7 @@ fn find_redis_server() -> PathBuf {
     candidates.extend(["/usr/bin/redis-server", "/usr/local/bin/redis-server"].map(PathBuf::from));
     candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
-            "redis-server not found (looked at $MDBRIDGE_REDIS_SERVER, PATH, /usr/bin, /usr/local/bin). \
+            "redis-server not found (looked at $REDIS_SERVER_BIN, PATH, /usr/bin, /usr/local/bin). \
              Install it with `apt-get install -y redis-server` or run ./scripts/test.sh, which does."
         )
     })
