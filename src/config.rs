@@ -756,4 +756,36 @@ depth_limit = 0
         assert!(err.to_string().contains("feeds"), "{err}");
         assert!(Config::load(Some(f.path()), Role::Executor).is_ok());
     }
+
+    #[test]
+    fn admin_and_log_settings_are_checked() {
+        let f = write(
+            "[http]\nmax_connections = 0\nheader_timeout_ms = 0\ntoken = \" \"\n[log]\nlevel = \"info,[\"\nformat = \"json\"\n",
+        );
+        let text = Config::load(Some(f.path()), Role::Executor)
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "http.max_connections",
+            "http.header_timeout_ms",
+            "http.token",
+            "log.level",
+        ] {
+            assert!(
+                text.contains(&format!(": {key}: ")),
+                "{key} missing in {text}"
+            );
+        }
+        let f = write("[log]\nformat = \"xml\"\n");
+        let text = Config::load(Some(f.path()), Role::Executor)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("log.format"), "{text}");
+        let f = write(
+            "[http]\ntoken = \"t0k\"\n[log]\nformat = \"json\"\nlevel = \"mdbridge=debug,info\"\n",
+        );
+        let c = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(c.http.token.as_deref(), Some("t0k"));
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
 }
