@@ -40,7 +40,8 @@ const DELIVERY_QUEUE: usize = 65_536;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// Redis did not answer at start (the message names the URL, password hidden).
-    #[error("{0}")]
+    /// Transparent: `{0}` with `#[from]` would print the cause twice in an error chain.
+    #[error(transparent)]
     Redis(#[from] crate::bus::BusError),
     #[error("cannot listen on {addr} ({what}): {cause}")]
     Bind {
@@ -48,7 +49,7 @@ pub enum AppError {
         addr: String,
         cause: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -108,6 +109,7 @@ pub async fn run(
         src = %src,
         "starting"
     );
+    log_fd_limit(&config);
 
     let stops = Stops::new();
     let admin = AdminState {
@@ -116,6 +118,7 @@ pub async fn run(
         health: health.clone(),
         metrics,
         redis: crate::bus::redis::client(&config.redis).ok(),
+        limits: crate::http::AdminLimits::from_config(&config.http),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());
 
@@ -209,6 +212,9 @@ pub struct DemoOptions {
     pub symbols: Vec<String>,
     pub rate: u32,
     pub summary_every: Duration,
+    /// How to run `mdbridge watch` from here, for the banner (`cargo run -- watch`, a
+    /// path, or `mdbridge watch`).
+    pub watch_command: String,
 }
 
 /// The zero-dependency demo: simulator + publisher + bot server on the in-process bus.
@@ -257,6 +263,7 @@ pub async fn run_demo(
         health: health.clone(),
         metrics,
         redis: None,
+        limits: crate::http::AdminLimits::from_config(&config.http),
     };
     let bots_addr = bots.local_addr()?;
     let http_addr = http.local_addr()?;
@@ -288,7 +295,10 @@ pub async fn run_demo(
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
     println!("  metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
     println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
-    println!("  watch:   mdbridge watch --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'");
+    println!(
+        "  watch:   {} --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'",
+        options.watch_command
+    );
     println!("  Ctrl-C to stop");
 
     let mut ticker = tokio::time::interval(options.summary_every);
@@ -386,6 +396,22 @@ fn spawn_http(listener: TcpListener, state: AdminState, stop: CancellationToken)
             warn!(cause = %e, "admin HTTP listener failed");
         }
     })
+}
+
+/// Raises the descriptor limit (see `fd_limit`) and says what the admin port may take.
+fn log_fd_limit(config: &Config) {
+    let limit = crate::fd_limit::raise();
+    let soft = limit
+        .soft
+        .map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    match limit.raised_from {
+        Some(from) => {
+            info!(fd_limit = %soft, raised_from = from, admin_max_connections = config.http.max_connections, "file descriptor limit raised")
+        }
+        None => {
+            info!(fd_limit = %soft, admin_max_connections = config.http.max_connections, "file descriptor limit")
+        }
+    }
 }
 
 fn log_listen(what: &str, listener: &TcpListener) {

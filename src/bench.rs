@@ -145,6 +145,8 @@ pub enum BenchError {
     Connect { url: String, cause: String },
     #[error("the server refused the subscription: {0}")]
     Refused(String),
+    #[error("the connection ended: {0}")]
+    Lost(String),
 }
 
 /// Runs the measurement and returns the combined report.
@@ -244,7 +246,13 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 /// `mdbridge watch`: subscribes like a bot and prints every frame the server sends, one
-/// JSON object per line, until `limit` frames (if any) or the connection ends.
+/// JSON object per line, until `limit` events (if any) or the connection ends.
+///
+/// `limit` counts events (trade, ticker, book, candle, status), not the server's replies
+/// (`subscribed`, `pong`, ...), so `-n 3` shows three market events. An `error` reply is
+/// printed and then ends the watch with [`BenchError::Refused`] (a non-zero exit): a
+/// script piping `watch` must not mistake a refused subscription for a quiet market.
+/// A connection that ends before `limit` events is an error too. Returns the events seen.
 pub async fn watch(
     url: &str,
     channels: &[String],
@@ -262,20 +270,81 @@ pub async fn watch(
     ws.send(Message::text(sub.to_string()))
         .await
         .map_err(|e| connect_err(&e))?;
-    let mut printed = 0u64;
-    while limit.is_none_or(|l| printed < l) {
-        let Some(Ok(msg)) = ws.next().await else {
-            break;
-        };
-        if let Message::Text(text) = msg {
-            if writeln!(out, "{}", text.as_str()).is_err() {
+    let mut events = 0u64;
+    let mut result = Ok(());
+    while limit.is_none_or(|l| events < l) {
+        let msg = match ws.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                result = Err(BenchError::Lost(e.to_string()));
                 break;
             }
-            printed += 1;
+            None => {
+                result = Err(BenchError::Lost("end of stream".into()));
+                break;
+            }
+        };
+        match msg {
+            Message::Text(text) => {
+                if writeln!(out, "{}", text.as_str()).is_err() {
+                    break;
+                }
+                match frame_kind(text.as_str()) {
+                    FrameKind::Event => events += 1,
+                    FrameKind::Reply => {}
+                    FrameKind::Error(detail) => {
+                        result = Err(BenchError::Refused(detail));
+                        break;
+                    }
+                }
+            }
+            Message::Close(frame) => {
+                let why = frame.map_or_else(
+                    || "closed without a code".to_string(),
+                    |f| format!("closed with code {} {}", u16::from(f.code), f.reason),
+                );
+                result = Err(BenchError::Lost(why));
+                break;
+            }
+            _ => {}
         }
     }
+    let _ = out.flush();
     let _ = ws.close(None).await;
-    Ok(printed)
+    result.map(|()| events)
+}
+
+enum FrameKind {
+    /// A market or status event: counted by `watch -n`.
+    Event,
+    /// The server's answer to a request (`subscribed`, `unsubscribed`, `pong`, `recovered`).
+    Reply,
+    /// An `error` reply, with its code and message.
+    Error(String),
+}
+
+fn frame_kind(text: &str) -> FrameKind {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        code: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        message: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Ok(k) = serde_json::from_str::<Kind<'_>>(text) else {
+        return FrameKind::Reply;
+    };
+    match k.kind.as_deref() {
+        Some("error") => FrameKind::Error(format!(
+            "{}: {}",
+            k.code.as_deref().unwrap_or("error"),
+            k.message.as_deref().unwrap_or("")
+        )),
+        Some("subscribed" | "unsubscribed" | "pong" | "recovered") | None => FrameKind::Reply,
+        Some(_) => FrameKind::Event,
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub feeds: Vec<FeedConfig>,
     pub durable: DurableConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,14 +228,55 @@ impl Default for BotsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: String,
+    /// Admin connections served at once; one more is closed at accept.
+    pub max_connections: usize,
+    /// A request's head (request line and headers) must arrive within this after
+    /// connect: half-sent requests cannot pile up.
+    pub header_timeout_ms: u64,
+    /// A request must be answered within this; a connection (one request) lives at most
+    /// `header_timeout_ms + request_timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// When set, every admin endpoint wants `Authorization: Bearer <token>` (else 401).
+    pub token: Option<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9100".to_string(),
+            max_connections: 64,
+            header_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+            token: None,
         }
     }
+}
+
+/// How the process logs (stderr).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `mdbridge=debug,warn`); `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `text`: one human line per record (colours only on a terminal); `json`: one JSON
+/// object per line, for log shippers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// One market-data stream a feed subscribes to, as written in `channels`.
@@ -408,7 +450,34 @@ const BINANCE_KLINE_INTERVALS: [&str; 16] = [
 ];
 
 /// Sections whose keys may be overridden from the environment.
-const ENV_SECTIONS: [&str; 5] = ["instance", "redis", "bots", "http", "durable"];
+const ENV_SECTIONS: [&str; 6] = ["instance", "redis", "bots", "http", "durable", "log"];
+
+/// The environment variable that sets `section.key`.
+fn env_var_for(key: &str) -> String {
+    format!(
+        "MDBRIDGE_{}",
+        key.replacen('.', "_", 1).to_ascii_uppercase()
+    )
+}
+
+/// A value that fails validation came from the environment when its variable is set
+/// (the environment wins over the file): name the variable, not the file.
+fn blame_environment(mut e: ConfigError, source: &str) -> ConfigError {
+    let prefix = format!("{source}: ");
+    for p in &mut e.problems {
+        let Some(rest) = p.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((key, reason)) = rest.split_once(": ") else {
+            continue;
+        };
+        let var = env_var_for(key);
+        if std::env::var_os(&var).is_some() {
+            *p = format!("environment {var}: {key}: {reason}");
+        }
+    }
+    e
+}
 
 impl Config {
     /// Loads defaults, then `path` (when given; a missing file is an error), then the
@@ -446,10 +515,9 @@ impl Config {
                     let origin = match e.metadata.as_ref() {
                         Some(m) => match &m.source {
                             Some(figment::Source::File(f)) => f.display().to_string(),
-                            _ if m.name.contains("environment") => format!(
-                                "environment MDBRIDGE_{}",
-                                key.replacen('.', "_", 1).to_ascii_uppercase()
-                            ),
+                            _ if m.name.contains("environment") => {
+                                format!("environment {}", env_var_for(&key))
+                            }
                             _ => source.clone(),
                         },
                         None => source.clone(),
@@ -458,7 +526,9 @@ impl Config {
                 })
                 .collect(),
         })?;
-        config.validate(&source, role)?;
+        config
+            .validate(&source, role)
+            .map_err(|e| blame_environment(e, &source))?;
         Ok(config)
     }
 
@@ -514,6 +584,7 @@ impl Config {
                 "bots.auth_max_failures",
                 self.bots.auth_max_failures as usize,
             ),
+            ("http.max_connections", self.http.max_connections),
         ] {
             if v == 0 {
                 bad(key, "must be at least 1".into());
@@ -531,6 +602,8 @@ impl Config {
             ("bots.message_timeout_ms", self.bots.message_timeout_ms),
             ("bots.auth_window_ms", self.bots.auth_window_ms),
             ("bots.auth_cooldown_ms", self.bots.auth_cooldown_ms),
+            ("http.header_timeout_ms", self.http.header_timeout_ms),
+            ("http.request_timeout_ms", self.http.request_timeout_ms),
         ] {
             if v == 0 {
                 bad(key, "must be greater than 0".into());
@@ -574,6 +647,23 @@ impl Config {
                 "durable channels (Redis Streams, `since` replay) are not available in this version; \
                  leave the list empty"
                     .into(),
+            );
+        }
+        if self
+            .http
+            .token
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            bad(
+                "http.token",
+                "must not be empty (leave it out for no token)".into(),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            bad(
+                "log.level",
+                format!("`{}` is not a log filter: {e}", self.log.level),
             );
         }
         if role != Role::Executor && self.feeds.is_empty() {
@@ -907,5 +997,37 @@ tls_cert_file = "/nonexistent/cert.pem"
         let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
         assert!(err.to_string().contains("feeds"), "{err}");
         assert!(Config::load(Some(f.path()), Role::Executor).is_ok());
+    }
+
+    #[test]
+    fn admin_and_log_settings_are_checked() {
+        let f = write(
+            "[http]\nmax_connections = 0\nheader_timeout_ms = 0\ntoken = \" \"\n[log]\nlevel = \"info,[\"\nformat = \"json\"\n",
+        );
+        let text = Config::load(Some(f.path()), Role::Executor)
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "http.max_connections",
+            "http.header_timeout_ms",
+            "http.token",
+            "log.level",
+        ] {
+            assert!(
+                text.contains(&format!(": {key}: ")),
+                "{key} missing in {text}"
+            );
+        }
+        let f = write("[log]\nformat = \"xml\"\n");
+        let text = Config::load(Some(f.path()), Role::Executor)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("log.format"), "{text}");
+        let f = write(
+            "[http]\ntoken = \"t0k\"\n[log]\nformat = \"json\"\nlevel = \"mdbridge=debug,info\"\n",
+        );
+        let c = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(c.http.token.as_deref(), Some("t0k"));
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 }

@@ -91,6 +91,11 @@ impl HealthHandle {
     pub fn name(&self) -> &str {
         &self.name
     }
+    /// A component `<name>/<part>` in the same registry (e.g. one socket of a sharded
+    /// feed), unhealthy until it says otherwise.
+    pub fn part(&self, part: &str) -> HealthHandle {
+        self.registry.register(format!("{}/{part}", self.name))
+    }
     /// A handle that belongs to no shown registry (for tools and tests).
     pub fn detached(name: &str) -> HealthHandle {
         Health::new().register(name)

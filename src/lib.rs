@@ -16,7 +16,8 @@
 //!   keys) and the Redis subscriber (reconnects, liveness probe, loss counting).
 //! - [`gateway`]: the bot WebSocket server: router, per-client bounded queues.
 //! - [`book`]: the L2 book both sides keep from normalized events (leaf).
-//! - [`http`], [`health`], [`metrics`]: the admin listener and what it reports.
+//! - [`http`], [`health`], [`metrics`]: the admin listener and what it reports;
+//!   [`fd_limit`]: the descriptor budget they and the bot listener share.
 //! - [`config`]: every setting, one place.
 //! - [`simulator`]: exchange-compatible servers for tests, demo and benchmarks.
 //! - [`app`]: wires the parts for each role and owns shutdown.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod envelope;
 pub mod event;
 pub mod exchange;
+pub mod fd_limit;
 pub mod gateway;
 pub mod health;
 pub mod http;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use mdbridge::app::{self, DemoOptions, Listeners};
-use mdbridge::config::{Config, Role};
+use mdbridge::config::{Config, LogConfig, LogFormat, Role};
 use mdbridge::event::{valid_symbol, Exchange};
 use mdbridge::simulator::{Faults, SimConfig};
 
@@ -68,7 +68,8 @@ struct WatchArgs {
     /// Bot server to connect to.
     #[arg(long, default_value = "ws://127.0.0.1:8765")]
     url: String,
-    /// Stop after this many frames.
+    /// Stop after this many events (trade, ticker, book, candle, status; the server's
+    /// replies such as `subscribed` are printed but not counted).
     #[arg(long, short = 'n')]
     count: Option<u64>,
 }
@@ -156,7 +157,13 @@ struct NormalizeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The roles log as their config says; everything else logs as the defaults say.
+    if !matches!(
+        cli.command,
+        Command::Publisher(_) | Command::Executor(_) | Command::Hybrid(_)
+    ) {
+        init_tracing(&LogConfig::default());
+    }
     match cli.command {
         Command::Normalize(args) => normalize(args),
         Command::Publisher(args) => run_role(Role::Publisher, args),
@@ -176,13 +183,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr: `RUST_LOG` when set, else `[log] level`; colours only when stderr is
+/// a terminal (a file or a pipe gets plain text); `[log] format = "json"` writes one JSON
+/// object per line.
+fn init_tracing(log: &LogConfig) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -202,6 +217,18 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Like [`report`], but with `[log] format = "json"` the last word is a JSON log record
+/// too, so a log shipper reading stderr never meets a line it cannot parse.
+fn report_as(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
+    match (format, result) {
+        (LogFormat::Json, Err(e)) => {
+            error!(error = %format!("{e:#}"), "mdbridge stopped");
+            ExitCode::FAILURE
+        }
+        (_, result) => report(result),
+    }
+}
+
 fn run_role(role: Role, args: RoleArgs) -> ExitCode {
     let path = args.config.or_else(Config::default_path);
     let config = match Config::load(path.as_deref(), role) {
@@ -211,15 +238,20 @@ fn run_role(role: Role, args: RoleArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    report(runtime().and_then(|rt| {
-        rt.block_on(async move {
-            let listeners = Listeners::bind(&config, role).await?;
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
-            app::run(role, config, listeners, shutdown).await?;
-            Ok(())
-        })
-    }))
+    init_tracing(&config.log);
+    let format = config.log.format;
+    report_as(
+        format,
+        runtime().and_then(|rt| {
+            rt.block_on(async move {
+                let listeners = Listeners::bind(&config, role).await?;
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                app::run(role, config, listeners, shutdown).await?;
+                Ok(())
+            })
+        }),
+    )
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -246,9 +278,41 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         symbols: args.symbols,
         rate: args.rate,
         summary_every: Duration::from_secs(args.summary_secs.max(1)),
+        watch_command: watch_command(),
     };
     app::run_demo(options, config, bots, http, shutdown).await?;
     Ok(())
+}
+
+/// How the user runs `watch` from where they ran this binary: `cargo run` puts the binary
+/// under `target/`, where `mdbridge` is not on the PATH, so the hint says
+/// `cargo run --release -- watch`; otherwise the binary's own path (or plain `mdbridge`
+/// when that is what the PATH finds).
+fn watch_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "mdbridge watch".to_string();
+    };
+    let parent = exe.parent();
+    let profile = parent.and_then(|d| d.file_name()).and_then(|n| n.to_str());
+    let under_target = parent
+        .and_then(|d| d.parent())
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "target");
+    if std::env::var_os("CARGO").is_some() && under_target {
+        return match profile {
+            Some("release") => "cargo run --release -- watch".to_string(),
+            _ => "cargo run -- watch".to_string(),
+        };
+    }
+    let on_path = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p)
+            .any(|d| std::fs::canonicalize(d.join("mdbridge")).is_ok_and(|found| found == exe))
+    });
+    if on_path {
+        "mdbridge watch".to_string()
+    } else {
+        format!("{} watch", exe.display())
+    }
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {

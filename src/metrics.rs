@@ -3,6 +3,11 @@
 //! Other modules never spell a metric name: they call the function here, so a log line and
 //! its counter come from one call site and the exported names stay consistent. All names
 //! carry the `mdbridge_` prefix. The Prometheus recorder is installed by [`install`].
+//!
+//! Every series exists from start, at zero, with each label value known in advance
+//! ([`init`]): alerts and dashboards can be written before the first failure, and a rate
+//! over a counter that appears only at its first increment would miss that increment.
+//! A new series is added in three places here: its name, `describe`, `init`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -42,6 +47,75 @@ pub const BOT_HANDSHAKES_REFUSED: &str = "mdbridge_bot_handshakes_refused_total"
 pub const BOT_HANDSHAKES_FAILED: &str = "mdbridge_bot_handshakes_failed_total";
 pub const BOT_AUTH_COOLDOWNS: &str = "mdbridge_bot_auth_cooldowns_total";
 pub const DELIVERY_LATENCY: &str = "mdbridge_delivery_latency_seconds";
+pub const EXCHANGE_SUBSCRIBE_REFUSED: &str = "mdbridge_exchange_subscribe_refused_total";
+pub const ADMIN_CONNECTIONS: &str = "mdbridge_admin_connections";
+pub const ADMIN_CONNECTIONS_REFUSED: &str = "mdbridge_admin_connections_refused_total";
+pub const ADMIN_TIMEOUTS: &str = "mdbridge_admin_timeouts_total";
+pub const ADMIN_UNAUTHORIZED: &str = "mdbridge_admin_requests_unauthorized_total";
+
+/// Label values known in advance, for [`init`]. Call sites pass these same strings.
+pub const EXCHANGE_RECONNECT_REASONS: &[&str] = &[
+    "bad_url",
+    "connect_failed",
+    "socket_error",
+    "closed",
+    "stale",
+    "rotate",
+    "rotate_fallback",
+    "server_shutdown",
+];
+pub const BOOK_RESYNC_SIDES: &[&str] = &["exchange", "bus", "bot_queue"];
+pub const PUBLISH_FAILED_REASONS: &[&str] = &[
+    "queue_full",
+    "redis_down",
+    "shutdown",
+    "redis_oom",
+    "redis_readonly",
+    "redis_loading",
+    "redis_noperm",
+    "redis_noscript",
+    "redis_error",
+];
+/// `RedisFailure::reason()` of every error-reply class (`bus::redis::error`).
+pub const REDIS_FAILURE_REASONS: &[&str] = &[
+    "redis_oom",
+    "redis_readonly",
+    "redis_loading",
+    "redis_noscript",
+    "redis_noperm",
+    "redis_down",
+    "redis_error",
+];
+pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+pub const ADMIN_TIMEOUT_KINDS: &[&str] = &["header", "lifetime"];
+pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
+pub const BOT_DISCONNECT_REASONS: &[&str] = &[
+    "closed",
+    "timeout",
+    "slow",
+    "shutdown",
+    "error",
+    "too_big",
+    "bad_utf8",
+    "message_timeout",
+    "flood",
+    "protocol",
+];
+pub const BOT_HANDSHAKE_REFUSED_REASONS: &[&str] =
+    &["unauthorized", "auth_throttled", "max_connections"];
+pub const BOT_HANDSHAKE_FAILED_REASONS: &[&str] = &["timeout", "tls", "websocket"];
+pub const BOT_REFUSED_CODES: &[&str] = &[
+    "bad_json",
+    "bad_request",
+    "unknown_op",
+    "bad_channel",
+    "not_subscribed",
+    "too_many_subscriptions",
+    "not_supported",
+    "unauthorized",
+    "rate_limited",
+    "forbidden",
+];
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -70,6 +144,7 @@ pub fn install() -> PrometheusHandle {
             // A second recorder (e.g. tests embedding the library) keeps the first one.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            init();
             spawn_upkeep(handle.clone());
             handle
         })
@@ -109,7 +184,7 @@ fn describe() {
     );
     describe_gauge!(
         EXCHANGE_CONNECTED,
-        "1 while the exchange feed is connected and subscribed."
+        "Exchange sockets connected and subscribed (one per feed, or per shard of a large feed)."
     );
     describe_counter!(
         BOOK_RESYNCS,
@@ -186,11 +261,102 @@ fn describe() {
         BOT_AUTH_COOLDOWNS,
         "Addresses put in cooldown after repeated failed bot authentication."
     );
+    describe_counter!(
+        EXCHANGE_SUBSCRIBE_REFUSED,
+        "SUBSCRIBE requests the exchange refused (the feed is unhealthy until it reconnects)."
+    );
+    describe_gauge!(ADMIN_CONNECTIONS, "Open admin HTTP connections.");
+    describe_counter!(
+        ADMIN_CONNECTIONS_REFUSED,
+        "Admin HTTP connections closed at accept: http.max_connections were open."
+    );
+    describe_counter!(
+        ADMIN_TIMEOUTS,
+        "Admin HTTP connections closed for taking too long, by what: `header` (request head not in time) or `lifetime`."
+    );
+    describe_counter!(
+        ADMIN_UNAUTHORIZED,
+        "Admin HTTP requests refused with 401 (missing or wrong bearer token)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From ts_recv (frame read off the exchange) to the frame written to a bot socket."
     );
+}
+
+/// Registers every series with each known label value, at zero (see the module doc).
+/// Registering is what makes a series exist: a counter or gauge handle starts at 0 and a
+/// histogram with no samples renders its buckets at 0.
+pub fn init() {
+    for exchange in Exchange::ALL {
+        let ex = exchange.as_str();
+        for kind in EventType::ALL {
+            counter!(EXCHANGE_EVENTS, "exchange" => ex, "type" => kind.as_str()).increment(0);
+        }
+        counter!(EXCHANGE_FRAMES_INVALID, "exchange" => ex).increment(0);
+        for &reason in EXCHANGE_RECONNECT_REASONS {
+            counter!(EXCHANGE_RECONNECTS, "exchange" => ex, "reason" => reason).increment(0);
+        }
+        gauge!(EXCHANGE_CONNECTED, "exchange" => ex).increment(0.0);
+        counter!(EXCHANGE_SUBSCRIBE_REFUSED, "exchange" => ex).increment(0);
+        for &side in BOOK_RESYNC_SIDES {
+            counter!(BOOK_RESYNCS, "exchange" => ex, "side" => side).increment(0);
+        }
+    }
+    counter!(ENVELOPES_PUBLISHED).increment(0);
+    for &reason in PUBLISH_FAILED_REASONS {
+        counter!(ENVELOPES_PUBLISH_FAILED, "reason" => reason).increment(0);
+    }
+    let _ = histogram!(PUBLISH_BATCH);
+    for name in [
+        ENVELOPES_RECEIVED,
+        ENVELOPES_SELF_FILTERED,
+        ENVELOPES_LOST,
+        ENVELOPES_DUPLICATE,
+        ENVELOPES_INVALID,
+        ENVELOPES_OVERFLOW,
+        REDIS_PROBE_TIMEOUTS,
+        BOT_CONNECTIONS,
+        BOT_FRAMES_SENT,
+        ADMIN_CONNECTIONS_REFUSED,
+        ADMIN_UNAUTHORIZED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for &what in ADMIN_TIMEOUT_KINDS {
+        counter!(ADMIN_TIMEOUTS, "what" => what).increment(0);
+    }
+    for &role in REDIS_ROLES {
+        counter!(REDIS_RECONNECTS, "role" => role).increment(0);
+        gauge!(REDIS_CONNECTED, "role" => role).increment(0.0);
+    }
+    for name in [BOT_CLIENTS, BOT_SUBSCRIPTIONS, ADMIN_CONNECTIONS] {
+        gauge!(name).increment(0.0);
+    }
+    for &reason in BOT_FRAMES_DROPPED_REASONS {
+        counter!(BOT_FRAMES_DROPPED, "reason" => reason).increment(0);
+    }
+    for &reason in BOT_DISCONNECT_REASONS {
+        counter!(BOT_DISCONNECTS, "reason" => reason).increment(0);
+    }
+    for &code in BOT_REFUSED_CODES {
+        counter!(BOT_REQUESTS_REFUSED, "code" => code).increment(0);
+    }
+    for &reason in BOT_HANDSHAKE_REFUSED_REASONS {
+        counter!(BOT_HANDSHAKES_REFUSED, "reason" => reason).increment(0);
+    }
+    for &reason in BOT_HANDSHAKE_FAILED_REASONS {
+        counter!(BOT_HANDSHAKES_FAILED, "reason" => reason).increment(0);
+    }
+    counter!(BOT_AUTH_COOLDOWNS).increment(0);
+    for &role in REDIS_ROLES {
+        for &reason in REDIS_FAILURE_REASONS {
+            counter!(REDIS_ERROR_REPLIES, "role" => role, "reason" => reason).increment(0);
+        }
+    }
+    gauge!(REDIS_SUBSCRIBED_PATTERNS).increment(0.0);
+    let _ = histogram!(DELIVERY_LATENCY);
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -203,8 +369,14 @@ pub fn exchange_frame_invalid(exchange: Exchange) {
 pub fn exchange_reconnect(exchange: Exchange, reason: &'static str) {
     counter!(EXCHANGE_RECONNECTS, "exchange" => exchange.as_str(), "reason" => reason).increment(1);
 }
+/// One exchange socket subscribed (`up`) or lost: the gauge counts subscribed sockets, so
+/// several feeds or shards of one exchange add up. Callers pair every `true` with a `false`.
 pub fn exchange_connected(exchange: Exchange, up: bool) {
-    gauge!(EXCHANGE_CONNECTED, "exchange" => exchange.as_str()).set(if up { 1.0 } else { 0.0 });
+    gauge!(EXCHANGE_CONNECTED, "exchange" => exchange.as_str()).increment(if up {
+        1.0
+    } else {
+        -1.0
+    });
 }
 /// `side` is `"exchange"` (the host saw an update-id gap) or `"bus"` (an executor saw a chain break).
 pub fn book_resync(exchange: Exchange, side: &'static str) {
@@ -284,6 +456,22 @@ pub fn bot_handshake_failed(reason: &'static str) {
 }
 pub fn bot_auth_cooldown() {
     counter!(BOT_AUTH_COOLDOWNS).increment(1);
+}
+pub fn exchange_subscribe_refused(exchange: Exchange) {
+    counter!(EXCHANGE_SUBSCRIBE_REFUSED, "exchange" => exchange.as_str()).increment(1);
+}
+pub fn admin_connections(delta: f64) {
+    gauge!(ADMIN_CONNECTIONS).increment(delta);
+}
+pub fn admin_connection_refused() {
+    counter!(ADMIN_CONNECTIONS_REFUSED).increment(1);
+}
+/// `what` is `"header"` or `"lifetime"` ([`ADMIN_TIMEOUT_KINDS`]).
+pub fn admin_timeout(what: &'static str) {
+    counter!(ADMIN_TIMEOUTS, "what" => what).increment(1);
+}
+pub fn admin_unauthorized() {
+    counter!(ADMIN_UNAUTHORIZED).increment(1);
 }
 pub fn delivery_latency(elapsed: Duration) {
     histogram!(DELIVERY_LATENCY).record(elapsed.as_secs_f64());

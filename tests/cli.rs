@@ -63,6 +63,26 @@ fn bad_config_exits_2_naming_file_key_and_reason() {
         err.contains("MDBRIDGE_BOTS_QUEUE_SIZE") && err.contains("bots.queue_size"),
         "{err}"
     );
+    // A value of the right type that fails validation names the variable, not the file
+    // (the file does not even set it).
+    let out = Command::new(bin())
+        .args(["executor", "--config"])
+        .arg(&path)
+        .env("MDBRIDGE_BOTS_QUEUE_SIZE", "0")
+        .env("MDBRIDGE_HTTP_LISTEN", "nowhere")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("environment MDBRIDGE_BOTS_QUEUE_SIZE: bots.queue_size: must be at least 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("environment MDBRIDGE_HTTP_LISTEN: http.listen: `nowhere`"),
+        "{err}"
+    );
+    assert!(!err.contains(&path.display().to_string()), "{err}");
 }
 
 #[test]
@@ -87,6 +107,33 @@ fn unreachable_redis_is_one_clear_line() {
         err.contains(&format!("cannot reach Redis at redis://127.0.0.1:{port}/0")),
         "{err}"
     );
+    // Said once: no error chain repeating its own cause.
+    assert_eq!(err.matches("cannot reach Redis").count(), 1, "{err}");
+    assert_eq!(
+        err.matches(&format!("127.0.0.1:{port}")).count(),
+        1,
+        "{err}"
+    );
+
+    // With JSON logs the same one error is a JSON record, like every other line.
+    let out = Command::new(bin())
+        .args(["executor", "--config"])
+        .arg(&path)
+        .env("MDBRIDGE_REDIS_URL", format!("redis://127.0.0.1:{port}/0"))
+        .env("MDBRIDGE_BOTS_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("MDBRIDGE_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("MDBRIDGE_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+    assert_eq!(err.matches("cannot reach Redis").count(), 1, "{err}");
     assert!(!err.contains("panicked"));
 }
 
@@ -207,7 +254,8 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     let (trade, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(trade["exchange"], "sim");
     assert_eq!(trade["symbol"], "BTC-USDT");
-    // `mdbridge watch` prints what a bot receives, one JSON object per line.
+    // `mdbridge watch` prints what a bot receives, one JSON object per line; `-n` counts
+    // events, not the server's replies.
     let watched = Command::new(bin())
         .args([
             "watch",
@@ -224,11 +272,26 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert_eq!(lines[0]["type"], "subscribed");
     assert!(lines[1..]
         .iter()
         .all(|v| v["type"] == "trade" && v["exchange"] == "sim"));
+    // An error reply is printed and ends the watch with a failure exit.
+    let refused = Command::new(bin())
+        .args(["watch", "--url", &demo.bots_url(), "-n", "1", "nonsense"])
+        .output()
+        .expect("run watch");
+    assert!(
+        !refused.status.success(),
+        "watch exited 0 on an error reply"
+    );
+    let out = String::from_utf8_lossy(&refused.stdout);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(first["type"], "error", "{out}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("refused"), "{err}");
     let text = || printed.lock().map(|p| p.clone()).unwrap_or_default();
     wait_until("a summary line", WAIT, || async {
         text().contains("[demo] clients")
@@ -245,6 +308,51 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
         stdout.contains("[demo] clients"),
         "summary line missing: {stdout}"
     );
+    // Under `cargo` (cargo test and cargo run set CARGO) the hint is a cargo command.
+    assert!(
+        stdout.contains(&format!("cargo run -- watch --url ws://127.0.0.1:{bots}")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_watch_hint_names_a_command_that_runs() {
+    use std::io::BufRead;
+    let (bots, http) = (free_port(), free_port());
+    let mut child = Command::new(bin())
+        .args(["demo", "--listen", &format!("127.0.0.1:{bots}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .env_remove("CARGO")
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let out = child.stdout.take().expect("stdout");
+    let hint = std::io::BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("watch:")
+                .map(|h| h.trim().to_string())
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    let hint = hint.expect("a watch hint in the banner");
+    // Not on the PATH and not under cargo: the binary's own path.
+    let program = hint.split(" watch ").next().expect("program");
+    let exe = std::fs::canonicalize(bin()).expect("binary path");
+    assert_eq!(std::path::Path::new(program), exe, "{hint}");
+    assert!(
+        hint.contains(&format!("watch --url ws://127.0.0.1:{bots}")),
+        "{hint}"
+    );
+    let version = Command::new(program)
+        .arg("--version")
+        .output()
+        .expect("run the hint");
+    assert!(version.status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,36 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BINARY: &str = "/usr/bin/redis-server";
+/// The redis-server to run. Same rule as `tests/common` and `scripts/test.sh`:
+/// `REDIS_SERVER_BIN`, else the PATH, else /usr/bin, /usr/local/bin. (Not an `MDBRIDGE_`
+/// variable: those are config overrides, and an unknown one is refused.)
+fn binary() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("REDIS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("redis-server"))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.extend(["/usr/bin/redis-server", "/usr/local/bin/redis-server"].map(PathBuf::from));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "redis-server not found (looked at $REDIS_SERVER_BIN, PATH, /usr/bin, \
+                 /usr/local/bin): install it (`apt-get install -y redis-server`) or run \
+                 ./scripts/test.sh, which does"
+            )
+        })
+}
 
 pub struct RedisTestServer {
+    binary: std::path::PathBuf,
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -20,10 +47,7 @@ pub struct RedisTestServer {
 impl RedisTestServer {
     /// Starts a server on a free port and waits until it answers `PING`.
     pub fn start() -> RedisTestServer {
-        assert!(
-            std::path::Path::new(BINARY).exists(),
-            "{BINARY} not found: these tests need a local redis-server binary (apt-get install redis-server)"
-        );
+        let binary = binary();
         // The OS picks a free port; the listener is dropped just before redis binds it.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -31,6 +55,7 @@ impl RedisTestServer {
             .port();
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut server = RedisTestServer {
+            binary,
             port,
             dir,
             child: None,
@@ -62,7 +87,7 @@ impl RedisTestServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(BINARY)
+        let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
@@ -70,7 +95,7 @@ impl RedisTestServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BINARY}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -528,6 +528,15 @@ fn from_value<'a, T: Deserialize<'a>>(
     simd_json::serde::from_refborrowed_value(v).map_err(payload_err(kind))
 }
 
+/// `request 3`, or `a request` when the reply names none (bots read this text: no
+/// `Some(3)`).
+fn request_name(id: Option<u64>) -> String {
+    match id {
+        Some(id) => format!("request {id}"),
+        None => "a request".to_string(),
+    }
+}
+
 impl Adapter for BinanceAdapter {
     fn exchange(&self) -> Exchange {
         self.label
@@ -539,6 +548,10 @@ impl Adapter for BinanceAdapter {
 
     fn default_rest_url(&self) -> &'static str {
         DEFAULT_REST_URL
+    }
+
+    fn max_streams_per_connection(&self) -> usize {
+        MAX_STREAMS_PER_CONNECTION
     }
 
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
@@ -574,8 +587,10 @@ impl Adapter for BinanceAdapter {
                 err.get("code").and_then(|c| c.as_i64()),
                 err.get("msg").and_then(|m| m.as_str()),
             ) {
-                (Some(code), Some(msg)) => format!("request {id:?} refused: code {code}: {msg}"),
-                _ => format!("request {id:?} refused: {err}"),
+                (Some(code), Some(msg)) => {
+                    format!("{} refused: code {code}: {msg}", request_name(id))
+                }
+                _ => format!("{} refused: {err}", request_name(id)),
             };
             return Ok(vec![Parsed::Refused { id, detail }]);
         }
@@ -588,7 +603,7 @@ impl Adapter for BinanceAdapter {
         ) {
             return Ok(vec![Parsed::Refused {
                 id,
-                detail: format!("request {id:?} refused: code {code}: {msg}"),
+                detail: format!("{} refused: code {code}: {msg}", request_name(id)),
             }]);
         }
         // Combined stream: `{"stream":"btcusdt@trade","data":{...}}`; raw stream: the payload.
@@ -846,7 +861,10 @@ mod tests {
             panic!("{refused:?}")
         };
         assert_eq!(*id, Some(1));
-        assert!(detail.contains("code 2"), "{detail}");
+        assert!(
+            detail.starts_with("request 1 refused: code 2: Invalid request"),
+            "{detail}"
+        );
     }
 
     #[test]

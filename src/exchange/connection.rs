@@ -1,5 +1,6 @@
-//! One exchange socket per feed: connect, subscribe, heartbeat, stale detection,
-//! reconnect with backoff, rotation, book synchronisation and status events.
+//! One exchange socket per feed (or per shard of a large feed, see [`super::run_feed`]):
+//! subscribe, heartbeat, stale detection, reconnect with backoff, rotation, book
+//! synchronisation and status events. Opening and closing one socket is [`super::socket`].
 //!
 //! One task owns the socket (no split halves; two sockets for a moment while rotating, both
 //! polled in the same `select!`): it reads frames, answers pings, hands book
@@ -16,7 +17,8 @@
 //!   `reconnect_max_ms`). The sequence restarts from the minimum once a connection got as
 //!   far as having all its subscriptions acknowledged.
 //! - A lost socket (error, close frame, end of stream) emits `disconnected` with the reason,
-//!   marks the feed's health down and the `exchange_connected` gauge 0, counts
+//!   marks the feed's health down and takes the socket out of the `exchange_connected`
+//!   gauge (a count of subscribed sockets, so shards and several feeds add up), counts
 //!   `exchange_reconnect` with a reason label, and puts every live book into `resync`
 //!   (a `status` `resync` event per book; a fresh snapshot follows on the new connection).
 //! - No frame at all (data or ping — Binance pings every 20 s) for `stale_after_ms`
@@ -43,14 +45,17 @@
 //!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
 //!   so it does not wait for the next read.
-//! - `connected` is emitted (gauge 1, backoff reset) when every SUBSCRIBE request has been
-//!   answered; health goes up when data then flows. A refused subscription emits `error`.
+//! - `connected` is emitted (socket counted in the gauge, backoff reset) when every
+//!   SUBSCRIBE request has been accepted; health goes up, and again when data flows.
+//! - A refused SUBSCRIBE emits `error` with the exchange's reason and keeps the feed's
+//!   health down with that reason for as long as the connection lasts (the streams that
+//!   were accepted still flow); no `connected` is emitted: never a silent green.
 //! - Shutdown: the token is checked while connecting, waiting, reading and sending; the
 //!   socket is closed with a Close frame (bounded wait) and the feed returns.
 //! - A bad URL is fatal for the feed (`error` event, health down); everything else retries
 //!   forever.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,25 +63,20 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::socket::{Socket, CONNECT_TIMEOUT};
 use super::{Adapter, BookSnapshot, BookSync, Parsed, Recovery, SnapshotError, SnapshotRequest};
 use crate::config::{FeedChannel, FeedConfig};
 use crate::event::{now_micros, Event, Exchange, StatusState};
 use crate::health::HealthHandle;
 use crate::metrics;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Gap between SUBSCRIBE requests: Binance allows 5 incoming messages per second.
-const SUBSCRIBE_PACING: Duration = Duration::from_millis(250);
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
 /// REST order-book snapshots one feed fetches at once.
@@ -160,82 +160,6 @@ enum SessionEnd {
 
 type SnapshotResult = (String, u64, Result<BookSnapshot, SnapshotError>);
 
-/// One open exchange socket and how far its subscription got.
-struct Socket {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pending_acks: HashSet<u64>,
-    /// Every SUBSCRIBE request has been answered.
-    subscribed: bool,
-    /// No frame until then means a dead connection.
-    stale_at: Instant,
-}
-
-impl Socket {
-    /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
-    async fn open(
-        url: String,
-        requests: Vec<(u64, String)>,
-        stale_after: Duration,
-    ) -> Result<Socket, ConnError> {
-        let ws = match timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await
-        {
-            Err(_) => return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT)),
-            Ok(Err(e)) => return Err(ConnError::Connect(e.to_string())),
-            Ok(Ok((ws, _response))) => ws,
-        };
-        let mut sock = Socket {
-            ws,
-            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
-            subscribed: requests.is_empty(),
-            stale_at: Instant::now() + stale_after,
-        };
-        for (i, (_, text)) in requests.into_iter().enumerate() {
-            if i > 0 {
-                sleep(SUBSCRIBE_PACING).await;
-            }
-            sock.ws
-                .send(Message::text(text))
-                .await
-                .map_err(|e| ConnError::Socket(e.to_string()))?;
-        }
-        sock.stale_at = Instant::now() + stale_after;
-        Ok(sock)
-    }
-
-    /// Counts an answer to a request; true when it was the last one missing.
-    fn on_answer(&mut self, id: Option<u64>) -> bool {
-        if self.subscribed {
-            return false;
-        }
-        match id {
-            Some(id) => {
-                self.pending_acks.remove(&id);
-            }
-            // An answer that names no request (Binance's older error shape) cannot be
-            // matched: count every request answered rather than wait forever for acks.
-            None => self.pending_acks.clear(),
-        }
-        self.subscribed = self.pending_acks.is_empty();
-        self.subscribed
-    }
-
-    /// Closes with a Close frame and reads on (discarding) until the exchange answers it,
-    /// all within [`CLOSE_TIMEOUT`]: dropping a socket with unread data would reset it
-    /// instead of closing it.
-    async fn close(mut self) {
-        let _ = timeout(CLOSE_TIMEOUT, async {
-            if self.ws.close(None).await.is_ok() {
-                while let Some(Ok(_)) = self.ws.next().await {}
-            }
-        })
-        .await;
-    }
-}
-
 type Opening = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnError>> + Send>>;
 
 /// Where the make-before-break rotation of a session stands.
@@ -306,6 +230,8 @@ struct Feed {
     /// Last trade id emitted per symbol in this session (see [`Feed::fresh_trade`]).
     last_trade: HashMap<String, u64>,
     invalid_frames: u64,
+    /// This feed's socket is counted in the `exchange_connected` gauge.
+    counted_connected: std::sync::atomic::AtomicBool,
 }
 
 fn new_backoff(feed: &FeedConfig) -> ExponentialBackoff {
@@ -369,6 +295,7 @@ pub async fn run(
         books,
         last_trade: HashMap::new(),
         invalid_frames: 0,
+        counted_connected: std::sync::atomic::AtomicBool::new(false),
     };
     let mut backoff = new_backoff(&feed);
     let mut attempt: u32 = 0;
@@ -377,7 +304,7 @@ pub async fn run(
         if let Some((delay, why)) = next.take() {
             attempt += 1;
             let detail = format!("attempt {attempt} in {} ms after: {why}", delay.as_millis());
-            info!(exchange = %exchange, attempt, delay_ms = delay.as_millis() as u64, "reconnecting");
+            info!(exchange = %exchange, attempt, delay_ms = delay.as_millis() as u64, cause = %why, "reconnecting");
             if !state
                 .emit(Event::status(
                     exchange,
@@ -400,7 +327,7 @@ pub async fn run(
                 opened,
                 subscribed,
             } => {
-                metrics::exchange_connected(exchange, false);
+                state.set_connected(false);
                 metrics::exchange_reconnect(exchange, error.reason());
                 state.health.down(format!("disconnected: {error}"));
                 let mut out = Vec::new();
@@ -416,6 +343,7 @@ pub async fn run(
                         Some(error.to_string()),
                     ));
                 } else {
+                    // Said once, by the `reconnecting` line that follows (it carries the cause).
                     debug!(exchange = %exchange, cause = %error, "exchange connect failed");
                 }
                 let reason = error.to_string();
@@ -449,11 +377,22 @@ pub async fn run(
             }
         }
     }
-    metrics::exchange_connected(exchange, false);
+    state.set_connected(false);
     state.health.down("stopped");
 }
 
 impl Feed {
+    /// Counts this feed's socket in (or out of) the `exchange_connected` gauge, once.
+    fn set_connected(&self, up: bool) {
+        // One task owns the feed; the atomic only makes `&self` enough.
+        let was = self
+            .counted_connected
+            .swap(up, std::sync::atomic::Ordering::Relaxed);
+        if was != up {
+            metrics::exchange_connected(self.exchange, up);
+        }
+    }
+
     /// Sends one event, giving up on shutdown or when the receiver is gone.
     async fn emit(&self, event: Event) -> bool {
         metrics::exchange_event(self.exchange, event.kind());
@@ -553,6 +492,7 @@ impl Feed {
         let mut flowing = false;
         let mut healthy = false;
         let mut streaming = false;
+        let mut refused_shown = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<Event> = Vec::new();
         if sock.subscribed {
@@ -596,11 +536,16 @@ impl Feed {
                     // Healthy once every subscription is acknowledged: a quiet market is not a
                     // fault (a silent socket is caught by the stale timer). Once per state
                     // change, since the registry takes a lock.
-                    if sock.subscribed && !healthy {
+                    if let Some(why) = &sock.refused {
+                        if !refused_shown {
+                            refused_shown = true;
+                            self.health.down(format!("the exchange refused a subscription: {why}"));
+                        }
+                    } else if sock.subscribed && !healthy {
                         healthy = true;
                         self.health.up(Some(format!("subscribed at {}", self.ws_url)));
                     }
-                    if flowing && !streaming {
+                    if flowing && !streaming && sock.refused.is_none() {
                         streaming = true;
                         self.health.up(Some(format!("streaming from {}", self.ws_url)));
                     }
@@ -777,14 +722,16 @@ impl Feed {
             },
             Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
                 if let Parsed::Refused { detail, .. } = &item {
-                    error!(exchange = %self.exchange, %detail, "subscription refused");
+                    error!(exchange = %self.exchange, url = %self.ws_url, %detail, "the exchange refused a subscription: the feed is unhealthy");
+                    metrics::exchange_subscribe_refused(self.exchange);
                     out.push(Event::status(
                         self.exchange,
                         StatusState::Error,
-                        Some(detail.clone()),
+                        Some(format!("subscription refused by the exchange: {detail}")),
                     ));
+                    sock.refused.get_or_insert_with(|| detail.clone());
                 }
-                if sock.on_answer(id) {
+                if sock.on_answer(id) && sock.refused.is_none() {
                     out.push(self.on_subscribed());
                 }
             }
@@ -895,11 +842,39 @@ impl Feed {
 
     fn on_subscribed(&self) -> Event {
         info!(exchange = %self.exchange, url = %self.ws_url, symbols = self.symbols.len(), "exchange feed subscribed");
-        metrics::exchange_connected(self.exchange, true);
+        self.set_connected(true);
         Event::status(
             self.exchange,
             StatusState::Connected,
             Some(format!("{} ({} symbols)", self.ws_url, self.symbols.len())),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason label exists from start (metrics::init), so none may be missing there.
+    #[test]
+    fn every_reconnect_reason_is_initialised_in_metrics() {
+        let d = Duration::from_secs(1);
+        for e in [
+            ConnError::Url(String::new()),
+            ConnError::Connect(String::new()),
+            ConnError::ConnectTimeout(d),
+            ConnError::Socket(String::new()),
+            ConnError::Closed(String::new()),
+            ConnError::Stale(d),
+            ConnError::Rotate(d),
+            ConnError::RotateStalled(d),
+            ConnError::ServerShutdown,
+        ] {
+            assert!(
+                metrics::EXCHANGE_RECONNECT_REASONS.contains(&e.reason()),
+                "{} missing from metrics::EXCHANGE_RECONNECT_REASONS",
+                e.reason()
+            );
+        }
     }
 }

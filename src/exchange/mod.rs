@@ -17,6 +17,7 @@
 pub mod binance;
 pub mod book_sync;
 pub mod connection;
+mod socket;
 
 use std::future::Future;
 use std::io::{BufRead, Write};
@@ -136,6 +137,11 @@ pub trait Adapter: Send + Sync {
     fn default_ws_url(&self) -> &'static str;
     /// The public REST base used when the feed has no `rest_url`.
     fn default_rest_url(&self) -> &'static str;
+    /// Most streams one connection may carry; a feed with more is sharded over several
+    /// connections ([`shard_symbols`]).
+    fn max_streams_per_connection(&self) -> usize {
+        usize::MAX
+    }
     /// Text frames to send after connecting, in order. Each one is a request that the
     /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
     fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)>;
@@ -179,12 +185,34 @@ pub fn adapter_for(
     }
 }
 
+/// Splits `symbols` into groups whose streams (one per channel per symbol) fit in one
+/// connection of at most `max_streams`. A symbol's channels stay together on one socket, so
+/// its book and its trades share one ordering. Always at least one group.
+pub fn shard_symbols(
+    symbols: &[String],
+    channels: &[FeedChannel],
+    max_streams: usize,
+) -> Vec<Vec<String>> {
+    let per_socket = (max_streams / channels.len().max(1)).max(1);
+    let shards: Vec<Vec<String>> = symbols.chunks(per_socket).map(<[String]>::to_vec).collect();
+    if shards.is_empty() {
+        vec![Vec::new()]
+    } else {
+        shards
+    }
+}
+
 /// Runs one feed until `shutdown`: connects, subscribes, reconnects, emits events
 /// (including status events connected/disconnected/reconnecting/resync/error) into `events`.
 ///
 /// See [`connection`] for the reconnect behaviour. Returns when `shutdown` is cancelled,
 /// when the `events` receiver is gone, or when the feed cannot work at all (no adapter for
 /// the exchange: an `error` status event is emitted and the health stays down).
+///
+/// A feed with more streams than one connection may carry (Binance: 1 024) runs one
+/// connection per shard of its symbols ([`shard_symbols`]), each with its own health
+/// component `<feed>/socket<k>` and its own reconnects; the feed's own component then
+/// says how it is split, and `/health` is green only when every socket is.
 pub async fn run_feed(
     feed: FeedConfig,
     events: mpsc::Sender<Event>,
@@ -206,7 +234,44 @@ pub async fn run_feed(
             return;
         }
     };
-    connection::run(adapter, feed, events, health, shutdown).await;
+    let shards = shard_symbols(
+        &feed.symbols,
+        &feed.channels,
+        adapter.max_streams_per_connection(),
+    );
+    if shards.len() == 1 {
+        connection::run(adapter, feed, events, health, shutdown).await;
+        return;
+    }
+    let streams = feed.symbols.len() * feed.channels.len();
+    tracing::info!(exchange = %feed.exchange, streams, sockets = shards.len(), "feed sharded over several connections");
+    health.up(Some(format!(
+        "{streams} streams over {} connections (see {}/socket<k>)",
+        shards.len(),
+        health.name()
+    )));
+    let mut sockets = tokio::task::JoinSet::new();
+    for (k, symbols) in shards.into_iter().enumerate() {
+        let adapter = match adapter_for(feed.exchange, &symbols) {
+            Ok(a) => a,
+            // Same exchange as above: cannot fail here, but never panic on it.
+            Err(_) => continue,
+        };
+        let shard = FeedConfig {
+            symbols,
+            ..feed.clone()
+        };
+        let handle = health.part(&format!("socket{k}"));
+        sockets.spawn(connection::run(
+            adapter,
+            shard,
+            events.clone(),
+            handle,
+            shutdown.clone(),
+        ));
+    }
+    while sockets.join_next().await.is_some() {}
+    health.down("stopped");
 }
 
 /// Counts of one [`normalize`] run.

@@ -48,6 +48,8 @@ where
     }
 }
 
+/// The redis-server to run. Same rule as `src/bus/redis_test_server.rs` and
+/// `scripts/test.sh`: `REDIS_SERVER_BIN`, else the PATH, else /usr/bin, /usr/local/bin.
 pub fn find_redis_server() -> PathBuf {
     if let Ok(p) = std::env::var("REDIS_SERVER_BIN") {
         return PathBuf::from(p);
@@ -62,7 +64,7 @@ pub fn find_redis_server() -> PathBuf {
     candidates.extend(["/usr/bin/redis-server", "/usr/local/bin/redis-server"].map(PathBuf::from));
     candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
-            "redis-server not found (looked in PATH, /usr/bin, /usr/local/bin; set REDIS_SERVER_BIN). \
+            "redis-server not found (looked at $REDIS_SERVER_BIN, PATH, /usr/bin, /usr/local/bin). \
              Install it with `apt-get install -y redis-server` or run ./scripts/test.sh, which does."
         )
     })

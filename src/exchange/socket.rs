@@ -1,0 +1,170 @@
+//! One exchange WebSocket: connect (bounded by a timeout, failures described in words an
+//! operator acts on: DNS, refused, TLS, HTTP status), the paced SUBSCRIBE requests and
+//! their answers, and a clean close.
+//!
+//! It knows nothing about events, books, reconnects or rotation: [`super::connection`]
+//! owns those and holds one or two `Socket`s at a time.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::connection::ConnError;
+
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
+/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
+/// leaves room for the pong we owe its ping every 20 s.
+pub(super) const SUBSCRIBE_PACING: Duration = Duration::from_millis(300);
+
+/// One open exchange socket and how far its subscription got.
+pub(super) struct Socket {
+    pub(super) ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending_acks: HashSet<u64>,
+    /// Every SUBSCRIBE request has been answered.
+    pub(super) subscribed: bool,
+    /// The exchange's reason for the first SUBSCRIBE it refused on this socket: the feed
+    /// stays unhealthy (never a silent green) while this socket serves it.
+    pub(super) refused: Option<String>,
+    /// No frame until then means a dead connection.
+    pub(super) stale_at: Instant,
+}
+
+impl Socket {
+    /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
+    pub(super) async fn open(
+        url: String,
+        requests: Vec<(u64, String)>,
+        stale_after: Duration,
+    ) -> Result<Socket, ConnError> {
+        let ws = match timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT)),
+            Ok(Err(e)) => return Err(ConnError::Connect(connect_cause(&e))),
+            Ok(Ok((ws, _response))) => ws,
+        };
+        let mut sock = Socket {
+            ws,
+            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
+            subscribed: requests.is_empty(),
+            refused: None,
+            stale_at: Instant::now() + stale_after,
+        };
+        for (i, (_, text)) in requests.into_iter().enumerate() {
+            if i > 0 {
+                sleep(SUBSCRIBE_PACING).await;
+            }
+            sock.ws
+                .send(Message::text(text))
+                .await
+                .map_err(|e| ConnError::Socket(e.to_string()))?;
+        }
+        sock.stale_at = Instant::now() + stale_after;
+        Ok(sock)
+    }
+
+    /// Counts an answer to a request; true when it was the last one missing.
+    pub(super) fn on_answer(&mut self, id: Option<u64>) -> bool {
+        if self.subscribed {
+            return false;
+        }
+        match id {
+            Some(id) => {
+                self.pending_acks.remove(&id);
+            }
+            // An answer that names no request (Binance's older error shape) cannot be
+            // matched: count every request answered rather than wait forever for acks.
+            None => self.pending_acks.clear(),
+        }
+        self.subscribed = self.pending_acks.is_empty();
+        self.subscribed
+    }
+
+    /// Closes with a Close frame and reads on (discarding) until the exchange answers it,
+    /// all within [`CLOSE_TIMEOUT`]: dropping a socket with unread data would reset it
+    /// instead of closing it.
+    pub(super) async fn close(mut self) {
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            if self.ws.close(None).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+/// Why a connect failed, in words an operator acts on: DNS, refused, TLS, HTTP status.
+fn connect_cause(e: &WsError) -> String {
+    match e {
+        WsError::Io(io) => {
+            let text = io.to_string();
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                format!("connection refused ({text})")
+            } else if text.contains("lookup address") || text.contains("resolve") {
+                format!("DNS lookup failed ({text})")
+            } else {
+                format!("network error ({text})")
+            }
+        }
+        WsError::Tls(tls) => format!("TLS handshake failed ({tls})"),
+        WsError::Http(response) => {
+            let status = response.status();
+            format!(
+                "the server answered the WebSocket upgrade with HTTP {} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            )
+        }
+        WsError::Url(u) => format!("bad url ({u})"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn open_err(url: String) -> String {
+        match Socket::open(url, Vec::new(), Duration::from_secs(5)).await {
+            Err(ConnError::Connect(cause)) => cause,
+            Err(other) => panic!("expected a connect error, got {other}"),
+            Ok(_) => panic!("connected"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_failures_say_why() {
+        // Nothing listens: refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let cause = open_err(format!("ws://127.0.0.1:{port}/stream")).await;
+        assert!(cause.starts_with("connection refused"), "{cause}");
+
+        // Something answers the upgrade with an HTTP error: its status.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        });
+        let cause = open_err(format!("ws://{addr}/stream")).await;
+        assert!(cause.contains("HTTP 503 Service Unavailable"), "{cause}");
+    }
+}
