@@ -65,6 +65,16 @@ pub struct RedisConfig {
     pub reconnect_max_ms: u64,
     /// How often the publisher refreshes `{p}snapshot:{channel}` from its books.
     pub snapshot_interval_ms: u64,
+    /// Expiry of the `last:`, `snapshot:` and `booklog:` keys, renewed by the publisher at
+    /// every refresh while it runs: a dead publisher's values vanish instead of being served
+    /// as current. 0: no expiry.
+    pub latest_ttl_ms: u64,
+    /// Most book messages kept per book in `{p}booklog:{channel}` (the catch-up log after
+    /// the snapshot); the publisher writes a fresh snapshot when half of it is used.
+    pub booklog_max: usize,
+    /// Largest `last:` / `snapshot:` value (and `booklog:` entry) an executor reads; larger
+    /// ones are refused unread and counted.
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -79,6 +89,9 @@ impl Default for RedisConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             snapshot_interval_ms: 1_000,
+            latest_ttl_ms: 5_000,
+            booklog_max: 1_000,
+            max_snapshot_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -389,6 +402,8 @@ impl Config {
         for (key, v) in [
             ("redis.publish_queue_size", self.redis.publish_queue_size),
             ("redis.publish_batch_max", self.redis.publish_batch_max),
+            ("redis.booklog_max", self.redis.booklog_max),
+            ("redis.max_snapshot_bytes", self.redis.max_snapshot_bytes),
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),
@@ -410,6 +425,17 @@ impl Config {
             if v == 0 {
                 bad(key, "must be greater than 0".into());
             }
+        }
+        if self.redis.latest_ttl_ms != 0
+            && self.redis.latest_ttl_ms < self.redis.snapshot_interval_ms.saturating_mul(2)
+        {
+            bad(
+                "redis.latest_ttl_ms",
+                format!(
+                    "must be 0 (no expiry) or at least twice snapshot_interval_ms ({} ms): the publisher renews the keys once per interval",
+                    self.redis.snapshot_interval_ms
+                ),
+            );
         }
         if self.redis.reconnect_max_ms < self.redis.reconnect_min_ms {
             bad(

@@ -37,6 +37,10 @@ pub const BOT_FRAMES_DROPPED: &str = "mdbridge_bot_frames_dropped_total";
 pub const BOT_DISCONNECTS: &str = "mdbridge_bot_disconnects_total";
 pub const BOT_REQUESTS_REFUSED: &str = "mdbridge_bot_requests_refused_total";
 pub const DELIVERY_LATENCY: &str = "mdbridge_delivery_latency_seconds";
+pub const ROUTER_CHANNELS: &str = "mdbridge_router_channels";
+pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
+pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
+pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -65,6 +69,7 @@ pub fn install() -> PrometheusHandle {
             // A second recorder (e.g. tests embedding the library) keeps the first one.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_router_series();
             spawn_upkeep(handle.clone());
             handle
         })
@@ -87,6 +92,19 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The router's and the store's series exist from start (zero), so alerts can be written
+/// before the first event.
+fn register_router_series() {
+    gauge!(ROUTER_CHANNELS).set(0.0);
+    for reason in ["oversize", "invalid"] {
+        counter!(STORE_VALUES_REFUSED, "reason" => reason).absolute(0);
+    }
+    for result in ["found", "missing", "error"] {
+        counter!(STORE_FETCHES, "result" => result).absolute(0);
+    }
+    counter!(BUS_DOWN_NOTICES).absolute(0);
+}
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
@@ -160,6 +178,22 @@ fn describe() {
     describe_counter!(
         BOT_REQUESTS_REFUSED,
         "Bot requests answered with an error, by code."
+    );
+    describe_gauge!(
+        ROUTER_CHANNELS,
+        "Channels the bot router holds state for (subscribed ones; plus, without a store or for a hybrid's own feeds, every channel seen)."
+    );
+    describe_counter!(
+        STORE_VALUES_REFUSED,
+        "last:/snapshot:/booklog: values refused by the executor, by reason (oversize: not transferred; invalid: not an envelope of that channel)."
+    );
+    describe_counter!(
+        STORE_FETCHES,
+        "Latest-value / book snapshot lookups by the router, by result (found, missing, error)."
+    );
+    describe_counter!(
+        BUS_DOWN_NOTICES,
+        "Times the router saw the Redis bus go down and told the bots of affected channels."
     );
     describe_histogram!(
         DELIVERY_LATENCY,
@@ -244,4 +278,18 @@ pub fn bot_request_refused(code: &'static str) {
 }
 pub fn delivery_latency(elapsed: Duration) {
     histogram!(DELIVERY_LATENCY).record(elapsed.as_secs_f64());
+}
+pub fn router_channels(n: usize) {
+    gauge!(ROUTER_CHANNELS).set(n as f64);
+}
+/// `reason` is `"oversize"` or `"invalid"`.
+pub fn store_value_refused(reason: &'static str) {
+    counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(1);
+}
+/// `result` is `"found"`, `"missing"` or `"error"`.
+pub fn store_fetch(result: &'static str) {
+    counter!(STORE_FETCHES, "result" => result).increment(1);
+}
+pub fn bus_down_notice() {
+    counter!(BUS_DOWN_NOTICES).increment(1);
 }

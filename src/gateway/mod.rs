@@ -32,7 +32,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Interest, SnapshotStore};
+use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::config::BotsConfig;
 use crate::envelope::BusMessage;
 use crate::event::now_micros;
@@ -109,6 +109,7 @@ pub struct Gateway {
     store: Option<Arc<dyn SnapshotStore>>,
     health: HealthHandle,
     stats: Arc<StatsInner>,
+    bus_state: Option<watch::Receiver<BusState>>,
 }
 
 /// What every connection task needs.
@@ -139,7 +140,15 @@ impl Gateway {
             store,
             health,
             stats: Arc::new(StatsInner::default()),
+            bus_state: None,
         }
+    }
+
+    /// The bus state to follow (executor, hybrid): bots are told when it goes down or
+    /// comes back, and books resync after it.
+    pub fn with_bus_state(mut self, state: watch::Receiver<BusState>) -> Gateway {
+        self.bus_state = Some(state);
+        self
     }
 
     /// A second input for this instance's own events (hybrid). It is read before the bus
@@ -170,6 +179,7 @@ impl Gateway {
             store,
             health,
             stats,
+            bus_state,
         } = self;
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let router = Router::new(
@@ -179,6 +189,10 @@ impl Gateway {
             stats.clone(),
             config.max_subscriptions,
         );
+        let router = match bus_state {
+            Some(state) => router.with_bus_state(state),
+            None => router,
+        };
         let router_stop = CancellationToken::new();
         let router_task =
             tokio::spawn(router.run(command_rx, local, messages, router_stop.clone()));

@@ -31,6 +31,9 @@
 //!   published (on a separate normal connection) to `{p}probe:{src}`, to which the
 //!   subscription also listens. A probe not back within `probe_timeout_ms` counts a
 //!   `redis_probe_timeouts` and the session is rebuilt. Probes are never forwarded.
+//! - The bus state ([`BusState`]) follows the same transitions as health: `Down(cause)` when
+//!   a session ends (not on shutdown), `Up` once the new one is subscribed; the gateway
+//!   tells the bots of affected channels.
 //! - Sequence tracking survives reconnects, so envelopes missed while disconnected are
 //!   counted as lost when the next one arrives.
 //! - The task ends when `shutdown` is cancelled or the receiver of `out` is dropped.
@@ -50,7 +53,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::{backoff, connect, io_timeout, probe_key, redact};
-use crate::bus::Interest;
+use crate::bus::{BusState, Interest};
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
 use crate::event::{Channel, Pattern};
@@ -69,6 +72,20 @@ impl RedisSubscriber {
         interest: watch::Receiver<Interest>,
         out: mpsc::Sender<BusMessage>,
         health: HealthHandle,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
+        let (bus_state, _) = watch::channel(BusState::Up);
+        Self::spawn_with_state(config, src, interest, out, health, bus_state, shutdown)
+    }
+
+    /// [`RedisSubscriber::spawn`] that also reports the bus up/down on `bus_state`.
+    pub fn spawn_with_state(
+        config: RedisConfig,
+        src: Uuid,
+        interest: watch::Receiver<Interest>,
+        out: mpsc::Sender<BusMessage>,
+        health: HealthHandle,
+        bus_state: watch::Sender<BusState>,
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
@@ -95,6 +112,7 @@ impl RedisSubscriber {
                 invalid_log: RateLimit::new(Duration::from_secs(10)),
                 overflow_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
+                bus_state,
             };
             sub.run(shutdown).await;
         })
@@ -127,6 +145,7 @@ struct Subscriber {
     /// Set when a session got as far as subscribing; the reconnect loop then resets its
     /// backoff.
     session_was_up: bool,
+    bus_state: watch::Sender<BusState>,
 }
 
 /// What is subscribed on the current connection, as Redis channel names / patterns.
@@ -178,6 +197,7 @@ impl Subscriber {
                 }
                 End::Reconnect(cause) => {
                     warn!(cause = %cause, "redis subscription lost; reconnecting");
+                    BusState::set_down(&self.bus_state, &cause);
                     self.health.down(cause);
                 }
             }
@@ -230,6 +250,7 @@ impl Subscriber {
         }
         metrics::redis_connected("subscribe", true);
         self.health.up(None);
+        BusState::set_up(&self.bus_state);
         self.session_was_up = true;
         info!(url = %redact(&self.config.url), patterns = interest.len(), "redis subscriber connected");
 
