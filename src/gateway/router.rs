@@ -12,8 +12,9 @@
 //!   Redis subscriber);
 //! - per known channel, the resolved subscriber list (each client at most once, however
 //!   many of its patterns match) and a cache: the latest `ticker`/`candle` value, or for
-//!   `book` channels an [`OrderBook`] that is Live (the chain holds) or Syncing (deltas
-//!   are buffered until a snapshot arrives from the bus or the [`SnapshotStore`]).
+//!   `book` channels an order book that is Live (the chain holds) or syncing (deltas are
+//!   buffered until a snapshot arrives from the bus, or the [`SnapshotStore`]'s snapshot
+//!   and catch-up log meet them): see [`book_cache`].
 //!
 //! Fan-out is one hash lookup and a clone of the shared event bytes per subscriber; events
 //! are never re-serialized. The router itself serializes only what it makes: `resync`
@@ -26,14 +27,19 @@
 //! Without a store (demo), and for a hybrid's own channels, every message arrives anyway:
 //! caches of channels that carry messages are kept whether watched or not.
 //! Exact patterns resolve by hash lookup; a wildcard looks only at the channels held now.
-//! Book caches and their sync with the store live in [`book_cache`].
+//! Store reads (one task each, cancellable, answers matched by id) live in
+//! [`store_reads`].
 //!
-//! Bus state: when the Redis subscriber reports the bus down, every client holding a
+//! Bus state ([`bus_state`]): when the Redis subscriber reports the bus down, every client holding a
 //! channel that comes through it gets one `status` `disconnected` per exchange (detail
 //! "redis bus down: <cause>"), and live books end their chain with `resync`; when it is
 //! back, the same clients get `connected` and the books sync again from the store.
 
 mod book_cache;
+mod bus_state;
+mod store_reads;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -41,20 +47,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{ClientId, ClientQueue};
 use super::protocol::{ErrorCode, Op, Reply, ReqId, Request, RequestError};
 use super::StatsInner;
-use crate::bus::{BusState, Interest, SnapshotStore, StoredBook};
+use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::envelope::BusMessage;
 use crate::event::{Channel, Event, EventType, Exchange, Pattern, StatusState};
 use book_cache::{BookCache, Next};
-
-/// A store that does not answer within this is treated as failed (and read again later).
-const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+use bus_state::next_bus_state;
+use store_reads::Fetch;
+pub use store_reads::Fetched;
 
 /// What the connection tasks and store fetches tell the router.
 pub enum Command {
@@ -82,12 +87,6 @@ pub enum Command {
     },
 }
 
-/// What a store read brought back (errors as text: they are only logged).
-pub enum Fetched {
-    Latest(Result<Option<BusMessage>, String>),
-    Book(Result<Option<StoredBook>, String>),
-}
-
 struct ClientEntry {
     queue: Arc<ClientQueue>,
     patterns: HashSet<Pattern>,
@@ -112,18 +111,6 @@ impl Cache {
             EventType::Book => Cache::Book(Box::new(BookCache::new(now))),
             EventType::Trade => Cache::Nothing,
         }
-    }
-}
-
-/// A store read under way (or waiting for its delay). Dropping it cancels the read.
-struct Fetch {
-    id: u64,
-    task: AbortHandle,
-}
-
-impl Drop for Fetch {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -594,182 +581,6 @@ impl Router {
             }
         }
     }
-
-    /// Reads the store for `channel` after `delay` (replacing any read under way); the
-    /// answer comes back as [`Command::Stored`].
-    fn fetch(&mut self, channel: &Channel, delay: Duration) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let Some(state) = self.channels.get_mut(channel) else {
-            return;
-        };
-        let book = match state.cache {
-            Cache::Nothing => return,
-            Cache::Latest { .. } => false,
-            Cache::Book(_) => true,
-        };
-        self.next_fetch += 1;
-        let id = self.next_fetch;
-        let commands = self.commands.clone();
-        let channel = channel.clone();
-        let key = channel.clone();
-        let task = tokio::spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let result = if book {
-                Fetched::Book(bounded(&channel, store.book(&channel)).await)
-            } else {
-                Fetched::Latest(bounded(&channel, store.latest(&channel)).await)
-            };
-            // The router is gone only during shutdown; nobody needs the answer then.
-            let _ = commands
-                .send(Command::Stored {
-                    channel,
-                    fetch: id,
-                    result,
-                })
-                .await;
-        });
-        if let Some(state) = self.channels.get_mut(&key) {
-            // Replacing a read cancels it.
-            state.fetch = Some(Fetch {
-                id,
-                task: task.abort_handle(),
-            });
-        }
-    }
-
-    fn on_stored(&mut self, channel: Channel, fetch: u64, result: Fetched) {
-        let Some(state) = self.channels.get_mut(&channel) else {
-            return;
-        };
-        if state.fetch.as_ref().map(|f| f.id) != Some(fetch) {
-            // Superseded by a newer read.
-            return;
-        }
-        // The task has finished: forget it without aborting anything that matters.
-        state.fetch = None;
-        let ChannelState {
-            subscribers, cache, ..
-        } = state;
-        let watched = !subscribers.is_empty();
-        let next = match (cache, result) {
-            (Cache::Latest { value }, Fetched::Latest(result)) => {
-                count_fetch(result.as_ref().map(Option::is_some));
-                // A live event that arrived meanwhile is newer than the stored one; and with
-                // nobody watching, no live event will replace a stored value: keep none.
-                if let Ok(Some(msg)) = result {
-                    if value.is_none() && watched && msg.channel == channel {
-                        if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
-                            *value = Some((text.clone(), msg.ts_recv));
-                            fan_out(subscribers, &text, msg.ts_recv);
-                        }
-                    }
-                }
-                Next::Idle
-            }
-            (Cache::Book(cache), Fetched::Book(result)) => {
-                count_fetch(result.as_ref().map(Option::is_some));
-                if !watched {
-                    return;
-                }
-                match result {
-                    Ok(Some(stored)) => {
-                        cache.on_stored(&channel, subscribers, stored, Instant::now())
-                    }
-                    Ok(None) => cache.on_missing(&channel, subscribers),
-                    Err(e) => {
-                        tracing::warn!(channel = %channel, cause = %e, "snapshot store lookup failed");
-                        cache.on_error()
-                    }
-                }
-            }
-            _ => Next::Idle,
-        };
-        self.apply(&channel, next);
-    }
-
-    fn on_bus_state(&mut self, state: BusState) {
-        match state {
-            BusState::Down(cause) => {
-                if self.bus_down.is_none() {
-                    self.on_bus_down(&cause);
-                    self.bus_down = Some(cause);
-                }
-            }
-            BusState::Up => {
-                if self.bus_down.take().is_some() {
-                    self.on_bus_up();
-                }
-            }
-        }
-    }
-
-    /// Tells each client of each channel that comes through the bus, once per exchange,
-    /// that the bus is down; live books end their chain (`resync`).
-    fn on_bus_down(&mut self, cause: &str) {
-        crate::metrics::bus_down_notice();
-        tracing::warn!(cause, "bus down: telling the bots of affected channels");
-        let detail = format!("redis bus down: {cause}");
-        let mut statuses: HashMap<Exchange, (Utf8Bytes, u64)> = HashMap::new();
-        for (channel, state) in self.channels.iter_mut() {
-            if state.local || state.subscribers.is_empty() {
-                continue;
-            }
-            let exchange = channel.exchange();
-            for q in &state.subscribers {
-                if self.told_down.insert((q.id(), exchange)) {
-                    let (text, ts) = statuses.entry(exchange).or_insert_with(|| {
-                        status_text(exchange, StatusState::Disconnected, detail.clone())
-                    });
-                    q.push_market(text.clone(), *ts, None);
-                }
-            }
-            if let Cache::Book(cache) = &mut state.cache {
-                cache.bus_down(channel, &state.subscribers);
-                // Reads would fail now; they start again when the bus is back.
-                state.fetch = None;
-            }
-        }
-    }
-
-    /// The bus is back: the clients told it was down hear `connected`; books sync again.
-    fn on_bus_up(&mut self) {
-        tracing::info!("bus back: books sync again");
-        let settle = Instant::now() + book_cache::SETTLE;
-        let mut statuses: HashMap<Exchange, (Utf8Bytes, u64)> = HashMap::new();
-        let mut sync = Vec::new();
-        for (channel, state) in self.channels.iter_mut() {
-            if state.local || state.subscribers.is_empty() {
-                continue;
-            }
-            let exchange = channel.exchange();
-            for q in &state.subscribers {
-                if self.told_down.remove(&(q.id(), exchange)) {
-                    let (text, ts) = statuses.entry(exchange).or_insert_with(|| {
-                        status_text(
-                            exchange,
-                            StatusState::Connected,
-                            "redis bus back".to_string(),
-                        )
-                    });
-                    q.push_market(text.clone(), *ts, None);
-                }
-            }
-            if let Cache::Book(cache) = &mut state.cache {
-                cache.bus_up(settle);
-                if !cache.is_live() {
-                    sync.push(channel.clone());
-                }
-            }
-        }
-        self.told_down.clear();
-        for channel in sync {
-            self.fetch(&channel, Duration::ZERO);
-        }
-    }
 }
 
 /// A new subscriber joining channels, with what it needs from the router.
@@ -818,45 +629,11 @@ impl Joining<'_> {
     }
 }
 
-/// A store read bounded by [`STORE_TIMEOUT`]; errors become text.
-async fn bounded<T>(
-    channel: &Channel,
-    read: impl std::future::Future<Output = Result<Option<T>, crate::bus::BusError>>,
-) -> Result<Option<T>, String> {
-    match tokio::time::timeout(STORE_TIMEOUT, read).await {
-        Ok(Ok(found)) => Ok(found),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "{channel}: no answer within {} s",
-            STORE_TIMEOUT.as_secs()
-        )),
-    }
-}
-
-fn count_fetch(result: Result<bool, &String>) {
-    crate::metrics::store_fetch(match result {
-        Ok(true) => "found",
-        Ok(false) => "missing",
-        Err(_) => "error",
-    });
-}
-
 /// The next local message; pending forever when there is no local input (or it closed).
 async fn recv_local(local: &mut Option<mpsc::Receiver<BusMessage>>) -> Option<BusMessage> {
     match local.as_mut() {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// The next bus state; pending forever without a bus state; `None` once its sender is gone.
-async fn next_bus_state(state: &mut Option<watch::Receiver<BusState>>) -> Option<BusState> {
-    let Some(rx) = state.as_mut() else {
-        return std::future::pending().await;
-    };
-    match rx.changed().await {
-        Ok(()) => Some(rx.borrow_and_update().clone()),
-        Err(_) => None,
     }
 }
 

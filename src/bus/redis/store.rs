@@ -8,8 +8,10 @@
 //! deltas after the snapshot's `seq` and meet the live pub/sub deltas exactly.
 //! It owns no background task and no retry policy (the router backs off).
 //!
-//! Bounds: a value is read with `STRLEN` + `GETRANGE 0 max-1` in one transaction, so a
-//! value over `max_snapshot_bytes` is refused *without being transferred*; the log is read
+//! Bounds: a value's length is checked first (`STRLEN`), so a value over
+//! `max_snapshot_bytes` is refused *without being transferred*; then `STRLEN` + `GETRANGE
+//! 0 max-1` (+ the log) in one transaction, so a value that grew meanwhile still costs at
+//! most the bound; the log is read
 //! as its newest `booklog_max` entries and an entry over the bound is refused. Refusals
 //! (oversize, not an envelope of that channel, wrong key type) are counted in
 //! `mdbridge_store_values_refused_total`, logged rate-limited, and answered as "nothing
@@ -112,14 +114,25 @@ impl RedisStore {
         }
     }
 
-    /// `STRLEN` + bounded `GETRANGE` of `key` (+ `LRANGE` of `log`), as one transaction.
-    /// `None` when the key is absent, or its value was refused.
+    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` first, so an
+    /// oversize value is refused without being transferred; then `STRLEN` + `GETRANGE 0
+    /// max-1` (+ `LRANGE`) as one transaction, so even a value that grew in between costs
+    /// at most the bound. `None` when the key is absent or its value was refused.
     async fn read(
         &self,
         key: &str,
         log: Option<&str>,
     ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, BusError> {
         let mut conn = self.conn().await?;
+        let len: ::redis::RedisResult<u64> =
+            ::redis::cmd("STRLEN").arg(key).query_async(&mut conn).await;
+        let len = match self.check(key, len)? {
+            None | Some(0) => return Ok(None),
+            Some(len) => len,
+        };
+        if self.oversize(key, len) {
+            return Ok(None);
+        }
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .cmd("STRLEN")
@@ -141,29 +154,10 @@ impl RedisStore {
                 .await
                 .map(|(n, v)| (n, v, None))
         };
-        let (len, value, entries) = match reply {
-            Ok(r) => r,
-            Err(e) if e.code() == Some("WRONGTYPE") => {
-                // Something that is not ours sits under our key: refuse it, keep the link.
-                self.refused(key, "invalid", "the key holds the wrong Redis type");
-                return Ok(None);
-            }
-            Err(e) => {
-                // Whatever else failed, a fresh connection next time is the cheap safe choice.
-                *self.slot() = None;
-                return Err(e.into());
-            }
-        };
-        if len == 0 {
+        let Some((len, value, entries)) = self.check(key, reply)? else {
             return Ok(None);
-        }
-        if len > self.max_bytes {
-            let e = BusError::TooLarge {
-                key: key.to_string(),
-                bytes: len,
-                limit: self.max_bytes,
-            };
-            self.refused(key, "oversize", &e.to_string());
+        };
+        if len == 0 || self.oversize(key, len) {
             return Ok(None);
         }
         let mut log_entries = entries.unwrap_or_default();
@@ -177,6 +171,36 @@ impl RedisStore {
             );
         }
         Ok(Some((value, log_entries)))
+    }
+
+    /// A reply, or `None` (refused, counted) when something that is not ours sits under
+    /// our key, or the error (the connection is dropped: a fresh one next time is the
+    /// cheap safe choice).
+    fn check<T>(&self, key: &str, reply: ::redis::RedisResult<T>) -> Result<Option<T>, BusError> {
+        match reply {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                self.refused(key, "invalid", "the key holds the wrong Redis type");
+                Ok(None)
+            }
+            Err(e) => {
+                *self.slot() = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn oversize(&self, key: &str, len: u64) -> bool {
+        if len <= self.max_bytes {
+            return false;
+        }
+        let e = BusError::TooLarge {
+            key: key.to_string(),
+            bytes: len,
+            limit: self.max_bytes,
+        };
+        self.refused(key, "oversize", &e.to_string());
+        true
     }
 
     /// Decodes `bytes` as an envelope of `channel`, or counts and logs the refusal.
