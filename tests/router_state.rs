@@ -101,3 +101,79 @@ async fn churning_bot_leaves_no_router_state_and_a_bot_beside_it_gets_every_even
     })
     .await;
 }
+
+/// `VmRSS` of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Figures, not a test (run by hand; asserts nothing about time):
+/// `cargo test --test router_state -- --ignored --nocapture churn_figures`.
+/// One bot subscribes and unsubscribes 100 000 new names (100 per request) while another
+/// pings; prints the executor's RSS before/after and the pinging bot's round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn churn_figures() {
+    let redis = RedisServer::start();
+    let (h, b) = (free_port(), free_port());
+    let mut executor = Proc::role("executor", &role_config(&redis.url(), h, b, ""), h, Some(b));
+    executor.wait_healthy().await;
+    let pid = executor.child.id();
+    let mut steady = Bot::connect(&executor.bots_url()).await;
+    steady.subscribe(&["trade:binance:BNB-BTC"]).await;
+    let rss_before = rss_kib(pid);
+    let url = executor.bots_url();
+    let churner = tokio::spawn(async move {
+        let mut churn = Bot::connect(&url).await;
+        for round in 0..1_000u64 {
+            let names: Vec<String> = (0..100u64)
+                .map(|i| {
+                    let n = round * 100 + i;
+                    match n % 4 {
+                        0 => format!("book:binance:C{n}-USDT"),
+                        1 => format!("ticker:binance:C{n}-USDT"),
+                        2 => format!("candle:okx:C{n}-USDT:1m"),
+                        _ => format!("trade:*:C{n}-USDT"),
+                    }
+                })
+                .collect();
+            churn
+                .send(json!({"op":"subscribe","channels":names}))
+                .await;
+            churn.until(WAIT, |v| v["type"] == "subscribed").await;
+            churn
+                .send(json!({"op":"unsubscribe","channels":names}))
+                .await;
+            churn.until(WAIT, |v| v["type"] == "unsubscribed").await;
+        }
+        churn
+    });
+    let mut rtts = Vec::new();
+    while !churner.is_finished() {
+        let t = std::time::Instant::now();
+        steady.send(json!({"op":"ping"})).await;
+        steady.until(WAIT, |v| v["type"] == "pong").await;
+        rtts.push(t.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let _churn = churner.await.expect("churn");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let rss_after = rss_kib(pid);
+    rtts.sort();
+    let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "churn 100000 names: executor RSS {rss_before} KiB -> {rss_after} KiB; router_channels {}; steady bot ping n={} p50={:?} p99={:?} max={:?}",
+        executor.metric("mdbridge_router_channels").await,
+        rtts.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+}
