@@ -71,9 +71,11 @@ async fn churning_bot_leaves_no_router_state_and_a_bot_beside_it_gets_every_even
         churn.until(WAIT, |v| v["type"] == "unsubscribed").await;
     }
     // Nothing of the churn is held: only the steady bot's channel.
-    wait_until("the router holds only the steady bot's channel", WAIT, || async {
-        executor.metric("mdbridge_router_channels").await == 1.0
-    })
+    wait_until(
+        "the router holds only the steady bot's channel",
+        WAIT,
+        || async { executor.metric("mdbridge_router_channels").await == 1.0 },
+    )
     .await;
     assert_eq!(executor.metric("mdbridge_bot_subscriptions").await, 1.0);
 
@@ -144,9 +146,7 @@ async fn churn_figures() {
                     }
                 })
                 .collect();
-            churn
-                .send(json!({"op":"subscribe","channels":names}))
-                .await;
+            churn.send(json!({"op":"subscribe","channels":names})).await;
             churn.until(WAIT, |v| v["type"] == "subscribed").await;
             churn
                 .send(json!({"op":"unsubscribe","channels":names}))
