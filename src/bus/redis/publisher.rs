@@ -171,6 +171,8 @@ struct BookState {
     broken: bool,
     /// Entries pushed to `{p}booklog:` since the snapshot key was last written.
     logged: usize,
+    /// `{p}booklog:{channel}`, made on first use by the writer.
+    log_key: String,
 }
 
 /// A `last:` key this publisher wrote, renewed (and after a Redis restart rewritten) by the
@@ -417,32 +419,42 @@ impl Writer {
                         set_with_ttl(&mut pipe, key, payload, ttl);
                     }
                     EventType::Book => {
-                        let state = books.get_mut(&msg.channel);
+                        // Tracked by `publish` before the queue, so normally present.
+                        let Some(state) = books.get_mut(&msg.channel) else {
+                            pipe.cmd("RPUSH")
+                                .arg(booklog_key(prefix, &msg.channel))
+                                .arg(payload)
+                                .ignore();
+                            if !logs.contains(&msg.channel) {
+                                logs.push(msg.channel.clone());
+                            }
+                            pipe.cmd("PUBLISH")
+                                .arg(super::channel_key(prefix, &msg.channel))
+                                .arg(payload)
+                                .ignore();
+                            continue;
+                        };
+                        if state.log_key.is_empty() {
+                            // Made once per book, not per message.
+                            state.log_key = booklog_key(prefix, &msg.channel);
+                        }
                         // Only while it is still the newest state of the book: deltas that
                         // came after it (queued or dropped) are in the tracked book, which
                         // the refresh writes instead; meanwhile the snapshot goes to the log.
-                        let newest = state.as_ref().is_none_or(|s| s.last_seq == msg.seq);
-                        let log = booklog_key(prefix, &msg.channel);
-                        if is_snapshot(msg) && newest {
+                        if is_snapshot(msg) && state.last_seq == msg.seq {
                             set_with_ttl(
                                 &mut pipe,
                                 &super::snapshot_key(prefix, &msg.channel),
                                 payload,
                                 ttl,
                             );
-                            pipe.cmd("DEL").arg(&log).ignore();
-                            if let Some(state) = state {
-                                state.logged = 0;
-                            }
+                            pipe.cmd("DEL").arg(&state.log_key).ignore();
+                            state.logged = 0;
                         } else {
-                            pipe.cmd("RPUSH").arg(&log).arg(payload).ignore();
-                            if let Some(state) = state {
-                                state.logged += 1;
-                                if state.logged >= log_max.div_ceil(2)
-                                    && !full.contains(&msg.channel)
-                                {
-                                    full.push(msg.channel.clone());
-                                }
+                            pipe.cmd("RPUSH").arg(&state.log_key).arg(payload).ignore();
+                            state.logged += 1;
+                            if state.logged >= log_max.div_ceil(2) && !full.contains(&msg.channel) {
+                                full.push(msg.channel.clone());
                             }
                             if !logs.contains(&msg.channel) {
                                 logs.push(msg.channel.clone());
@@ -601,6 +613,7 @@ fn track_book(books: &mut HashMap<Channel, BookState>, msg: &BusMessage) {
             dirty: false,
             broken: true,
             logged: 0,
+            log_key: String::new(),
         });
     state.last_seq = msg.seq;
     state.template = event.clone();
