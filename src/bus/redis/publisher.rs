@@ -23,8 +23,9 @@
 //! that of the last message published on the channel and the book `seq` is the last
 //! delta's, so a reader can chain the next delta on. The snapshot may be *ahead* of the
 //! log (it includes messages still queued here); readers skip log entries up to its `seq`.
-//! A book whose log reaches half of `booklog_max` gets its snapshot written right after
-//! that batch, so the log always reaches back to the snapshot.
+//! A book whose log reaches half of `booklog_max`, or whose exchange snapshot was already
+//! superseded when its batch went out, gets its snapshot written right after that batch,
+//! so the key is current and the log always reaches back to it.
 //!
 //! Expiry (`latest_ttl_ms`, 0 = none): every refresh renews (`PEXPIRE`) the `last:`,
 //! `snapshot:` and `booklog:` keys this publisher wrote, so they live exactly as long as a
@@ -453,7 +454,11 @@ impl Writer {
                         } else {
                             pipe.cmd("RPUSH").arg(&state.log_key).arg(payload).ignore();
                             state.logged += 1;
-                            if state.logged >= log_max.div_ceil(2) && !full.contains(&msg.channel) {
+                            // A superseded exchange snapshot (deltas already queued after
+                            // it) leaves the key behind the book: write the tracked book now.
+                            if (state.logged >= log_max.div_ceil(2) || is_snapshot(msg))
+                                && !full.contains(&msg.channel)
+                            {
                                 full.push(msg.channel.clone());
                             }
                             if !logs.contains(&msg.channel) {

@@ -267,3 +267,6 @@ impl SnapshotStore for RedisStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -38,8 +38,10 @@ use crate::gateway::client::{ClientQueue, Push};
 /// Deltas kept per Waiting book; older ones are dropped (the snapshot will be newer anyway).
 pub(super) const SYNC_BUFFER_MAX: usize = 10_000;
 /// Time for a new bus subscription to take effect: a stored book read before this, with no
-/// bus delta to confirm it, is read once more before anyone sees it.
-pub(super) const SETTLE: Duration = Duration::from_millis(250);
+/// bus delta to confirm it, is read once more before anyone sees it. It matters only for
+/// quiet books (an active one is confirmed by its next delta), so it is generous: a busy
+/// host may take a while to make the subscription.
+pub(super) const SETTLE: Duration = Duration::from_secs(1);
 /// First retry delay of a store read that found nothing usable...
 pub(super) const RETRY_BASE: Duration = Duration::from_millis(100);
 /// ...doubling up to this.
