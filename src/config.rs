@@ -680,6 +680,20 @@ depth_limit = 0
     }
 
     #[test]
+    fn latest_ttl_must_outlive_the_refresh_or_be_off() {
+        let f = write("[redis]\nsnapshot_interval_ms = 1000\nlatest_ttl_ms = 1500\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("redis.latest_ttl_ms"), "{err}");
+        for ok in ["latest_ttl_ms = 0", "latest_ttl_ms = 2000"] {
+            let f = write(&format!("[redis]\nsnapshot_interval_ms = 1000\n{ok}\n"));
+            assert!(Config::load(Some(f.path()), Role::Executor).is_ok(), "{ok}");
+        }
+        let f = write("[redis]\nbooklog_max = 0\nmax_snapshot_bytes = 0\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
     fn missing_file_and_missing_feeds() {
         let err = Config::load(
             Some(Path::new("/nonexistent/mdbridge.toml")),
