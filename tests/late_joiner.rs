@@ -288,3 +288,39 @@ async fn bots_hear_the_bus_go_down_and_books_resync_when_it_is_back() {
     trades.until(WAIT, |v| v["type"] == "trade").await;
     assert!(executor.metric("mdbridge_bus_down_total").await >= 1.0);
 }
+
+/// Figures, not a test (run by hand; asserts nothing about time):
+/// `cargo test --test late_joiner -- --ignored --nocapture first_snapshot_figures`.
+/// Time from `subscribe` to the first book snapshot on an executor at steady state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn first_snapshot_figures() {
+    let SimBridge {
+        executor,
+        publisher: _publisher,
+        sim: _sim,
+        redis,
+    } = sim_bridge("400", &["BTC-USDT"], &["book"]).await;
+    wait_until("the publisher wrote the snapshot key", WAIT, || async {
+        exists(&redis, "md:snapshot:book:binance:BTC-USDT")
+    })
+    .await;
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        wait_router_empty(&executor).await;
+        let mut bot = Bot::connect(&executor.bots_url()).await;
+        let t = std::time::Instant::now();
+        bot.subscribe(&[BOOK]).await;
+        let (first, _) = bot.until(WAIT, |v| v["type"] == "book").await;
+        took.push(t.elapsed());
+        assert_eq!(first["action"], "snapshot");
+        let _ = bot.ws.close(None).await;
+    }
+    took.sort();
+    println!(
+        "first snapshot after subscribe (book deltas every ~5 ms): n={} p50={:?} max={:?}",
+        took.len(),
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+}

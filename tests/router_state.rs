@@ -26,6 +26,17 @@ async fn churning_bot_leaves_no_router_state_and_a_bot_beside_it_gets_every_even
     })
     .await;
 
+    // The series exists from start, at zero.
+    let text = reqwest::get(executor.http_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        text.lines().any(|l| l == "mdbridge_router_channels 0"),
+        "mdbridge_router_channels from start"
+    );
     let mut steady = Bot::connect(&executor.bots_url()).await;
     steady.subscribe(&["trade:binance:BNB-BTC"]).await;
     wait_until("the executor subscribed in Redis", WAIT, || async {
