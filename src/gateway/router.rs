@@ -160,6 +160,8 @@ pub struct Router {
     /// (client, exchange) pairs told `disconnected` while the bus is down.
     told_down: HashSet<(ClientId, Exchange)>,
     next_fetch: u64,
+    /// When a failed store read was last logged.
+    store_warned: Option<Instant>,
 }
 
 impl Router {
@@ -184,6 +186,7 @@ impl Router {
             bus_down: None,
             told_down: HashSet::new(),
             next_fetch: 0,
+            store_warned: None,
         }
     }
 

@@ -15,6 +15,8 @@ use crate::event::Channel;
 
 /// A store that does not answer within this is treated as failed (and read again later).
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one log line about failed store reads per this period.
+const STORE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What a store read brought back (errors as text: they are only logged).
 pub enum Fetched {
@@ -121,7 +123,15 @@ impl Router {
                     }
                     Ok(None) => cache.on_missing(&channel, subscribers),
                     Err(e) => {
-                        tracing::warn!(channel = %channel, cause = %e, "snapshot store lookup failed");
+                        // One line per period: with Redis down, every book would say so.
+                        let now = Instant::now();
+                        if self
+                            .store_warned
+                            .is_none_or(|t| now.duration_since(t) >= STORE_WARN_EVERY)
+                        {
+                            self.store_warned = Some(now);
+                            tracing::warn!(channel = %channel, cause = %e, "snapshot store lookup failed (further failures for 10 s not logged)");
+                        }
                         cache.on_error()
                     }
                 }
