@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{check_connection, RedisPublisher, RedisStore, RedisSubscriber};
-use crate::bus::{run_publisher, Bus, Interest, SnapshotStore, Tee};
+use crate::bus::{run_publisher, Bus, BusState, Interest, SnapshotStore, Tee};
 use crate::config::{Config, FeedChannel, FeedConfig, Role};
 use crate::envelope::BusMessage;
 use crate::event::{Event, Exchange};
@@ -129,12 +129,14 @@ pub async fn run(
     if role != Role::Publisher {
         let (tx, rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
         let (interest_tx, interest_rx) = watch::channel::<Interest>(Interest::default());
-        subscriber_task = Some(RedisSubscriber::spawn(
+        let (bus_state_tx, bus_state_rx) = watch::channel(BusState::Up);
+        subscriber_task = Some(RedisSubscriber::spawn_with_state(
             config.redis.clone(),
             src,
             interest_rx,
             tx.clone(),
             health.register("redis_subscriber"),
+            bus_state_tx,
             stops.gateway.clone(),
         ));
         let store = RedisStore::connect(&config.redis).await?;
@@ -145,7 +147,8 @@ pub async fn run(
             interest_tx,
             Some(store),
             health.register("bot_server"),
-        );
+        )
+        .with_bus_state(bus_state_rx);
         let gateway = if role == Role::Hybrid {
             let (local_tx, local_rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
             local_delivery = Some(local_tx);

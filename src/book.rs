@@ -17,13 +17,26 @@ use crate::event::{Book, BookAction, Decimal, Level};
 pub enum BookError {
     #[error("price `{0}` is not a plain decimal")]
     BadPrice(String),
-    #[error("delta follows seq {prev_seq:?} but the book is at {book_seq:?}")]
+    /// Shown to bots in `resync` details: plain numbers, never Rust `Debug` text.
+    #[error("delta follows seq {} but the book is at seq {}", SeqText(*prev_seq), SeqText(*book_seq))]
     Gap {
         book_seq: Option<u64>,
         prev_seq: Option<u64>,
     },
     #[error("a delta arrived before any snapshot")]
     NoSnapshot,
+}
+
+/// An optional sequence number as a bot reads it: `9547`, or `none` when absent.
+struct SeqText(Option<u64>);
+
+impl std::fmt::Display for SeqText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(seq) => write!(f, "{seq}"),
+            None => f.write_str("none"),
+        }
+    }
 }
 
 /// Exact fixed-point price: the decimal text scaled by 10^18 (prices up to ~1.7e20).
@@ -236,6 +249,29 @@ mod tests {
             Some(12),
             "a refused delta leaves the book as it was"
         );
+    }
+
+    #[test]
+    fn gap_text_has_plain_numbers_not_debug_text() {
+        let gap = BookError::Gap {
+            book_seq: Some(9546),
+            prev_seq: Some(9547),
+        };
+        assert_eq!(
+            gap.to_string(),
+            "delta follows seq 9547 but the book is at seq 9546"
+        );
+        let none = BookError::Gap {
+            book_seq: None,
+            prev_seq: None,
+        };
+        assert_eq!(
+            none.to_string(),
+            "delta follows seq none but the book is at seq none"
+        );
+        for e in [gap, none] {
+            assert!(!e.to_string().contains("Some("), "{e}");
+        }
     }
 
     #[test]

@@ -78,6 +78,16 @@ pub struct RedisConfig {
     /// wildcards are replaced by covering patterns (see bus::redis::interest). 0: always
     /// one cover per type (for ACLs that confine channels).
     pub max_patterns: usize,
+    /// Expiry of the `last:`, `snapshot:` and `booklog:` keys, renewed by the publisher at
+    /// every refresh while it runs: a dead publisher's values vanish instead of being served
+    /// as current. 0: no expiry.
+    pub latest_ttl_ms: u64,
+    /// Most book messages kept per book in `{p}booklog:{channel}` (the catch-up log after
+    /// the snapshot); the publisher writes a fresh snapshot when half of it is used.
+    pub booklog_max: usize,
+    /// Largest `last:` / `snapshot:` value (and `booklog:` entry) an executor reads; larger
+    /// ones are refused unread and counted.
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -96,6 +106,9 @@ impl Default for RedisConfig {
             tls_cert_file: None,
             tls_key_file: None,
             max_patterns: 64,
+            latest_ttl_ms: 5_000,
+            booklog_max: 1_000,
+            max_snapshot_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -574,6 +587,8 @@ impl Config {
         for (key, v) in [
             ("redis.publish_queue_size", self.redis.publish_queue_size),
             ("redis.publish_batch_max", self.redis.publish_batch_max),
+            ("redis.booklog_max", self.redis.booklog_max),
+            ("redis.max_snapshot_bytes", self.redis.max_snapshot_bytes),
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),
@@ -608,6 +623,17 @@ impl Config {
             if v == 0 {
                 bad(key, "must be greater than 0".into());
             }
+        }
+        if self.redis.latest_ttl_ms != 0
+            && self.redis.latest_ttl_ms < self.redis.snapshot_interval_ms.saturating_mul(2)
+        {
+            bad(
+                "redis.latest_ttl_ms",
+                format!(
+                    "must be 0 (no expiry) or at least twice snapshot_interval_ms ({} ms): the publisher renews the keys once per interval",
+                    self.redis.snapshot_interval_ms
+                ),
+            );
         }
         if self.redis.reconnect_max_ms < self.redis.reconnect_min_ms {
             bad(
@@ -983,6 +1009,20 @@ tls_cert_file = "/nonexistent/cert.pem"
         let f = write("[durable]\nchannels = [\"trade:*\"]\n");
         let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
         assert!(err.to_string().contains("durable.channels[0]"), "{err}");
+    }
+
+    #[test]
+    fn latest_ttl_must_outlive_the_refresh_or_be_off() {
+        let f = write("[redis]\nsnapshot_interval_ms = 1000\nlatest_ttl_ms = 1500\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("redis.latest_ttl_ms"), "{err}");
+        for ok in ["latest_ttl_ms = 0", "latest_ttl_ms = 2000"] {
+            let f = write(&format!("[redis]\nsnapshot_interval_ms = 1000\n{ok}\n"));
+            assert!(Config::load(Some(f.path()), Role::Executor).is_ok(), "{ok}");
+        }
+        let f = write("[redis]\nbooklog_max = 0\nmax_snapshot_bytes = 0\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
     }
 
     #[test]

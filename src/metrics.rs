@@ -116,6 +116,10 @@ pub const BOT_REFUSED_CODES: &[&str] = &[
     "rate_limited",
     "forbidden",
 ];
+pub const ROUTER_CHANNELS: &str = "mdbridge_router_channels";
+pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
+pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
+pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -168,6 +172,8 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// The router's and the store's series exist from start (zero), so alerts can be written
+/// before the first event.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
@@ -278,6 +284,22 @@ fn describe() {
         ADMIN_UNAUTHORIZED,
         "Admin HTTP requests refused with 401 (missing or wrong bearer token)."
     );
+    describe_gauge!(
+        ROUTER_CHANNELS,
+        "Channels the bot router holds state for (subscribed ones; plus, without a store or for a hybrid's own feeds, every channel seen)."
+    );
+    describe_counter!(
+        STORE_VALUES_REFUSED,
+        "last:/snapshot:/booklog: values refused by the executor, by reason (oversize: not transferred; invalid: not an envelope of that channel)."
+    );
+    describe_counter!(
+        STORE_FETCHES,
+        "Latest-value / book snapshot lookups by the router, by result (found, missing, error)."
+    );
+    describe_counter!(
+        BUS_DOWN_NOTICES,
+        "Times the router saw the Redis bus go down and told the bots of affected channels."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -357,6 +379,15 @@ pub fn init() {
     }
     gauge!(REDIS_SUBSCRIBED_PATTERNS).increment(0.0);
     let _ = histogram!(DELIVERY_LATENCY);
+
+    gauge!(ROUTER_CHANNELS).increment(0.0);
+    for reason in ["oversize", "invalid"] {
+        counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(0);
+    }
+    for result in ["found", "missing", "error"] {
+        counter!(STORE_FETCHES, "result" => result).increment(0);
+    }
+    counter!(BUS_DOWN_NOTICES).increment(0);
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -475,4 +506,18 @@ pub fn admin_unauthorized() {
 }
 pub fn delivery_latency(elapsed: Duration) {
     histogram!(DELIVERY_LATENCY).record(elapsed.as_secs_f64());
+}
+pub fn router_channels(n: usize) {
+    gauge!(ROUTER_CHANNELS).set(n as f64);
+}
+/// `reason` is `"oversize"` or `"invalid"`.
+pub fn store_value_refused(reason: &'static str) {
+    counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(1);
+}
+/// `result` is `"found"`, `"missing"` or `"error"`.
+pub fn store_fetch(result: &'static str) {
+    counter!(STORE_FETCHES, "result" => result).increment(1);
+}
+pub fn bus_down_notice() {
+    counter!(BUS_DOWN_NOTICES).increment(1);
 }

@@ -540,8 +540,16 @@ async fn store_serves_late_joiners_and_book_gaps_resync_to_a_chain() {
     subscribe(&mut bot, &["ticker:binance:ETH-USDT"]).await;
     assert_eq!(next_text(&mut bot).await, stored_text);
 
-    // The book: the store has nothing at first; a bus snapshot makes it live.
+    // The book: the store has nothing at first, and the bot is told so (once); a bus
+    // snapshot makes it live.
     subscribe(&mut bot, &["book:binance:BTC-USDT"]).await;
+    let waiting = next_json(&mut bot).await;
+    assert_eq!(waiting["type"], "status", "{waiting}");
+    assert_eq!(waiting["state"], "error", "{waiting}");
+    assert_eq!(
+        waiting["detail"],
+        "no publisher for book:binance:BTC-USDT yet; waiting"
+    );
     let mut frames = Vec::new();
     h.publish(book(BookAction::Snapshot, &[("100", "1")], 10, None))
         .await;

@@ -8,7 +8,11 @@
 //! - [`redis::RedisSubscriber`] is the receiving side: it follows the [`Interest`] set the
 //!   gateway publishes, self-filters by `src`, counts lost and duplicate envelopes.
 //! - [`SnapshotStore`] lets the gateway fetch the latest value or book snapshot of a
-//!   channel (`{p}last:` / `{p}snapshot:` keys) when a bot subscribes.
+//!   channel (`{p}last:` / `{p}snapshot:` keys) when a bot subscribes; for books also the
+//!   short log of book messages published since that snapshot (`{p}booklog:`), read in
+//!   the same atomic step, so the gateway can catch up to the live chain exactly.
+//! - [`BusState`]: whether the receiving side currently has the bus (the Redis subscriber
+//!   sets it, the gateway tells bots).
 //!
 //! This module never imports `gateway` or `exchange`.
 
@@ -39,6 +43,9 @@ pub enum BusError {
     Envelope(#[from] crate::envelope::EnvelopeError),
     #[error("bus closed")]
     Closed,
+    /// A stored value was larger than `redis.max_snapshot_bytes`; it was not read.
+    #[error("stored value `{key}` holds {bytes} bytes, over the limit of {limit}")]
+    TooLarge { key: String, bytes: u64, limit: u64 },
     /// Redis could not be reached (refused, timed out, bad URL): the one-line startup error.
     #[error("cannot reach Redis at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -65,11 +72,69 @@ impl<A: Bus, B: Bus> Bus for Tee<A, B> {
 pub type StoreFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<BusMessage>, BusError>> + Send + 'a>>;
 
+/// A book as the store holds it: the newest snapshot and the book messages published
+/// around and after it, oldest first. Entries of `log` older than the snapshot are
+/// possible (the reader skips them by `seq`); a snapshot inside `log` supersedes the key.
+#[derive(Debug, Clone)]
+pub struct StoredBook {
+    pub snapshot: BusMessage,
+    pub log: Vec<BusMessage>,
+}
+
+/// Boxed future returned by [`SnapshotStore::book`].
+pub type BookFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<StoredBook>, BusError>> + Send + 'a>>;
+
 /// Where the gateway finds what a late joiner needs before live events.
 pub trait SnapshotStore: Send + Sync + 'static {
     /// `book` channels: the newest full snapshot envelope; `ticker`/`candle`: the newest
     /// event's envelope; other types: `None`.
     fn latest(&self, channel: &Channel) -> StoreFuture<'_>;
+
+    /// `book` channels: the snapshot and the log after it, read atomically, so that the
+    /// log's deltas chain onto the snapshot. A store without a log serves the snapshot
+    /// alone (the gateway then relies on the deltas it buffered from the bus).
+    fn book(&self, channel: &Channel) -> BookFuture<'_> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            Ok(self.latest(&channel).await?.map(|snapshot| StoredBook {
+                snapshot,
+                log: Vec::new(),
+            }))
+        })
+    }
+}
+
+/// Whether the receiving side of the bus is connected: the Redis subscriber sets it, the
+/// router tells the bots of affected channels when it goes down and comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusState {
+    Up,
+    /// Down, with the cause as the subscriber saw it (connection lost, probe timed out).
+    Down(String),
+}
+
+impl BusState {
+    /// Marks the bus down with `cause`, unless it is already down (the first cause stays:
+    /// every failed reconnect attempt is not news to a bot). True when it changed.
+    pub fn set_down(state: &tokio::sync::watch::Sender<BusState>, cause: &str) -> bool {
+        state.send_if_modified(|s| match s {
+            BusState::Down(_) => false,
+            BusState::Up => {
+                *s = BusState::Down(cause.to_string());
+                true
+            }
+        })
+    }
+
+    /// Marks the bus up. True when it changed.
+    pub fn set_up(state: &tokio::sync::watch::Sender<BusState>) -> bool {
+        state.send_if_modified(|s| {
+            let changed = *s != BusState::Up;
+            *s = BusState::Up;
+            changed
+        })
+    }
 }
 
 /// Assigns `seq` per channel for this instance and encodes each event once.

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Interest, SnapshotStore};
+use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::config::BotsConfig;
 use crate::envelope::BusMessage;
 use crate::health::HealthHandle;
@@ -99,6 +99,7 @@ pub struct Gateway {
     store: Option<Arc<dyn SnapshotStore>>,
     health: HealthHandle,
     stats: Arc<StatsInner>,
+    bus_state: Option<watch::Receiver<BusState>>,
 }
 
 impl Gateway {
@@ -120,7 +121,15 @@ impl Gateway {
             store,
             health,
             stats: Arc::new(StatsInner::default()),
+            bus_state: None,
         }
+    }
+
+    /// The bus state to follow (executor, hybrid): bots are told when it goes down or
+    /// comes back, and books resync after it.
+    pub fn with_bus_state(mut self, state: watch::Receiver<BusState>) -> Gateway {
+        self.bus_state = Some(state);
+        self
     }
 
     /// A second input for this instance's own events (hybrid). It is read before the bus
@@ -151,6 +160,7 @@ impl Gateway {
             store,
             health,
             stats,
+            bus_state,
         } = self;
         // Everything that can fail at start comes before the router and the listener.
         let tls = match listener::tls_acceptor(&config) {
@@ -171,6 +181,10 @@ impl Gateway {
             stats.clone(),
             config.max_subscriptions,
         );
+        let router = match bus_state {
+            Some(state) => router.with_bus_state(state),
+            None => router,
+        };
         let router_stop = CancellationToken::new();
         let router_task =
             tokio::spawn(router.run(command_rx, local, messages, router_stop.clone()));

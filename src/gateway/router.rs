@@ -12,41 +12,54 @@
 //!   Redis subscriber);
 //! - per known channel, the resolved subscriber list (each client at most once, however
 //!   many of its patterns match) and a cache: the latest `ticker`/`candle` value, or for
-//!   `book` channels an [`OrderBook`] that is Live (the chain holds) or Syncing (deltas
-//!   are buffered until a snapshot arrives from the bus or the [`SnapshotStore`]).
+//!   `book` channels an order book that is Live (the chain holds) or syncing (deltas are
+//!   buffered until a snapshot arrives from the bus, or the [`SnapshotStore`]'s snapshot
+//!   and catch-up log meet them): see [`book_cache`].
 //!
 //! Fan-out is one hash lookup and a clone of the shared event bytes per subscriber; events
 //! are never re-serialized. The router itself serializes only what it makes: `resync`
 //! status events and book snapshots for late joiners (once per book change).
 //!
-//! Caches: with a store (executor, hybrid), a channel's cache is kept only while someone
-//! subscribes to it, because the Redis subscriber stops delivering it afterwards and a
-//! kept cache would go stale; the next subscriber fetches from the store. Without a store
-//! (demo) every message arrives anyway, so caches are kept for every channel seen.
+//! Caches: with a store (executor, hybrid), a channel's state exists only while someone
+//! subscribes to it (the Redis subscriber stops delivering it afterwards and a kept cache
+//! would go stale; the next subscriber reads the store), so the router's memory and the
+//! cost of subscribe/unsubscribe/disconnect follow what bots hold now, never history.
+//! Without a store (demo), and for a hybrid's own channels, every message arrives anyway:
+//! caches of channels that carry messages are kept whether watched or not.
+//! Exact patterns resolve by hash lookup; a wildcard looks only at the channels held now.
+//! Store reads (one task each, cancellable, answers matched by id) live in
+//! [`store_reads`].
+//!
+//! Bus state ([`bus_state`]): when the Redis subscriber reports the bus down, every client holding a
+//! channel that comes through it gets one `status` `disconnected` per exchange (detail
+//! "redis bus down: <cause>"), and live books end their chain with `resync`; when it is
+//! back, the same clients get `connected` and the books sync again from the store.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+mod book_cache;
+mod bus_state;
+mod store_reads;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{ClientId, ClientQueue, Push};
+use super::client::{ClientId, ClientQueue};
 use super::protocol::{ErrorCode, Op, Reply, ReqId, Request, RequestError};
 use super::StatsInner;
-use crate::book::OrderBook;
-use crate::bus::{Interest, SnapshotStore};
+use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::envelope::BusMessage;
-use crate::event::{Book, BookAction, Channel, Event, EventType, Pattern, StatusState};
-
-/// Deltas kept per Syncing book; older ones are dropped (the snapshot will be newer anyway).
-const SYNC_BUFFER_MAX: usize = 10_000;
-/// Wait before asking the store again; the publisher refreshes snapshot keys every second.
-const REFETCH_DELAY: Duration = Duration::from_millis(200);
-/// A store that does not answer within this is treated as having nothing.
-const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::event::{Channel, Event, EventType, Exchange, Pattern, StatusState};
+use book_cache::{BookCache, Next};
+use bus_state::next_bus_state;
+use store_reads::Fetch;
+pub use store_reads::Fetched;
 
 /// What the connection tasks and store fetches tell the router.
 pub enum Command {
@@ -66,10 +79,11 @@ pub enum Command {
     Disconnect {
         id: ClientId,
     },
-    /// Answer of [`SnapshotStore::latest`] for `channel`.
+    /// Answer of store read number `fetch` for `channel`.
     Stored {
         channel: Channel,
-        result: Option<BusMessage>,
+        fetch: u64,
+        result: Fetched,
     },
 }
 
@@ -79,67 +93,23 @@ struct ClientEntry {
 }
 
 enum Cache {
-    /// `trade`, `status`: nothing to replay.
+    /// `trade`: nothing to replay.
     Nothing,
-    /// `ticker`, `candle`: the last event.
+    /// `ticker`, `candle`, `status`: the last event.
     Latest {
         value: Option<(Utf8Bytes, u64)>,
-        fetching: bool,
     },
     Book(Box<BookCache>),
 }
 
 impl Cache {
-    fn for_kind(kind: EventType) -> Cache {
+    fn for_kind(kind: EventType, now: Instant) -> Cache {
         match kind {
-            EventType::Ticker | EventType::Candle | EventType::Status => Cache::Latest {
-                value: None,
-                fetching: false,
-            },
-            EventType::Book => Cache::Book(Box::default()),
+            EventType::Ticker | EventType::Candle | EventType::Status => {
+                Cache::Latest { value: None }
+            }
+            EventType::Book => Cache::Book(Box::new(BookCache::new(now))),
             EventType::Trade => Cache::Nothing,
-        }
-    }
-}
-
-#[derive(Default)]
-struct BookCache {
-    book: OrderBook,
-    /// The last book event applied: stamps snapshots made from `book`.
-    template: Option<Arc<Book>>,
-    /// Live: every delta forwarded chains onto the previous book message.
-    live: bool,
-    /// Syncing: deltas waiting for a snapshot, oldest first.
-    buffer: VecDeque<BusMessage>,
-    fetching: bool,
-    /// The snapshot event for late joiners, encoded once per book change.
-    encoded: Option<Utf8Bytes>,
-}
-
-impl BookCache {
-    fn snapshot_text(&mut self) -> Option<(Utf8Bytes, u64)> {
-        let template = self.template.as_ref()?;
-        if self.encoded.is_none() {
-            let json = Event::Book(self.book.to_snapshot(template)).to_json();
-            self.encoded = Utf8Bytes::try_from(json).ok();
-        }
-        self.encoded.clone().map(|t| (t, template.ts_recv))
-    }
-
-    fn reset(&mut self, snapshot: &Arc<Book>) -> bool {
-        self.buffer.clear();
-        self.encoded = None;
-        match self.book.reset(snapshot) {
-            Ok(()) => {
-                self.template = Some(snapshot.clone());
-                self.live = true;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(cause = %e, "book snapshot refused");
-                self.live = false;
-                false
-            }
         }
     }
 }
@@ -149,9 +119,22 @@ struct ChannelState {
     cache: Cache,
     /// Fed by this instance's own publisher: the cache is complete whether watched or not.
     local: bool,
+    /// A message arrived on it: without a store its cache is worth keeping unwatched.
+    seen: bool,
+    fetch: Option<Fetch>,
 }
 
 impl ChannelState {
+    fn new(kind: EventType, subscribers: Vec<Arc<ClientQueue>>) -> ChannelState {
+        ChannelState {
+            subscribers,
+            cache: Cache::for_kind(kind, Instant::now()),
+            local: false,
+            seen: false,
+            fetch: None,
+        }
+    }
+
     fn has(&self, id: ClientId) -> bool {
         self.subscribers.iter().any(|q| q.id() == id)
     }
@@ -160,7 +143,10 @@ impl ChannelState {
 /// Routing state; consumed by [`Router::run`].
 pub struct Router {
     clients: HashMap<ClientId, ClientEntry>,
+    /// Every pattern some client holds, with its holders (the keys are the [`Interest`]).
     patterns: HashMap<Pattern, HashSet<ClientId>>,
+    /// The wildcard keys of `patterns`: what a newly seen channel is matched against.
+    wildcards: HashSet<Pattern>,
     channels: HashMap<Channel, ChannelState>,
     interest: watch::Sender<Interest>,
     store: Option<Arc<dyn SnapshotStore>>,
@@ -168,6 +154,14 @@ pub struct Router {
     commands: mpsc::Sender<Command>,
     stats: Arc<StatsInner>,
     max_subscriptions: usize,
+    bus_state: Option<watch::Receiver<BusState>>,
+    /// The bus is down, with its cause.
+    bus_down: Option<String>,
+    /// (client, exchange) pairs told `disconnected` while the bus is down.
+    told_down: HashSet<(ClientId, Exchange)>,
+    next_fetch: u64,
+    /// When a failed store read was last logged.
+    store_warned: Option<Instant>,
 }
 
 impl Router {
@@ -181,13 +175,30 @@ impl Router {
         Router {
             clients: HashMap::new(),
             patterns: HashMap::new(),
+            wildcards: HashSet::new(),
             channels: HashMap::new(),
             interest,
             store,
             commands,
             stats,
             max_subscriptions,
+            bus_state: None,
+            bus_down: None,
+            told_down: HashSet::new(),
+            next_fetch: 0,
+            store_warned: None,
         }
+    }
+
+    /// Follows the bus state (the Redis subscriber's) to tell bots when it is down or back.
+    pub fn with_bus_state(mut self, state: watch::Receiver<BusState>) -> Router {
+        self.bus_state = Some(state);
+        self
+    }
+
+    /// Channels the router holds state for (also exported as `mdbridge_router_channels`).
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
     }
 
     /// Processes commands and bus messages until `stop`. Commands first: a subscription
@@ -200,6 +211,7 @@ impl Router {
         stop: CancellationToken,
     ) {
         let mut bus_open = true;
+        let mut bus_state = self.bus_state.take();
         loop {
             tokio::select! {
                 biased;
@@ -207,6 +219,12 @@ impl Router {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
+                },
+                // Before messages: after a recovery, books must start over before the
+                // first new delta is looked at.
+                state = next_bus_state(&mut bus_state) => match state {
+                    Some(state) => self.on_bus_state(state),
+                    None => bus_state = None,
                 },
                 msg = recv_local(&mut local) => match msg {
                     Some(msg) => self.on_message(msg, true),
@@ -223,7 +241,7 @@ impl Router {
         }
     }
 
-    fn on_command(&mut self, cmd: Command) {
+    pub fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Connect { id, queue } => {
                 self.clients.insert(
@@ -241,8 +259,13 @@ impl Router {
                 }
             }
             Command::Disconnect { id } => self.on_disconnect(id),
-            Command::Stored { channel, result } => self.on_stored(channel, result),
+            Command::Stored {
+                channel,
+                fetch,
+                result,
+            } => self.on_stored(channel, fetch, result),
         }
+        crate::metrics::router_channels(self.channels.len());
     }
 
     fn on_request(&mut self, id: ClientId, request: Request) {
@@ -269,11 +292,12 @@ impl Router {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let fresh: Vec<Pattern> = patterns
-            .iter()
-            .filter(|p| !client.patterns.contains(*p))
-            .cloned()
-            .collect();
+        let mut fresh: Vec<Pattern> = Vec::new();
+        for p in &patterns {
+            if !client.patterns.contains(p) && !fresh.contains(p) {
+                fresh.push(p.clone());
+            }
+        }
         if client.patterns.len() + fresh.len() > self.max_subscriptions {
             let error = RequestError::new(
                 ErrorCode::TooManySubscriptions,
@@ -309,6 +333,9 @@ impl Router {
             let holders = self.patterns.entry(pattern.clone()).or_default();
             interest_changed |= holders.is_empty();
             holders.insert(id);
+            if pattern.is_wildcard() {
+                self.wildcards.insert(pattern.clone());
+            }
             self.add_to_channels(pattern, queue);
         }
         self.count_subscriptions(fresh.len() as i64);
@@ -317,33 +344,30 @@ impl Router {
         }
     }
 
-    /// Adds `queue` to every known channel `pattern` matches (and creates the channel of an
-    /// exact pattern), delivering each channel's latest value or snapshot first.
+    /// Adds `queue` to the channels `pattern` matches (creating the channel of an exact
+    /// pattern), delivering each channel's latest value or snapshot first.
     fn add_to_channels(&mut self, pattern: &Pattern, queue: &Arc<ClientQueue>) {
-        if !pattern.is_wildcard() {
-            if let Ok(channel) = Channel::parse(pattern.as_str()) {
-                let kind = channel.kind();
-                self.channels
-                    .entry(channel)
-                    .or_insert_with(|| ChannelState {
-                        subscribers: Vec::new(),
-                        cache: Cache::for_kind(kind),
-                        local: false,
-                    });
+        let mut join = Joining {
+            has_store: self.store.is_some(),
+            bus_down: self.bus_down.as_deref(),
+            told_down: &mut self.told_down,
+            fetch: Vec::new(),
+        };
+        if pattern.is_wildcard() {
+            for (channel, state) in self.channels.iter_mut() {
+                if pattern.matches(channel) {
+                    join.join(channel, state, queue);
+                }
             }
+        } else if let Ok(channel) = Channel::parse(pattern.as_str()) {
+            let state = self
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| ChannelState::new(channel.kind(), Vec::new()));
+            join.join(&channel, state, queue);
         }
-        let mut fetch = Vec::new();
-        for (channel, state) in self.channels.iter_mut() {
-            if !pattern.matches(channel) || state.has(queue.id()) {
-                continue;
-            }
-            state.subscribers.push(queue.clone());
-            if deliver_initial(channel, state, queue, self.store.is_some()) {
-                fetch.push(channel.clone());
-            }
-        }
-        for channel in fetch {
-            self.fetch(channel, None);
+        for channel in std::mem::take(&mut join.fetch) {
+            self.fetch(&channel, Duration::ZERO);
         }
     }
 
@@ -371,7 +395,13 @@ impl Router {
             send_error(queue, &error);
             return;
         }
-        self.remove_patterns(id, &patterns);
+        let mut unique: Vec<Pattern> = Vec::with_capacity(patterns.len());
+        for p in &patterns {
+            if !unique.contains(p) {
+                unique.push(p.clone());
+            }
+        }
+        self.remove_patterns(id, &unique);
         push_reply(
             queue,
             &Reply::Unsubscribed {
@@ -388,10 +418,13 @@ impl Router {
         let patterns: Vec<Pattern> = client.patterns.iter().cloned().collect();
         self.remove_patterns(id, &patterns);
         self.clients.remove(&id);
+        if !self.told_down.is_empty() {
+            self.told_down.retain(|(c, _)| *c != id);
+        }
     }
 
-    /// Drops `patterns` from client `id` and from every channel where no other pattern of
-    /// the client still matches.
+    /// Drops `patterns` (distinct, all held) from client `id` and from every channel where
+    /// no other pattern of the client still matches; forgets channels nobody holds.
     fn remove_patterns(&mut self, id: ClientId, patterns: &[Pattern]) {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
@@ -399,22 +432,35 @@ impl Router {
         for p in patterns {
             client.patterns.remove(p);
         }
-        let remaining = &client.patterns;
-        let queue = &client.queue;
-        let keep_unwatched = self.store.is_none();
-        for (channel, state) in self.channels.iter_mut() {
-            if !patterns.iter().any(|p| p.matches(channel))
-                || remaining.iter().any(|p| p.matches(channel))
-            {
+        // Only the channels these patterns reach: a lookup for exact ones, the channels
+        // held now for wildcards.
+        let mut reached: Vec<Channel> = Vec::new();
+        for p in patterns {
+            if p.is_wildcard() {
+                reached.extend(self.channels.keys().filter(|c| p.matches(c)).cloned());
+            } else if let Ok(c) = Channel::parse(p.as_str()) {
+                if self.channels.contains_key(&c) {
+                    reached.push(c);
+                }
+            }
+        }
+        let keep_seen = self.store.is_none();
+        for channel in reached {
+            if client.patterns.iter().any(|p| p.matches(&channel)) {
                 continue;
             }
+            let Some(state) = self.channels.get_mut(&channel) else {
+                continue;
+            };
             let before = state.subscribers.len();
             state.subscribers.retain(|q| q.id() != id);
-            if state.subscribers.len() != before {
-                queue.clear_broken(channel);
-                if state.subscribers.is_empty() && !keep_unwatched && !state.local {
-                    state.cache = Cache::for_kind(channel.kind());
-                }
+            if state.subscribers.len() == before {
+                continue;
+            }
+            client.queue.clear_broken(&channel);
+            if state.subscribers.is_empty() && !(state.seen && (keep_seen || state.local)) {
+                // Dropping the state cancels a store read under way.
+                self.channels.remove(&channel);
             }
         }
         let mut interest_changed = false;
@@ -423,6 +469,7 @@ impl Router {
                 holders.remove(&id);
                 if holders.is_empty() {
                     self.patterns.remove(p);
+                    self.wildcards.remove(p);
                     interest_changed = true;
                 }
             }
@@ -461,50 +508,63 @@ impl Router {
     fn on_message(&mut self, msg: BusMessage, local: bool) {
         if !self.channels.contains_key(&msg.channel) {
             let subscribers = self.resolve(&msg.channel);
+            if subscribers.is_empty() && self.store.is_some() && !local {
+                // Nobody listens (a straggler after an unsubscribe) and the store can serve
+                // the next subscriber: keep nothing.
+                return;
+            }
             self.channels.insert(
                 msg.channel.clone(),
-                ChannelState {
-                    subscribers,
-                    cache: Cache::for_kind(msg.kind()),
-                    local: false,
-                },
+                ChannelState::new(msg.kind(), subscribers),
             );
+            crate::metrics::router_channels(self.channels.len());
         }
         let Some(state) = self.channels.get_mut(&msg.channel) else {
             return;
         };
         state.local |= local;
-        let maintain = self.store.is_none() || state.local;
-        if state.subscribers.is_empty() && !maintain {
-            // Nobody listens and the store can serve the next subscriber: keep nothing.
-            return;
-        }
+        state.seen = true;
         let Ok(text) = Utf8Bytes::try_from(msg.event_json()) else {
             tracing::warn!(channel = %msg.channel, "event is not UTF-8; skipped");
             return;
         };
-        match &mut state.cache {
-            Cache::Nothing => fan_out(&state.subscribers, &text, msg.ts_recv),
-            Cache::Latest { value, .. } => {
+        let next = match &mut state.cache {
+            Cache::Nothing => {
+                fan_out(&state.subscribers, &text, msg.ts_recv);
+                return;
+            }
+            Cache::Latest { value } => {
                 *value = Some((text.clone(), msg.ts_recv));
                 fan_out(&state.subscribers, &text, msg.ts_recv);
+                return;
             }
-            Cache::Book(_) => {
-                if let Some(fetch) = on_book(&msg.channel, state, msg.clone(), text) {
-                    if fetch {
-                        self.fetch(msg.channel.clone(), None);
-                    }
-                }
+            Cache::Book(cache) => {
+                // A refcount, not a copy: the message itself moves into the cache.
+                let channel = msg.channel.clone();
+                let next = cache.on_message(&channel, &state.subscribers, msg, &text);
+                (channel, next)
             }
+        };
+        if next.1 != Next::Idle {
+            self.apply(&next.0, next.1);
         }
     }
 
-    /// Subscribers of a channel seen for the first time: every client with a matching pattern.
+    /// Subscribers of a channel seen for the first time: every client with a matching
+    /// pattern (an exact lookup, then the wildcards held now).
     fn resolve(&self, channel: &Channel) -> Vec<Arc<ClientQueue>> {
         let mut ids: BTreeSet<ClientId> = BTreeSet::new();
-        for (pattern, holders) in &self.patterns {
+        if let Some(holders) = Pattern::parse(channel.as_str())
+            .ok()
+            .and_then(|p| self.patterns.get(&p))
+        {
+            ids.extend(holders.iter().copied());
+        }
+        for pattern in &self.wildcards {
             if pattern.matches(channel) {
-                ids.extend(holders.iter().copied());
+                if let Some(holders) = self.patterns.get(pattern) {
+                    ids.extend(holders.iter().copied());
+                }
             }
         }
         ids.iter()
@@ -512,79 +572,62 @@ impl Router {
             .collect()
     }
 
-    /// Asks the store for `channel`'s latest value (after `delay`); the answer comes back as
-    /// [`Command::Stored`].
-    fn fetch(&mut self, channel: Channel, delay: Option<Duration>) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let Some(state) = self.channels.get_mut(&channel) else {
-            return;
-        };
-        match &mut state.cache {
-            Cache::Latest { fetching, .. } => *fetching = true,
-            Cache::Book(b) => b.fetching = true,
-            Cache::Nothing => return,
+    /// Carries out what a book cache asked for.
+    fn apply(&mut self, channel: &Channel, next: Next) {
+        if let Next::Fetch { delay, replace } = next {
+            let busy = self
+                .channels
+                .get(channel)
+                .is_some_and(|s| s.fetch.is_some());
+            if replace || !busy {
+                self.fetch(channel, delay);
+            }
         }
-        let commands = self.commands.clone();
-        tokio::spawn(async move {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-            let result = match tokio::time::timeout(STORE_TIMEOUT, store.latest(&channel)).await {
-                Ok(Ok(found)) => found,
-                Ok(Err(e)) => {
-                    tracing::warn!(channel = %channel, cause = %e, "snapshot store lookup failed");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!(channel = %channel, "snapshot store lookup timed out");
-                    None
-                }
-            };
-            // The router is gone only during shutdown; nobody needs the answer then.
-            let _ = commands.send(Command::Stored { channel, result }).await;
-        });
     }
+}
 
-    fn on_stored(&mut self, channel: Channel, result: Option<BusMessage>) {
-        let result = result.filter(|m| m.channel == channel);
-        let Some(state) = self.channels.get_mut(&channel) else {
+/// A new subscriber joining channels, with what it needs from the router.
+struct Joining<'a> {
+    has_store: bool,
+    bus_down: Option<&'a str>,
+    told_down: &'a mut HashSet<(ClientId, Exchange)>,
+    /// Channels whose cache is empty and should be read from the store.
+    fetch: Vec<Channel>,
+}
+
+impl Joining<'_> {
+    /// Adds `queue` to `channel` and gives it what it needs before live events: the bus
+    /// state if it is down, then the latest value or the book snapshot.
+    fn join(&mut self, channel: &Channel, state: &mut ChannelState, queue: &Arc<ClientQueue>) {
+        if state.has(queue.id()) {
             return;
+        }
+        state.subscribers.push(queue.clone());
+        if let Some(cause) = self.bus_down {
+            if !state.local && self.told_down.insert((queue.id(), channel.exchange())) {
+                let (text, ts) = status_text(
+                    channel.exchange(),
+                    StatusState::Disconnected,
+                    format!("redis bus down: {cause}"),
+                );
+                queue.push_market(text, ts, None);
+            }
+        }
+        let idle = state.fetch.is_none();
+        let fetch = match &mut state.cache {
+            Cache::Nothing => false,
+            Cache::Latest { value } => match value {
+                Some((text, ts_recv)) => {
+                    queue.push_market(text.clone(), *ts_recv, None);
+                    false
+                }
+                None => true,
+            },
+            // Not live: this bot gets the snapshot with everyone else once it is exact.
+            Cache::Book(cache) => cache.join(channel, queue),
         };
-        let watched = !state.subscribers.is_empty();
-        match &mut state.cache {
-            Cache::Nothing => {}
-            Cache::Latest { value, fetching } => {
-                *fetching = false;
-                // A live event that arrived meanwhile is newer than the stored one; and with
-                // nobody watching, no live event will replace a stored value: keep none.
-                if value.is_none() && watched {
-                    if let Some(msg) = result {
-                        if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
-                            *value = Some((text.clone(), msg.ts_recv));
-                            fan_out(&state.subscribers, &text, msg.ts_recv);
-                        }
-                    }
-                }
-            }
-            Cache::Book(cache) => {
-                cache.fetching = false;
-                if cache.live || !watched {
-                    return;
-                }
-                let snapshot = result.and_then(|m| {
-                    let book = m.book.clone()?;
-                    (book.action == BookAction::Snapshot).then_some((m, book))
-                });
-                let retry = match snapshot {
-                    None => true,
-                    Some((_, book)) => !sync_from_snapshot(&channel, state, book),
-                };
-                if retry {
-                    self.fetch(channel, Some(REFETCH_DELAY));
-                }
-            }
+        if fetch && idle && self.has_store {
+            self.fetch.push(channel.clone());
         }
     }
 }
@@ -597,164 +640,9 @@ async fn recv_local(local: &mut Option<mpsc::Receiver<BusMessage>>) -> Option<Bu
     }
 }
 
-/// What a new subscriber of `channel` gets before live events. Returns true when the
-/// cache is empty and should be fetched from the store.
-fn deliver_initial(
-    channel: &Channel,
-    state: &mut ChannelState,
-    queue: &Arc<ClientQueue>,
-    has_store: bool,
-) -> bool {
-    match &mut state.cache {
-        Cache::Nothing => false,
-        Cache::Latest { value, fetching } => match value {
-            Some((text, ts_recv)) => {
-                queue.push_market(text.clone(), *ts_recv, None);
-                false
-            }
-            None => has_store && !*fetching,
-        },
-        Cache::Book(cache) => {
-            if cache.live {
-                send_snapshot(channel, cache, queue);
-                false
-            } else {
-                // Syncing: this bot gets the snapshot with everyone else once it arrives.
-                has_store && !cache.fetching
-            }
-        }
-    }
-}
-
-/// A book message. Returns `Some(true)` when a store fetch should start.
-fn on_book(
-    channel: &Channel,
-    state: &mut ChannelState,
-    msg: BusMessage,
-    text: Utf8Bytes,
-) -> Option<bool> {
-    let Cache::Book(cache) = &mut state.cache else {
-        return None;
-    };
-    let book = msg.book.clone()?;
-    match book.action {
-        BookAction::Snapshot => {
-            // A snapshot in the middle of a live chain (the host resynced): the book's own
-            // subscribers hear `resync` first, as they do when the break is seen here.
-            if cache.live {
-                let status = resync_status(channel, "the exchange feed resynchronised");
-                fan_out(&state.subscribers, &status.0, status.1);
-            }
-            // Anything buffered came earlier on the bus, so this snapshot supersedes it.
-            if cache.reset(&book) {
-                fan_out_book(channel, &state.subscribers, cache, &text, msg.ts_recv);
-            }
-            Some(false)
-        }
-        BookAction::Delta if !cache.live => {
-            if cache.buffer.len() >= SYNC_BUFFER_MAX {
-                cache.buffer.pop_front();
-            }
-            cache.buffer.push_back(msg);
-            Some(!cache.fetching)
-        }
-        BookAction::Delta => {
-            if let (Some(seq), Some(at)) = (book.seq, cache.book.seq()) {
-                if seq <= at {
-                    // Already applied (a duplicate delivery): passing it on would break chains.
-                    return Some(false);
-                }
-            }
-            match cache.book.apply(&book) {
-                Ok(()) => {
-                    cache.template = Some(book);
-                    cache.encoded = None;
-                    fan_out_book(channel, &state.subscribers, cache, &text, msg.ts_recv);
-                    Some(false)
-                }
-                Err(e) => {
-                    start_resync(channel, state, e.to_string(), [msg]);
-                    Some(true)
-                }
-            }
-        }
-    }
-}
-
-/// The chain broke: tell the subscribers, buffer from `pending` on, wait for a snapshot.
-fn start_resync(
-    channel: &Channel,
-    state: &mut ChannelState,
-    reason: String,
-    pending: impl IntoIterator<Item = BusMessage>,
-) {
-    let Cache::Book(cache) = &mut state.cache else {
-        return;
-    };
-    crate::metrics::book_resync(channel.exchange(), "bus");
-    tracing::info!(channel = %channel, cause = %reason, "book chain broken; resyncing");
-    cache.live = false;
-    cache.encoded = None;
-    cache.buffer = pending.into_iter().collect();
-    let status = resync_status(channel, &reason);
-    fan_out(&state.subscribers, &status.0, status.1);
-}
-
-/// Applies a snapshot from the store to a Syncing book. Returns false when it is too old
-/// for the buffered deltas (ask again later).
-fn sync_from_snapshot(channel: &Channel, state: &mut ChannelState, book: Arc<Book>) -> bool {
-    let Cache::Book(cache) = &mut state.cache else {
-        return true;
-    };
-    let snap_seq = book.seq.unwrap_or(0);
-    while cache
-        .buffer
-        .front()
-        .is_some_and(|d| d.book.as_ref().and_then(|b| b.seq).unwrap_or(0) <= snap_seq)
-    {
-        cache.buffer.pop_front();
-    }
-    if let Some(first) = cache.buffer.front() {
-        let prev = first.book.as_ref().and_then(|b| b.prev_seq);
-        if prev != book.seq {
-            tracing::debug!(channel = %channel, snapshot = snap_seq, next_prev = ?prev, "stored snapshot does not meet the buffered deltas");
-            return false;
-        }
-    }
-    let buffered = std::mem::take(&mut cache.buffer);
-    if !cache.reset(&book) {
-        cache.buffer = buffered;
-        return false;
-    }
-    // Catch up on the buffered deltas before anyone sees the book: subscribers get one
-    // snapshot of the current state, not an older snapshot followed by a burst of deltas
-    // that waited (up to a snapshot refresh period) for it.
-    let mut rest = buffered.into_iter();
-    while let Some(delta) = rest.next() {
-        let Some(d) = delta.book.clone() else {
-            continue;
-        };
-        if let Err(e) = cache.book.apply(&d) {
-            // A gap inside the buffer itself: sync again from this delta on.
-            let reason = e.to_string();
-            start_resync(channel, state, reason, std::iter::once(delta).chain(rest));
-            return false;
-        }
-        cache.template = Some(d);
-    }
-    cache.encoded = None;
-    if let Some((text, ts_recv)) = cache.snapshot_text() {
-        fan_out_book(channel, &state.subscribers, cache, &text, ts_recv);
-    }
-    true
-}
-
-fn resync_status(channel: &Channel, reason: &str) -> (Utf8Bytes, u64) {
-    let event = Event::status(
-        channel.exchange(),
-        StatusState::Resync,
-        Some(format!("{channel}: {reason}; a fresh snapshot follows")),
-    );
+/// A `status` event the router makes, encoded (ts null, ts_recv now).
+fn status_text(exchange: Exchange, state: StatusState, detail: String) -> (Utf8Bytes, u64) {
+    let event = Event::status(exchange, state, Some(detail));
     let ts_recv = event.ts_recv();
     let text =
         Utf8Bytes::try_from(event.to_json()).unwrap_or_else(|_| Utf8Bytes::from_static("{}"));
@@ -764,31 +652,6 @@ fn resync_status(channel: &Channel, reason: &str) -> (Utf8Bytes, u64) {
 fn fan_out(subscribers: &[Arc<ClientQueue>], text: &Utf8Bytes, ts_recv: u64) {
     for q in subscribers {
         q.push_market(text.clone(), ts_recv, None);
-    }
-}
-
-/// Fans a book frame out; a bot whose chain `drop_oldest` cut gets a resync status and a
-/// snapshot of the book as it is after this frame instead.
-fn fan_out_book(
-    channel: &Channel,
-    subscribers: &[Arc<ClientQueue>],
-    cache: &mut BookCache,
-    text: &Utf8Bytes,
-    ts_recv: u64,
-) {
-    for q in subscribers {
-        if q.push_market(text.clone(), ts_recv, Some(channel)) == Push::Broken {
-            crate::metrics::book_resync(channel.exchange(), "bot_queue");
-            let (status, ts) = resync_status(channel, "frames dropped for this slow connection");
-            q.push_market(status, ts, None);
-            send_snapshot(channel, cache, q);
-        }
-    }
-}
-
-fn send_snapshot(channel: &Channel, cache: &mut BookCache, queue: &ClientQueue) {
-    if let Some((text, ts_recv)) = cache.snapshot_text() {
-        queue.push_market(text, ts_recv, Some(channel));
     }
 }
 

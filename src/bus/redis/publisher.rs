@@ -8,13 +8,28 @@
 //! one batches naturally. Each batch is one pipeline:
 //!
 //! - `PUBLISH {p}{channel} <envelope>` for every envelope;
-//! - `SET {p}last:{channel} <envelope>` for `ticker`, `candle` and `status` events;
-//! - `SET {p}snapshot:{channel} <envelope>` for `book` snapshots.
+//! - `SET {p}last:{channel} <envelope> PX ttl` for `ticker`, `candle` and `status` events;
+//! - `SET {p}snapshot:{channel} <envelope> PX ttl` + `DEL {p}booklog:{channel}` for a
+//!   `book` snapshot that is still the newest state of its book;
+//! - `RPUSH {p}booklog:{channel} <envelope>` for every other book message, then once per
+//!   book per batch `LTRIM … -booklog_max -1` and `PEXPIRE … ttl`.
+//!
+//! Within the pipeline each log write comes *before* its `PUBLISH`: a subscriber that has
+//! received a delta and then reads snapshot + log finds that delta in the log.
 //!
 //! The writer also keeps an [`OrderBook`] per book channel and, every
 //! `snapshot_interval_ms`, writes a fresh full snapshot of each changed book to
-//! `{p}snapshot:{channel}`: the envelope `seq` is that of the last message published on the
-//! channel and the book `seq` is the last delta's, so a reader can chain the next delta on.
+//! `{p}snapshot:{channel}` and empties its log in the same pipeline: the envelope `seq` is
+//! that of the last message published on the channel and the book `seq` is the last
+//! delta's, so a reader can chain the next delta on. The snapshot may be *ahead* of the
+//! log (it includes messages still queued here); readers skip log entries up to its `seq`.
+//! A book whose log reaches half of `booklog_max`, or whose exchange snapshot was already
+//! superseded when its batch went out, gets its snapshot written right after that batch,
+//! so the key is current and the log always reaches back to it.
+//!
+//! Expiry (`latest_ttl_ms`, 0 = none): every refresh renews (`PEXPIRE`) the `last:`,
+//! `snapshot:` and `booklog:` keys this publisher wrote, so they live exactly as long as a
+//! publisher keeps them; a dead publisher's keys vanish within the ttl.
 //!
 //! Pub/sub is fire-and-forget: what is lost shows as a `seq` gap at the subscribers.
 //!
@@ -38,8 +53,8 @@
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
 //!   connection returns.
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
-//!   from the minimum, and every book snapshot is rewritten at the next refresh (a
-//!   restarted Redis has lost its keys).
+//!   from the minimum, and every book snapshot and `last:` value is rewritten at the next
+//!   refresh (a restarted Redis has lost its keys).
 //! - On shutdown the queue is closed, what is already queued is flushed (for at most
 //!   [`FLUSH_DEADLINE`]), the books' snapshots are written once more (at most 500 ms more),
 //!   and the task exits.
@@ -51,6 +66,7 @@ use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{Client, Pipeline};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -58,6 +74,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::store::booklog_key;
 use super::subscriber::RateLimit;
 use super::{backoff, connect, io_timeout, redact, Recovery, RedisFailure};
 use crate::book::OrderBook;
@@ -160,6 +177,17 @@ struct BookState {
     dirty: bool,
     /// A delta did not chain: no snapshot is written until the next exchange snapshot.
     broken: bool,
+    /// Entries pushed to `{p}booklog:` since the snapshot key was last written.
+    logged: usize,
+    /// `{p}booklog:{channel}`, made on first use by the writer.
+    log_key: String,
+}
+
+/// A `last:` key this publisher wrote, renewed (and after a Redis restart rewritten) by the
+/// refresh. One per ticker/candle/status channel the feeds produce: bounded by the config.
+struct LatestKey {
+    key: String,
+    payload: Bytes,
 }
 
 type Connecting = JoinHandle<::redis::RedisResult<MultiplexedConnection>>;
@@ -182,6 +210,9 @@ struct Writer {
     /// `LOADING`: nothing is sent before this.
     paused_until: Option<Instant>,
     error_log: RateLimit,
+    latest: HashMap<Channel, LatestKey>,
+    /// Redis came back (and may have lost its keys): the next refresh rewrites `last:` keys.
+    rewrite_latest: bool,
 }
 
 impl Writer {
@@ -207,6 +238,8 @@ impl Writer {
             degraded: false,
             paused_until: None,
             error_log: RateLimit::new(Duration::from_secs(10)),
+            latest: HashMap::new(),
+            rewrite_latest: false,
         }
     }
 
@@ -229,7 +262,7 @@ impl Writer {
                     if !std::mem::replace(&mut self.sent_since_tick, false) {
                         self.ping().await;
                     }
-                    self.refresh_snapshots().await;
+                    self.refresh_snapshots(None).await;
                 }
                 // Before the very first connection the queue holds what arrives (up to its
                 // bound) so a normal start loses nothing; after that, see `send_batch`.
@@ -286,8 +319,8 @@ impl Writer {
         }
         if self.conn.is_some() {
             // A short extra allowance: the snapshot keys are worth one more write.
-            let _ =
-                tokio::time::timeout(Duration::from_millis(500), self.refresh_snapshots()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.refresh_snapshots(None))
+                .await;
         }
         if let Some(task) = self.connecting.take() {
             task.abort();
@@ -318,10 +351,12 @@ impl Writer {
                 }
                 self.was_connected = true;
                 self.delays = Box::new(backoff(&self.config));
-                // A restarted Redis lost its keys: rewrite every snapshot at the next refresh.
+                // A restarted Redis lost its keys: rewrite every snapshot and latest value at
+                // the next refresh.
                 for state in lock(&self.books).values_mut() {
                     state.dirty = true;
                 }
+                self.rewrite_latest = true;
                 metrics::redis_connected("publish", true);
                 self.health.up(None);
                 info!(url = %redact(&self.config.url), "redis publisher connected");
@@ -412,30 +447,101 @@ impl Writer {
             self.paused_until = None;
         }
         let prefix = &self.config.key_prefix;
+        let ttl = self.config.latest_ttl_ms;
+        let log_max = self.config.booklog_max.max(1);
         let mut pipe = Pipeline::with_capacity(n + n / 4);
-        for msg in batch.iter() {
-            let payload: &[u8] = &msg.envelope;
-            pipe.cmd("PUBLISH")
-                .arg(super::channel_key(prefix, &msg.channel))
-                .arg(payload)
+        // Book channels whose log grew in this batch (trimmed and renewed once each), and
+        // those whose log is half full (snapshot written right after the batch).
+        let mut logs: Vec<Channel> = Vec::new();
+        let mut full: Vec<Channel> = Vec::new();
+        {
+            let mut books = lock(&self.books);
+            for msg in batch.iter() {
+                let payload: &[u8] = &msg.envelope;
+                match msg.kind() {
+                    EventType::Ticker | EventType::Candle | EventType::Status => {
+                        let key = match self.latest.get_mut(&msg.channel) {
+                            Some(l) => {
+                                l.payload = msg.envelope.clone();
+                                &l.key
+                            }
+                            None => {
+                                &self
+                                    .latest
+                                    .entry(msg.channel.clone())
+                                    .or_insert(LatestKey {
+                                        key: super::last_key(prefix, &msg.channel),
+                                        payload: msg.envelope.clone(),
+                                    })
+                                    .key
+                            }
+                        };
+                        set_with_ttl(&mut pipe, key, payload, ttl);
+                    }
+                    EventType::Book => {
+                        // Tracked by `publish` before the queue, so normally present.
+                        let Some(state) = books.get_mut(&msg.channel) else {
+                            pipe.cmd("RPUSH")
+                                .arg(booklog_key(prefix, &msg.channel))
+                                .arg(payload)
+                                .ignore();
+                            if !logs.contains(&msg.channel) {
+                                logs.push(msg.channel.clone());
+                            }
+                            pipe.cmd("PUBLISH")
+                                .arg(super::channel_key(prefix, &msg.channel))
+                                .arg(payload)
+                                .ignore();
+                            continue;
+                        };
+                        if state.log_key.is_empty() {
+                            // Made once per book, not per message.
+                            state.log_key = booklog_key(prefix, &msg.channel);
+                        }
+                        // Only while it is still the newest state of the book: deltas that
+                        // came after it (queued or dropped) are in the tracked book, which
+                        // the refresh writes instead; meanwhile the snapshot goes to the log.
+                        if is_snapshot(msg) && state.last_seq == msg.seq {
+                            set_with_ttl(
+                                &mut pipe,
+                                &super::snapshot_key(prefix, &msg.channel),
+                                payload,
+                                ttl,
+                            );
+                            pipe.cmd("DEL").arg(&state.log_key).ignore();
+                            state.logged = 0;
+                        } else {
+                            pipe.cmd("RPUSH").arg(&state.log_key).arg(payload).ignore();
+                            state.logged += 1;
+                            // A superseded exchange snapshot (deltas already queued after
+                            // it) leaves the key behind the book: write the tracked book now.
+                            if (state.logged >= log_max.div_ceil(2) || is_snapshot(msg))
+                                && !full.contains(&msg.channel)
+                            {
+                                full.push(msg.channel.clone());
+                            }
+                            if !logs.contains(&msg.channel) {
+                                logs.push(msg.channel.clone());
+                            }
+                        }
+                    }
+                    EventType::Trade => {}
+                }
+                pipe.cmd("PUBLISH")
+                    .arg(super::channel_key(prefix, &msg.channel))
+                    .arg(payload)
+                    .ignore();
+            }
+        }
+        for channel in &logs {
+            let log = booklog_key(prefix, channel);
+            pipe.cmd("LTRIM")
+                .arg(&log)
+                .arg(-(log_max as i64))
+                .arg(-1)
                 .ignore();
-            match msg.kind() {
-                EventType::Ticker | EventType::Candle | EventType::Status => {
-                    pipe.cmd("SET")
-                        .arg(super::last_key(prefix, &msg.channel))
-                        .arg(payload)
-                        .ignore();
-                }
-                // Only while it is still the newest state of the book: deltas that came
-                // after it (queued or dropped) are in the tracked book, which the refresh
-                // writes instead.
-                EventType::Book if is_snapshot(msg) && is_latest(&self.books, msg) => {
-                    pipe.cmd("SET")
-                        .arg(super::snapshot_key(prefix, &msg.channel))
-                        .arg(payload)
-                        .ignore();
-                }
-                _ => {}
+            if ttl > 0 {
+                pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
             }
         }
         batch.clear();
@@ -445,6 +551,9 @@ impl Writer {
             Ok(()) => {
                 metrics::envelopes_published(n as u64);
                 self.succeeded();
+                if !full.is_empty() {
+                    self.refresh_snapshots(Some(&full)).await;
+                }
             }
             Err(e) => {
                 // Under OOM Redis still accepts the PUBLISHes and refuses the SETs; the
@@ -467,18 +576,32 @@ impl Writer {
         }
     }
 
-    /// Writes a fresh snapshot envelope for every book that changed since its last write.
-    async fn refresh_snapshots(&mut self) {
+    /// Writes a fresh snapshot envelope (and empties the log) for every book that changed
+    /// since its last write — or only for `only` — and renews the expiry of every key this
+    /// publisher keeps (`last:` keys rewritten after a reconnect).
+    async fn refresh_snapshots(&mut self, only: Option<&[Channel]>) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
         let prefix = &self.config.key_prefix;
+        let ttl = self.config.latest_ttl_ms;
         let mut pipe = Pipeline::new();
         let mut written = Vec::new();
         {
             let books = lock(&self.books);
             for (channel, state) in books.iter() {
+                if only.is_some_and(|only| !only.contains(channel)) {
+                    continue;
+                }
+                let log = booklog_key(prefix, channel);
                 if !state.dirty || state.broken || !state.book.has_snapshot() {
+                    if ttl > 0 && only.is_none() {
+                        pipe.cmd("PEXPIRE")
+                            .arg(super::snapshot_key(prefix, channel))
+                            .arg(ttl)
+                            .ignore();
+                        pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
+                    }
                     continue;
                 }
                 let snapshot = state.book.to_snapshot(&state.template);
@@ -489,31 +612,59 @@ impl Writer {
                     Event::Book(snapshot),
                 );
                 let payload: &[u8] = &msg.envelope;
-                pipe.cmd("SET")
-                    .arg(super::snapshot_key(prefix, channel))
-                    .arg(payload)
-                    .ignore();
+                set_with_ttl(
+                    &mut pipe,
+                    &super::snapshot_key(prefix, channel),
+                    payload,
+                    ttl,
+                );
+                // Everything logged so far is in this snapshot (the tracked book is at least
+                // as new as anything sent): the log starts afresh after it.
+                pipe.cmd("DEL").arg(&log).ignore();
                 written.push((channel.clone(), state.last_seq));
             }
         }
-        if written.is_empty() {
+        let rewrite = only.is_none() && std::mem::take(&mut self.rewrite_latest);
+        if only.is_none() {
+            for latest in self.latest.values() {
+                if rewrite {
+                    set_with_ttl(&mut pipe, &latest.key, &latest.payload, ttl);
+                } else if ttl > 0 {
+                    pipe.cmd("PEXPIRE").arg(&latest.key).arg(ttl).ignore();
+                }
+            }
+        }
+        if pipe.is_empty() {
             return;
         }
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
                 let mut books = lock(&self.books);
                 for (channel, seq) in written {
-                    // Only if nothing newer arrived while the write was in flight.
                     if let Some(state) = books.get_mut(&channel) {
+                        state.logged = 0;
+                        // Only if nothing newer arrived while the write was in flight.
                         if state.last_seq == seq {
                             state.dirty = false;
                         }
                     }
                 }
             }
-            Err(e) => self.failed(RedisFailure::classify(&e)),
+            Err(e) => {
+                self.rewrite_latest |= rewrite;
+                self.failed(RedisFailure::classify(&e));
+            }
         }
     }
+}
+
+/// `SET key value`, with `PX ttl` unless `ttl` is 0.
+fn set_with_ttl(pipe: &mut Pipeline, key: &str, value: &[u8], ttl: u64) {
+    let cmd = pipe.cmd("SET").arg(key).arg(value);
+    if ttl > 0 {
+        cmd.arg("PX").arg(ttl);
+    }
+    cmd.ignore();
 }
 
 /// Applies a book message to its channel's book (the publisher side of `snapshot:` keys).
@@ -529,6 +680,8 @@ fn track_book(books: &mut HashMap<Channel, BookState>, msg: &BusMessage) {
             last_seq: 0,
             dirty: false,
             broken: true,
+            logged: 0,
+            log_key: String::new(),
         });
     state.last_seq = msg.seq;
     state.template = event.clone();
@@ -552,12 +705,6 @@ fn track_book(books: &mut HashMap<Channel, BookState>, msg: &BusMessage) {
 
 fn lock(books: &SharedBooks) -> MutexGuard<'_, HashMap<Channel, BookState>> {
     books.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn is_latest(books: &SharedBooks, msg: &BusMessage) -> bool {
-    lock(books)
-        .get(&msg.channel)
-        .is_none_or(|state| state.last_seq == msg.seq)
 }
 
 fn is_snapshot(msg: &BusMessage) -> bool {

@@ -1,38 +1,67 @@
 //! The latest-value store: what a late-joining bot gets before live events.
 //!
-//! Reads `{p}snapshot:{channel}` for `book` channels and `{p}last:{channel}` for `ticker`
-//! and `candle` channels (written by the publisher); other types have no latest value.
-//! It owns no background task.
+//! Reads `{p}snapshot:{channel}` for `book` channels and `{p}last:{channel}` for `ticker`,
+//! `candle` and `status` channels (written by the publisher); trades have no latest value.
+//! For books it also reads `{p}booklog:{channel}`, the publisher's short log of the book
+//! messages published since (or shortly before) that snapshot, **in the same MULTI/EXEC**:
+//! the snapshot and the log are one consistent view, so the gateway can replay the log's
+//! deltas after the snapshot's `seq` and meet the live pub/sub deltas exactly.
+//! It owns no background task and no retry policy (the router backs off).
+//!
+//! Bounds: a value's length is checked first (`STRLEN`), so a value over
+//! `max_snapshot_bytes` is refused *without being transferred*; then `STRLEN` + `GETRANGE
+//! 0 max-1` (+ the log) in one transaction, so a value that grew meanwhile still costs at
+//! most the bound; the log is read
+//! as its newest `booklog_max` entries and an entry over the bound is refused. Refusals
+//! (oversize, not an envelope of that channel, wrong key type) are counted in
+//! `mdbridge_store_values_refused_total`, logged rate-limited, and answered as "nothing
+//! stored".
 //!
 //! Reconnect behaviour:
 //!
 //! - [`RedisStore::connect`] connects once and fails with a clear error if Redis is
 //!   unreachable.
-//! - Any error on a `GET` is returned to the caller. A connection failure (or a reply
-//!   slower than `probe_timeout_ms`, or `READONLY`) also drops the connection and the next
-//!   call connects afresh; an error reply on a live connection keeps it. There is no backoff:
-//!   calls are driven by bot subscriptions, and each one waits at most the timeout.
+//! - Any error is returned to the caller. A connection failure (or a reply slower than
+//!   `probe_timeout_ms`, or `READONLY`) also drops the connection and the next call
+//!   connects afresh; an error reply on a live connection keeps it. There is no backoff
+//!   here: calls are driven by bot subscriptions, each waits at most the timeout, and the
+//!   router spaces its retries out.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::Client;
 use bytes::Bytes;
 
 use super::{connect, io_timeout, last_key, redact, snapshot_key, Recovery, RedisFailure};
-use crate::bus::{BusError, SnapshotStore, StoreFuture};
+use crate::bus::{BookFuture, BusError, SnapshotStore, StoreFuture, StoredBook};
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
 use crate::event::{Channel, EventType};
+use crate::metrics;
+
+/// The catch-up log of a book channel: `{p}booklog:{channel}`, a list of envelopes.
+pub fn booklog_key(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}booklog:{channel}")
+}
 
 /// Reads the latest-value keys; implements [`SnapshotStore`].
 pub struct RedisStore {
     client: Client,
     prefix: String,
     timeout: Duration,
+    max_bytes: u64,
+    max_log: usize,
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// When the last refusal was logged (one line per 10 s).
+    refused_log: Mutex<Option<Instant>>,
 }
+
+/// `STRLEN`, bounded `GETRANGE`, and the log entries when asked for.
+type RawRead = (u64, Vec<u8>, Option<Vec<Vec<u8>>>);
+
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl RedisStore {
     /// Connects to `config.url`.
@@ -50,7 +79,10 @@ impl RedisStore {
             client,
             prefix: config.key_prefix.clone(),
             timeout,
+            max_bytes: config.max_snapshot_bytes.max(1) as u64,
+            max_log: config.booklog_max.max(1),
             conn: Mutex::new(Some(conn)),
+            refused_log: Mutex::new(None),
         })
     }
 
@@ -69,22 +101,89 @@ impl RedisStore {
         }
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+    async fn conn(&self) -> Result<MultiplexedConnection, BusError> {
         // The multiplexed connection is shared by cloning. The lock only guards the slot and
         // is never held across an await: while Redis is down each caller tries (and times
         // out) on its own instead of queueing behind one another's connect attempts.
         let current = self.slot().clone();
-        let mut conn = match current {
-            Some(c) => c,
+        match current {
+            Some(c) => Ok(c),
             None => {
                 let c = connect(&self.client, self.timeout).await?;
-                self.slot().get_or_insert(c).clone()
+                Ok(self.slot().get_or_insert(c).clone())
             }
+        }
+    }
+
+    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` first, so an
+    /// oversize value is refused without being transferred; then `STRLEN` + `GETRANGE 0
+    /// max-1` (+ `LRANGE`) as one transaction, so even a value that grew in between costs
+    /// at most the bound. `None` when the key is absent or its value was refused.
+    async fn read(
+        &self,
+        key: &str,
+        log: Option<&str>,
+    ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, BusError> {
+        let mut conn = self.conn().await?;
+        let len: ::redis::RedisResult<u64> =
+            ::redis::cmd("STRLEN").arg(key).query_async(&mut conn).await;
+        let len = match self.check(key, len)? {
+            None | Some(0) => return Ok(None),
+            Some(len) => len,
         };
-        let reply: ::redis::RedisResult<Option<Vec<u8>>> =
-            ::redis::cmd("GET").arg(key).query_async(&mut conn).await;
+        if self.oversize(key, len) {
+            return Ok(None);
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("STRLEN")
+            .arg(key)
+            .cmd("GETRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(self.max_bytes.saturating_sub(1));
+        if let Some(log) = log {
+            pipe.cmd("LRANGE")
+                .arg(log)
+                .arg(-(self.max_log as i64))
+                .arg(-1);
+        }
+        let reply: ::redis::RedisResult<RawRead> = if log.is_some() {
+            pipe.query_async(&mut conn).await
+        } else {
+            pipe.query_async::<(u64, Vec<u8>)>(&mut conn)
+                .await
+                .map(|(n, v)| (n, v, None))
+        };
+        let Some((len, value, entries)) = self.check(key, reply)? else {
+            return Ok(None);
+        };
+        if len == 0 || self.oversize(key, len) {
+            return Ok(None);
+        }
+        let mut log_entries = entries.unwrap_or_default();
+        let before = log_entries.len();
+        log_entries.retain(|e| e.len() as u64 <= self.max_bytes);
+        if log_entries.len() != before {
+            self.refused(
+                log.unwrap_or_default(),
+                "oversize",
+                "log entries over redis.max_snapshot_bytes",
+            );
+        }
+        Ok(Some((value, log_entries)))
+    }
+
+    /// A reply, or `None` (refused, counted) when something that is not ours sits under
+    /// our key, or the error (the connection is dropped: a fresh one next time is the
+    /// cheap safe choice).
+    fn check<T>(&self, key: &str, reply: ::redis::RedisResult<T>) -> Result<Option<T>, BusError> {
         match reply {
-            Ok(v) => Ok(v),
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                self.refused(key, "invalid", "the key holds the wrong Redis type");
+                Ok(None)
+            }
             Err(e) => {
                 // A dead connection (or a replica after a failover) is replaced next time;
                 // an error reply on a live one (NOPERM, LOADING...) keeps it.
@@ -93,6 +192,43 @@ impl RedisStore {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    fn oversize(&self, key: &str, len: u64) -> bool {
+        if len <= self.max_bytes {
+            return false;
+        }
+        let e = BusError::TooLarge {
+            key: key.to_string(),
+            bytes: len,
+            limit: self.max_bytes,
+        };
+        self.refused(key, "oversize", &e.to_string());
+        true
+    }
+
+    /// Decodes `bytes` as an envelope of `channel`, or counts and logs the refusal.
+    fn decode(&self, key: &str, channel: &Channel, bytes: Vec<u8>) -> Option<BusMessage> {
+        match BusMessage::decode(channel.clone(), Bytes::from(bytes)) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.refused(key, "invalid", &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn refused(&self, key: &str, reason: &'static str, detail: &str) {
+        metrics::store_value_refused(reason);
+        let mut last = self
+            .refused_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY) {
+            *last = Some(now);
+            tracing::warn!(key, reason, detail, "stored value refused");
         }
     }
 }
@@ -104,10 +240,38 @@ impl SnapshotStore for RedisStore {
             let Some(key) = self.key(&channel) else {
                 return Ok(None);
             };
-            match self.get(&key).await? {
-                Some(bytes) => Ok(Some(BusMessage::decode(channel, Bytes::from(bytes))?)),
-                None => Ok(None),
+            Ok(self
+                .read(&key, None)
+                .await?
+                .and_then(|(value, _)| self.decode(&key, &channel, value)))
+        })
+    }
+
+    fn book(&self, channel: &Channel) -> BookFuture<'_> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            if channel.kind() != EventType::Book {
+                return Ok(None);
             }
+            let key = snapshot_key(&self.prefix, &channel);
+            let log_key = booklog_key(&self.prefix, &channel);
+            let Some((value, entries)) = self.read(&key, Some(&log_key)).await? else {
+                return Ok(None);
+            };
+            let Some(snapshot) = self.decode(&key, &channel, value) else {
+                return Ok(None);
+            };
+            // An entry that is not a book envelope of this channel is dropped here; if it
+            // mattered, the chain check of the reader notices the hole.
+            let log = entries
+                .into_iter()
+                .filter_map(|e| self.decode(&log_key, &channel, e))
+                .filter(|m| m.book.is_some())
+                .collect();
+            Ok(Some(StoredBook { snapshot, log }))
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -38,6 +38,9 @@
 //!   subscribed mode with `["pong", nonce]`). A pong not back within `probe_timeout_ms`
 //!   counts a `redis_probe_timeouts` and the session is rebuilt. The probe needs no
 //!   `PUBLISH`, so an executor's ACL user can be denied publishing altogether.
+//! - The bus state ([`BusState`]) follows the same transitions as health: `Down(cause)` when
+//!   a session ends (not on shutdown), `Up` once the new one is subscribed; the gateway
+//!   tells the bots of affected channels.
 //! - Sequence tracking survives reconnects, so envelopes missed while disconnected are
 //!   counted as lost when the next one arrives.
 //! - The task ends when `shutdown` is cancelled or the receiver of `out` is dropped.
@@ -58,7 +61,7 @@ use uuid::Uuid;
 
 use super::interest::{reconcile, Filter, Plan};
 use super::{backoff, io_timeout, redact, Recovery, RedisFailure};
-use crate::bus::Interest;
+use crate::bus::{BusState, Interest};
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
 use crate::event::Channel;
@@ -77,6 +80,20 @@ impl RedisSubscriber {
         interest: watch::Receiver<Interest>,
         out: mpsc::Sender<BusMessage>,
         health: HealthHandle,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
+        let (bus_state, _) = watch::channel(BusState::Up);
+        Self::spawn_with_state(config, src, interest, out, health, bus_state, shutdown)
+    }
+
+    /// [`RedisSubscriber::spawn`] that also reports the bus up/down on `bus_state`.
+    pub fn spawn_with_state(
+        config: RedisConfig,
+        src: Uuid,
+        interest: watch::Receiver<Interest>,
+        out: mpsc::Sender<BusMessage>,
+        health: HealthHandle,
+        bus_state: watch::Sender<BusState>,
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
@@ -103,6 +120,7 @@ impl RedisSubscriber {
                 overflow_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
                 refused_log: RateLimit::new(Duration::from_secs(10)),
+                bus_state,
             };
             sub.run(shutdown).await;
         })
@@ -136,6 +154,7 @@ struct Subscriber {
     session_was_up: bool,
     /// Subscriptions refused with an error reply (ACL, loading): logged at most this often.
     refused_log: RateLimit,
+    bus_state: watch::Sender<BusState>,
 }
 
 impl Subscriber {
@@ -155,6 +174,7 @@ impl Subscriber {
                 }
                 End::Reconnect(cause) => {
                     warn!(cause = %cause, "redis subscription lost; reconnecting");
+                    BusState::set_down(&self.bus_state, &cause);
                     self.health.down(cause);
                 }
             }
@@ -202,6 +222,7 @@ impl Subscriber {
         if retry_at.is_none() {
             self.health.up(None);
         }
+        BusState::set_up(&self.bus_state);
         self.session_was_up = true;
         info!(url = %redact(&self.config.url), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
 

@@ -1,0 +1,193 @@
+//! The router's own state, driven directly (no sockets): what it keeps after churn.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::{Command, Router};
+use crate::bus::{Interest, SnapshotStore, StoreFuture};
+use crate::config::SlowClientPolicy;
+use crate::envelope::BusMessage;
+use crate::event::{Channel, Event, Exchange, Pattern, Side, Trade};
+use crate::gateway::client::{ClientQueue, Outbound};
+use crate::gateway::protocol::{Op, Request};
+use crate::gateway::StatsInner;
+
+/// A store that never has anything.
+struct Empty;
+
+impl SnapshotStore for Empty {
+    fn latest(&self, _channel: &Channel) -> StoreFuture<'_> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+fn router(store: Option<Arc<dyn SnapshotStore>>) -> (Router, watch::Receiver<Interest>) {
+    let (interest, rx) = watch::channel(Interest::default());
+    // Store answers are not read here (a closed channel refuses them at once).
+    let (commands, _) = mpsc::channel(16);
+    let stats = Arc::new(StatsInner::default());
+    (Router::new(interest, store, commands, stats, 1_000), rx)
+}
+
+fn client(router: &mut Router, id: u64) -> Arc<ClientQueue> {
+    let queue = Arc::new(ClientQueue::new(
+        id,
+        1_000_000,
+        SlowClientPolicy::DropOldest,
+        Arc::new(StatsInner::default()),
+    ));
+    router.on_command(Command::Connect {
+        id,
+        queue: queue.clone(),
+    });
+    queue
+}
+
+fn request(router: &mut Router, id: u64, op: Op) {
+    router.on_command(Command::Request {
+        id,
+        request: Request { op, req: None },
+    });
+}
+
+fn patterns(names: &[String]) -> Vec<Pattern> {
+    names.iter().map(|n| Pattern::parse(n).unwrap()).collect()
+}
+
+fn trade(symbol: &str, id: u64) -> BusMessage {
+    BusMessage::encode(
+        Uuid::nil(),
+        id,
+        1,
+        Event::Trade(Trade {
+            exchange: Exchange::Binance,
+            symbol: symbol.into(),
+            ts: None,
+            ts_recv: 1,
+            trade_id: id.to_string(),
+            price: "1".into(),
+            size: "1".into(),
+            side: Some(Side::Buy),
+        }),
+    )
+}
+
+/// Trades the queue holds, by id.
+fn trades(queue: &ClientQueue) -> Vec<String> {
+    let mut out = Vec::new();
+    queue.take_batch(&mut out, usize::MAX);
+    out.into_iter()
+        .filter_map(|f| match f {
+            Outbound::Market { text, .. } => {
+                let v: serde_json::Value = serde_json::from_str(text.as_str()).ok()?;
+                (v["type"] == "trade").then(|| v["trade_id"].as_str().unwrap().to_string())
+            }
+            Outbound::Control(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn churned_names_leave_no_state_behind_and_a_steady_bot_gets_every_event() {
+    let store: Arc<dyn SnapshotStore> = Arc::new(Empty);
+    let (mut r, interest) = router(Some(store));
+    let steady = client(&mut r, 1);
+    let _churn = client(&mut r, 2);
+    request(
+        &mut r,
+        1,
+        Op::Subscribe {
+            patterns: patterns(&["trade:binance:BTC-USDT".into()]),
+            since: false,
+        },
+    );
+    let mut sent = 0u64;
+    for i in 0..5_000u64 {
+        // Exact names of every kind, and a wildcard, each subscribed then dropped.
+        let names: Vec<String> = vec![
+            format!("book:binance:C{i}-USDT"),
+            format!("ticker:binance:C{i}-USDT"),
+            format!("trade:okx:C{i}-USDT"),
+            format!("candle:binance:C{i}-USDT:1m"),
+            format!("trade:*:C{i}-USDT"),
+        ];
+        request(
+            &mut r,
+            2,
+            Op::Subscribe {
+                patterns: patterns(&names),
+                since: false,
+            },
+        );
+        if i % 10 == 0 {
+            sent += 1;
+            r.on_message(trade("BTC-USDT", sent), false);
+            // A straggler on a name just dropped must not bring its state back.
+            r.on_message(trade(&format!("C{}-USDT", i.saturating_sub(1)), 1), false);
+        }
+        request(
+            &mut r,
+            2,
+            Op::Unsubscribe {
+                patterns: patterns(&names),
+            },
+        );
+    }
+    assert_eq!(
+        r.channel_count(),
+        1,
+        "only the steady bot's channel is held"
+    );
+    assert_eq!(r.patterns.len(), 1);
+    assert!(r.wildcards.is_empty());
+    assert_eq!(interest.borrow().len(), 1);
+    let got = trades(&steady);
+    let want: Vec<String> = (1..=sent).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every trade, once, in order");
+
+    // A disconnect leaves nothing either.
+    request(
+        &mut r,
+        2,
+        Op::Subscribe {
+            patterns: patterns(&["book:*:*".into(), "ticker:binance:X-USDT".into()]),
+            since: false,
+        },
+    );
+    r.on_command(Command::Disconnect { id: 2 });
+    r.on_command(Command::Disconnect { id: 1 });
+    assert_eq!(r.channel_count(), 0);
+    assert!(r.patterns.is_empty() && r.clients.is_empty());
+}
+
+#[tokio::test]
+async fn without_a_store_channels_that_carry_messages_are_kept_and_wished_ones_are_not() {
+    let (mut r, _interest) = router(None);
+    let _bot = client(&mut r, 1);
+    r.on_message(trade("BTC-USDT", 1), false);
+    for i in 0..1_000 {
+        let names = vec![format!("ticker:binance:C{i}-USDT")];
+        request(
+            &mut r,
+            1,
+            Op::Subscribe {
+                patterns: patterns(&names),
+                since: false,
+            },
+        );
+        request(
+            &mut r,
+            1,
+            Op::Unsubscribe {
+                patterns: patterns(&names),
+            },
+        );
+    }
+    assert_eq!(
+        r.channel_count(),
+        1,
+        "the channel that carried a message stays (its cache is complete without a store)"
+    );
+}
