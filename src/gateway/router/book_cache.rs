@@ -313,8 +313,10 @@ impl BookCache {
         Next::Idle
     }
 
-    /// The store has no snapshot for this book. The first time (and only then) the
-    /// subscribers hear that nothing publishes it yet; the reads are spaced out.
+    /// The store has no snapshot for this book. Once the misses have lasted a while
+    /// ([`MISSING_NOTICE_AFTER`] reads in a row, about 1.5 s, so a bot joining while the
+    /// publisher starts hears nothing alarming), and only then, the subscribers hear that
+    /// nothing publishes it yet; the reads are spaced out.
     pub(super) fn on_missing(
         &mut self,
         channel: &Channel,
@@ -324,7 +326,11 @@ impl BookCache {
             return Next::Idle;
         }
         self.phase = Phase::Waiting;
-        if !self.ever_live && self.buffer.is_empty() && self.missing.is_none() {
+        if !self.ever_live
+            && self.buffer.is_empty()
+            && self.missing.is_none()
+            && self.attempt >= MISSING_NOTICE_AFTER
+        {
             let status = status_text(
                 channel.exchange(),
                 StatusState::Error,
@@ -424,6 +430,10 @@ fn is_snapshot(m: &BusMessage) -> bool {
 fn is_old(book: &OrderBook, d: &Book) -> bool {
     d.seq.unwrap_or(0) <= book.seq().unwrap_or(0)
 }
+
+/// Reads in a row that found no snapshot before the subscribers hear "no publisher yet"
+/// (with the backoff from 100 ms, the fifth miss comes about 1.5 s after the first).
+const MISSING_NOTICE_AFTER: u32 = 4;
 
 fn resync_status(channel: &Channel, reason: &str) -> (Utf8Bytes, u64) {
     status_text(
