@@ -26,6 +26,7 @@ pub const ENVELOPES_LOST: &str = "mdbridge_envelopes_lost_total";
 pub const ENVELOPES_DUPLICATE: &str = "mdbridge_envelopes_duplicate_total";
 pub const ENVELOPES_INVALID: &str = "mdbridge_envelopes_invalid_total";
 pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
+pub const ENVELOPE_SEQ_ANOMALIES: &str = "mdbridge_envelope_seq_anomalies_total";
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
@@ -126,7 +127,7 @@ fn describe() {
     );
     describe_counter!(
         ENVELOPES_LOST,
-        "Envelopes missing from a (src, channel) sequence: lost by pub/sub."
+        "Envelopes missing from a (src, channel) sequence: lost by pub/sub (gaps up to 100 000, counted once confirmed)."
     );
     describe_counter!(
         ENVELOPES_DUPLICATE,
@@ -134,7 +135,11 @@ fn describe() {
     );
     describe_counter!(
         ENVELOPES_INVALID,
-        "Malformed envelopes received from Redis and skipped."
+        "Envelopes from Redis (pub/sub or latest-value keys) refused, by reason: too_large, json, src, channel, channel_name, field, ts, signature."
+    );
+    describe_counter!(
+        ENVELOPE_SEQ_ANOMALIES,
+        "Envelopes whose seq does not fit their (src, channel) stream, by kind: jump (far ahead) or back (a step back; dropped when signed)."
     );
     describe_counter!(REDIS_RECONNECTS, "Redis reconnects, by connection role.");
     describe_gauge!(
@@ -209,8 +214,13 @@ pub fn envelope_duplicate() {
 pub fn envelope_overflow() {
     counter!(ENVELOPES_OVERFLOW).increment(1);
 }
-pub fn envelope_invalid() {
-    counter!(ENVELOPES_INVALID).increment(1);
+/// `reason` is one of the labels listed in the description of [`ENVELOPES_INVALID`].
+pub fn envelope_invalid(reason: &'static str) {
+    counter!(ENVELOPES_INVALID, "reason" => reason).increment(1);
+}
+/// `kind` is `"jump"` or `"back"`.
+pub fn envelope_seq_anomaly(kind: &'static str) {
+    counter!(ENVELOPE_SEQ_ANOMALIES, "kind" => kind).increment(1);
 }
 /// `role` is `"publish"` or `"subscribe"`.
 pub fn redis_reconnect(role: &'static str) {

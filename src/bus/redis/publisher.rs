@@ -170,6 +170,8 @@ struct Writer {
     /// A pipeline went out since the last refresh tick (else the tick pings).
     sent_since_tick: bool,
     books: SharedBooks,
+    /// Signs the refreshed snapshot envelopes (`[redis] signing_keys`), like the Sequencer.
+    keys: Option<Arc<crate::bus::signing::Keyring>>,
 }
 
 impl Writer {
@@ -181,7 +183,9 @@ impl Writer {
         books: SharedBooks,
     ) -> Writer {
         let delays = Box::new(backoff(&config));
+        let keys = crate::bus::signing::Keyring::from_config(&config);
         Writer {
+            keys,
             config,
             src,
             client,
@@ -417,11 +421,13 @@ impl Writer {
                     continue;
                 }
                 let snapshot = state.book.to_snapshot(&state.template);
-                let msg = BusMessage::encode(
+                let msg = BusMessage::encode_signed(
+                    channel.clone(),
                     self.src,
                     state.last_seq,
                     now_micros(),
                     Event::Book(snapshot),
+                    self.keys.as_deref(),
                 );
                 let payload: &[u8] = &msg.envelope;
                 pipe.cmd("SET")

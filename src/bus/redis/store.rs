@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::{connect, io_timeout, last_key, redact, snapshot_key};
 use crate::bus::{BusError, SnapshotStore, StoreFuture};
 use crate::config::RedisConfig;
-use crate::envelope::BusMessage;
+use crate::envelope::{BusMessage, DecodePolicy};
 use crate::event::{Channel, EventType};
 
 /// Reads the latest-value keys; implements [`SnapshotStore`].
@@ -31,6 +31,8 @@ pub struct RedisStore {
     prefix: String,
     timeout: Duration,
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// Values are checked like pub/sub envelopes: size, signature, event vs channel.
+    policy: DecodePolicy,
 }
 
 impl RedisStore {
@@ -50,6 +52,7 @@ impl RedisStore {
             prefix: config.key_prefix.clone(),
             timeout,
             conn: Mutex::new(Some(conn)),
+            policy: DecodePolicy::from_config(config),
         })
     }
 
@@ -101,7 +104,15 @@ impl SnapshotStore for RedisStore {
                 return Ok(None);
             };
             match self.get(&key).await? {
-                Some(bytes) => Ok(Some(BusMessage::decode(channel, Bytes::from(bytes))?)),
+                Some(bytes) => {
+                    match BusMessage::decode_with(channel, Bytes::from(bytes), &self.policy) {
+                        Ok(m) => Ok(Some(m)),
+                        Err(e) => {
+                            crate::metrics::envelope_invalid(e.reason());
+                            Err(e.into())
+                        }
+                    }
+                }
                 None => Ok(None),
             }
         })
