@@ -46,6 +46,33 @@ fn envelope(c: &mut Criterion) {
     c.bench_function("envelope_decode_trade", |b| {
         b.iter(|| black_box(BusMessage::decode(channel.clone(), payload.clone())))
     });
+    // Reference for what validation costs: the bare borrowed parse the executor did before
+    // it checked events (envelope, `src`, then only `type` and `ts_recv` of the event).
+    c.bench_function("envelope_decode_trade_parse_only_reference", |b| {
+        b.iter(|| black_box(parse_only(&payload)))
+    });
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeRef<'a> {
+    src: &'a str,
+    seq: u64,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
+}
+
+#[derive(serde::Deserialize)]
+struct EventHead {
+    #[serde(rename = "type")]
+    kind: mdbridge::event::EventType,
+    ts_recv: u64,
+}
+
+fn parse_only(payload: &[u8]) -> Option<(Uuid, u64, mdbridge::event::EventType, u64)> {
+    let env: EnvelopeRef<'_> = serde_json::from_slice(payload).ok()?;
+    let src = Uuid::parse_str(env.src).ok()?;
+    let head: EventHead = serde_json::from_str(env.event.get()).ok()?;
+    Some((src, env.seq, head.kind, head.ts_recv))
 }
 
 fn signing(c: &mut Criterion) {
