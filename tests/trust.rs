@@ -263,8 +263,32 @@ async fn envelopes_that_do_not_fit_their_channel_or_protocol_are_dropped_by_reas
         m("mdbridge_envelopes_invalid_total").await >= 6.0
     })
     .await;
+
+    // Latest-value keys get the same checks: a BTC-USDT ticker in BNB-BTC's key is not
+    // served to the first ticker subscriber.
+    let ticker = format!(
+        r#"{{"type":"ticker","exchange":"binance","symbol":"BTC-USDT","ts":null,"ts_recv":{},"bid":"99999","bid_size":"1","ask":null,"ask_size":null,"last":null,"volume_24h":null}}"#,
+        now_micros()
+    );
+    let mut c = s.redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg(TICKER_KEY)
+        .arg(envelope(other, 1, &ticker))
+        .query(&mut c)
+        .expect("SET");
+    let mut tickers = Bot::connect(&s.executor.bots_url()).await;
+    tickers.subscribe(&["ticker:binance:BNB-BTC"]).await;
+    wait_until("the forged key refused", WAIT, || async {
+        m(r#"mdbridge_envelopes_invalid_total{reason="channel"}"#).await >= 3.0
+    })
+    .await;
+    wait_subscribed(&s.redis, "md:ticker:binance:BNB-BTC").await;
+    s.exchange.send(TICKER);
+    let (t, _) = tickers.until(WAIT, |v| v["type"] == "ticker").await;
+    assert_eq!(t["bid"], "0.0024", "the genuine ticker, not the forged key");
+
     for (reason, n) in [
-        ("channel", 2.0),
+        ("channel", 3.0),
         ("ts", 1.0),
         ("field", 2.0),
         ("too_large", 1.0),
@@ -400,11 +424,16 @@ async fn signed_books_reach_a_late_joiner_and_chain() {
     let (snap, _) = bot.until(WAIT, |v| v["type"] == "book").await;
     assert_eq!(snap["action"], "snapshot", "{snap}");
     let mut prev = snap["seq"].as_u64().expect("seq");
-    for _ in 0..20 {
-        let (d, _) = bot.until(WAIT, |v| v["type"] == "book").await;
-        assert_eq!(d["action"], "delta", "{d}");
-        assert_eq!(d["prev_seq"].as_u64(), Some(prev), "chains: {d}");
-        prev = d["seq"].as_u64().expect("seq");
+    let mut deltas = 0;
+    while deltas < 20 {
+        let (b, _) = bot.until(WAIT, |v| v["type"] == "book").await;
+        // A first subscription may still be resynced once (issue 9 §1, not this slice):
+        // a fresh snapshot restarts the chain; every delta must chain onto what precedes.
+        if b["action"] == "delta" {
+            assert_eq!(b["prev_seq"].as_u64(), Some(prev), "chains: {b}");
+            deltas += 1;
+        }
+        prev = b["seq"].as_u64().expect("seq");
     }
     assert_eq!(
         executor.metric("mdbridge_envelopes_invalid_total").await,

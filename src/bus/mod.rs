@@ -31,6 +31,7 @@ pub mod redis;
 pub(crate) mod redis_test_server;
 pub mod seq;
 pub mod signing;
+pub mod throttle;
 pub mod validate;
 
 /// The subscription patterns some local bot holds; the Redis subscriber follows this set.

@@ -31,8 +31,10 @@ pub struct RedisStore {
     prefix: String,
     timeout: Duration,
     conn: Mutex<Option<MultiplexedConnection>>,
-    /// Values are checked like pub/sub envelopes: size, signature, event vs channel.
+    /// Values are checked like pub/sub envelopes: size, signature, event vs channel; a
+    /// refused one counts as no value (counted, logged at most every 10 s).
     policy: DecodePolicy,
+    invalid_log: crate::bus::throttle::Throttle,
 }
 
 impl RedisStore {
@@ -53,6 +55,7 @@ impl RedisStore {
             timeout,
             conn: Mutex::new(Some(conn)),
             policy: DecodePolicy::from_config(config),
+            invalid_log: crate::bus::throttle::Throttle::new(Duration::from_secs(10)),
         })
     }
 
@@ -109,7 +112,12 @@ impl SnapshotStore for RedisStore {
                         Ok(m) => Ok(Some(m)),
                         Err(e) => {
                             crate::metrics::envelope_invalid(e.reason());
-                            Err(e.into())
+                            if let Some(suppressed) = self.invalid_log.allow() {
+                                let cause: String =
+                                    e.to_string().escape_debug().take(300).collect();
+                                tracing::warn!(%key, reason = e.reason(), %cause, suppressed, "latest-value key from redis refused");
+                            }
+                            Ok(None)
                         }
                     }
                 }
