@@ -27,6 +27,21 @@ pub const ENVELOPES_DUPLICATE: &str = "mdbridge_envelopes_duplicate_total";
 pub const ENVELOPES_INVALID: &str = "mdbridge_envelopes_invalid_total";
 pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
 pub const ENVELOPE_SEQ_ANOMALIES: &str = "mdbridge_envelope_seq_anomalies_total";
+
+/// Every `reason` label of [`ENVELOPES_INVALID`] (`EnvelopeError::reason`, plus
+/// `channel_name` from the subscriber).
+pub const ENVELOPE_INVALID_REASONS: [&str; 8] = [
+    "too_large",
+    "signature",
+    "json",
+    "src",
+    "channel",
+    "channel_name",
+    "field",
+    "ts",
+];
+/// Every `kind` label of [`ENVELOPE_SEQ_ANOMALIES`].
+pub const ENVELOPE_SEQ_ANOMALY_KINDS: [&str; 2] = ["jump", "back"];
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
@@ -66,6 +81,7 @@ pub fn install() -> PrometheusHandle {
             // A second recorder (e.g. tests embedding the library) keeps the first one.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            zero_trust_series();
             spawn_upkeep(handle.clone());
             handle
         })
@@ -88,6 +104,17 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The labelled series of the Redis trust boundary exist from start at 0, so alerts on
+/// forged envelopes can be written before the first one arrives.
+fn zero_trust_series() {
+    for reason in ENVELOPE_INVALID_REASONS {
+        counter!(ENVELOPES_INVALID, "reason" => reason).increment(0);
+    }
+    for kind in ENVELOPE_SEQ_ANOMALY_KINDS {
+        counter!(ENVELOPE_SEQ_ANOMALIES, "kind" => kind).increment(0);
+    }
+}
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
