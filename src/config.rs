@@ -71,6 +71,9 @@ pub struct RedisConfig {
     /// `"kid=secret"` entries. Publishers sign every envelope with the first; executors
     /// accept any listed key and drop unsigned or badly signed envelopes. Empty: unsigned.
     pub signing_keys: Vec<SigningKey>,
+    /// With signing keys: a pub/sub envelope published longer ago than this is a replay
+    /// and dropped (latest-value keys are exempt). 0: no limit.
+    pub max_envelope_age_ms: u64,
 }
 
 /// Default of `redis.max_envelope_bytes`: 1 MiB, three times a 5 000-level book snapshot.
@@ -159,6 +162,7 @@ impl Default for RedisConfig {
             snapshot_interval_ms: 1_000,
             max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
             signing_keys: Vec::new(),
+            max_envelope_age_ms: 300_000,
         }
     }
 }

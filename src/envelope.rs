@@ -43,6 +43,8 @@ pub enum EnvelopeError {
     Invalid(#[from] Invalid),
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    #[error("signed envelope published {age_ms} ms ago, over redis.max_envelope_age_ms: a replay")]
+    Stale { age_ms: u64 },
 }
 
 impl EnvelopeError {
@@ -53,6 +55,7 @@ impl EnvelopeError {
             EnvelopeError::BadSrc => "src",
             EnvelopeError::Invalid(e) => e.reason(),
             EnvelopeError::Signature(_) => "signature",
+            EnvelopeError::Stale { .. } => "stale",
         }
     }
 }
@@ -64,6 +67,10 @@ pub struct DecodePolicy {
     pub max_bytes: usize,
     /// `Some`: only envelopes signed with one of these keys are accepted.
     pub keys: Option<Arc<Keyring>>,
+    /// `Some(µs)`: an envelope whose `ts_pub` is older than this is refused as a replay.
+    /// Only meaningful for live pub/sub with signatures (`ts_pub` is then authentic);
+    /// latest-value keys are legitimately old on quiet channels.
+    pub max_age_micros: Option<u64>,
 }
 
 impl Default for DecodePolicy {
@@ -71,17 +78,29 @@ impl Default for DecodePolicy {
         DecodePolicy {
             max_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
             keys: None,
+            max_age_micros: None,
         }
     }
 }
 
 impl DecodePolicy {
-    /// `redis.max_envelope_bytes` and `redis.signing_keys`.
+    /// `redis.max_envelope_bytes` and `redis.signing_keys`: for latest-value keys.
     pub fn from_config(config: &RedisConfig) -> DecodePolicy {
         DecodePolicy {
             max_bytes: config.max_envelope_bytes,
             keys: Keyring::from_config(config),
+            max_age_micros: None,
         }
+    }
+
+    /// [`DecodePolicy::from_config`] plus, when signatures are required,
+    /// `redis.max_envelope_age_ms` (0: none): for live pub/sub envelopes.
+    pub fn for_pubsub(config: &RedisConfig) -> DecodePolicy {
+        let mut policy = DecodePolicy::from_config(config);
+        if policy.signed() && config.max_envelope_age_ms > 0 {
+            policy.max_age_micros = Some(config.max_envelope_age_ms.saturating_mul(1_000));
+        }
+        policy
     }
 
     /// Envelopes must be signed: their `seq` can be replayed but not forged.
@@ -218,6 +237,14 @@ impl BusMessage {
         let src = Uuid::parse_str(env.src).map_err(|_| EnvelopeError::BadSrc)?;
         let now = now_micros();
         validate::not_future("ts_pub", env.ts_pub, now.saturating_add(MAX_FUTURE_MICROS))?;
+        if let Some(max_age) = policy.max_age_micros {
+            let age = now.saturating_sub(env.ts_pub);
+            if age > max_age {
+                return Err(EnvelopeError::Stale {
+                    age_ms: age / 1_000,
+                });
+            }
+        }
         let raw = env.event.get();
         // `raw` borrows from `payload`, so its offset locates the event inside the envelope.
         let start = raw.as_ptr() as usize - payload.as_ptr() as usize;
@@ -310,7 +337,7 @@ mod tests {
     fn refusals_are_labelled_by_reason() {
         let p = DecodePolicy {
             max_bytes: 1024,
-            keys: None,
+            ..DecodePolicy::default()
         };
         let ok = BusMessage::encode(Uuid::new_v4(), 1, 1, trade());
         let text = std::str::from_utf8(&ok.envelope).unwrap().to_string();
@@ -388,5 +415,22 @@ mod tests {
             reason(&strict, chan.as_str(), tampered.as_bytes()),
             "signature"
         );
+
+        // With an age bound, an old signed envelope (ts_pub 4 µs after the epoch) is a
+        // replay; a fresh one passes.
+        let live = DecodePolicy {
+            max_age_micros: Some(60_000_000),
+            ..strict.clone()
+        };
+        assert_eq!(reason(&live, chan.as_str(), &signed.envelope), "stale");
+        let fresh = BusMessage::encode_signed(
+            chan.clone(),
+            src,
+            4,
+            now_micros(),
+            trade(),
+            Some(ring.as_ref()),
+        );
+        assert_eq!(reason(&live, chan.as_str(), &fresh.envelope), "ok");
     }
 }

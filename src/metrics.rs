@@ -30,9 +30,10 @@ pub const ENVELOPE_SEQ_ANOMALIES: &str = "mdbridge_envelope_seq_anomalies_total"
 
 /// Every `reason` label of [`ENVELOPES_INVALID`] (`EnvelopeError::reason`, plus
 /// `channel_name` from the subscriber).
-pub const ENVELOPE_INVALID_REASONS: [&str; 8] = [
+pub const ENVELOPE_INVALID_REASONS: [&str; 9] = [
     "too_large",
     "signature",
+    "stale",
     "json",
     "src",
     "channel",
@@ -162,7 +163,7 @@ fn describe() {
     );
     describe_counter!(
         ENVELOPES_INVALID,
-        "Envelopes from Redis (pub/sub or latest-value keys) refused, by reason: too_large, json, src, channel, channel_name, field, ts, signature."
+        "Envelopes from Redis (pub/sub or latest-value keys) refused, by reason: too_large, signature, stale, json, src, channel, channel_name, field, ts."
     );
     describe_counter!(
         ENVELOPE_SEQ_ANOMALIES,

@@ -99,7 +99,12 @@ async fn setup(publisher_keys: &str, executor_keys: &str) -> Setup {
     );
     let mut executor = Proc::role(
         "executor",
-        &keyed(role_config(&redis.url(), eh, eb, ""), executor_keys),
+        &match executor_keys {
+            "[]" => role_config(&redis.url(), eh, eb, ""),
+            // Signed: a pub/sub envelope older than 2 s is a replay.
+            keys => keyed(role_config(&redis.url(), eh, eb, ""), keys)
+                .replace("[redis]\n", "[redis]\nmax_envelope_age_ms = 2000\n"),
+        },
         eh,
         Some(eb),
     );
@@ -381,9 +386,32 @@ async fn with_keys_only_genuine_signed_envelopes_and_keys_are_served() {
         4.0,
         "unsigned, unknown kid, forged key, tampered"
     );
+
+    // A genuine signed envelope recorded earlier and replayed: refused once it is older
+    // than max_envelope_age_ms (2 s here), whatever its src and seq.
+    let recorded: Value = serde_json::from_str(&genuine).expect("envelope");
+    let ts_pub = recorded["ts_pub"].as_u64().expect("ts_pub");
+    wait_until("the recorded envelope to age past 2 s", WAIT, || async {
+        now_micros() > ts_pub + 2_500_000
+    })
+    .await;
+    publish(&s.redis, "md:ticker:binance:BNB-BTC", &genuine);
+    wait_until("the replay refused", WAIT, || async {
+        s.executor
+            .metric(r#"mdbridge_envelopes_invalid_total{reason="stale"}"#)
+            .await
+            >= 1.0
+    })
+    .await;
+    s.exchange.send(TICKER);
+    let (t, _) = tickers.until(WAIT, |v| v["type"] == "ticker").await;
+    assert!(
+        t["ts_recv"].as_u64() > recorded["event"]["ts_recv"].as_u64(),
+        "the next ticker is the fresh one, not the replay: {t}"
+    );
     assert_eq!(
         s.executor.metric("mdbridge_envelopes_invalid_total").await,
-        4.0
+        5.0
     );
     // The secrets never reach the logs.
     for p in [&s.publisher, &s.executor] {

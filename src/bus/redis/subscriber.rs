@@ -85,7 +85,7 @@ impl RedisSubscriber {
                     return;
                 }
             };
-            let policy = DecodePolicy::from_config(&config);
+            let policy = DecodePolicy::for_pubsub(&config);
             let mut sub = Subscriber {
                 probe_channel: probe_key(&config.key_prefix, &src),
                 config,
