@@ -1,5 +1,6 @@
-//! Micro-benchmarks along the event path: envelope encode/decode, pattern matching,
-//! order-book delta apply. Each benchmark checks its output once before timing.
+//! Micro-benchmarks along the event path: envelope encode/decode, signing and
+//! verification (`[redis] signing_keys`), pattern matching, order-book delta apply. Each
+//! benchmark checks its output once before timing.
 //!
 //! Run: `cargo bench --bench event_path`. Results: benches/BENCHMARKS.md.
 
@@ -8,7 +9,9 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use mdbridge::book::OrderBook;
-use mdbridge::envelope::BusMessage;
+use mdbridge::bus::signing::Keyring;
+use mdbridge::config::SigningKey;
+use mdbridge::envelope::{BusMessage, DecodePolicy};
 use mdbridge::event::{Book, BookAction, Channel, Event, Exchange, Level, Pattern, Side, Trade};
 use uuid::Uuid;
 
@@ -42,6 +45,74 @@ fn envelope(c: &mut Criterion) {
     assert_eq!(decoded.event_json(), msg.event_json());
     c.bench_function("envelope_decode_trade", |b| {
         b.iter(|| black_box(BusMessage::decode(channel.clone(), payload.clone())))
+    });
+    // Reference for what validation costs: the bare borrowed parse the executor did before
+    // it checked events (envelope, `src`, then only `type` and `ts_recv` of the event).
+    c.bench_function("envelope_decode_trade_parse_only_reference", |b| {
+        b.iter(|| black_box(parse_only(&payload)))
+    });
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeRef<'a> {
+    src: &'a str,
+    seq: u64,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
+}
+
+#[derive(serde::Deserialize)]
+struct EventHead {
+    #[serde(rename = "type")]
+    kind: mdbridge::event::EventType,
+    ts_recv: u64,
+}
+
+fn parse_only(payload: &[u8]) -> Option<(Uuid, u64, mdbridge::event::EventType, u64)> {
+    let env: EnvelopeRef<'_> = serde_json::from_slice(payload).ok()?;
+    let src = Uuid::parse_str(env.src).ok()?;
+    let head: EventHead = serde_json::from_str(env.event.get()).ok()?;
+    Some((src, env.seq, head.kind, head.ts_recv))
+}
+
+fn signing(c: &mut Criterion) {
+    let key: SigningKey = "k1=3f9a1c0e5b7d2468ace13579bdf02468".parse().expect("key");
+    let keys = std::sync::Arc::new(Keyring::new(&[key]).expect("keyring"));
+    let src = Uuid::new_v4();
+    let channel = trade(1).channel();
+    let signed = BusMessage::encode_signed(channel.clone(), src, 1, 2, trade(1), Some(&keys));
+    let payload: Bytes = signed.envelope.clone();
+    assert!(keys.verify(channel.as_str(), &payload).is_ok());
+    c.bench_function("envelope_sign_trade", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            black_box(BusMessage::encode_signed(
+                channel.clone(),
+                src,
+                i,
+                i,
+                trade(i),
+                Some(&keys),
+            ))
+        })
+    });
+    c.bench_function("envelope_verify_trade", |b| {
+        b.iter(|| black_box(keys.verify(channel.as_str(), &payload)))
+    });
+    let strict = DecodePolicy {
+        keys: Some(keys.clone()),
+        ..DecodePolicy::default()
+    };
+    assert!(BusMessage::decode_with(channel.clone(), payload.clone(), &strict).is_ok());
+    c.bench_function("envelope_decode_signed_trade", |b| {
+        b.iter(|| {
+            black_box(BusMessage::decode_with(
+                channel.clone(),
+                payload.clone(),
+                &strict,
+            ))
+        })
     });
 }
 
@@ -142,5 +213,5 @@ fn binance_parse(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, binance_parse, envelope, patterns, book);
+criterion_group!(benches, binance_parse, envelope, signing, patterns, book);
 criterion_main!(benches);

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{check_connection, RedisPublisher, RedisStore, RedisSubscriber};
+use crate::bus::signing::Keyring;
 use crate::bus::{run_publisher, Bus, BusState, Interest, SnapshotStore, Tee};
 use crate::config::{Config, FeedChannel, FeedConfig, Role};
 use crate::envelope::BusMessage;
@@ -178,9 +179,10 @@ pub async fn run(
             stops.publisher.clone(),
         );
         redis_pub_task = Some(task);
+        let keys = Keyring::from_config(&config.redis);
         pipeline = Some(match local_delivery.take() {
-            Some(tx) => spawn_pipeline(events_rx, src, Tee(publisher, MemoryBus::new(tx))),
-            None => spawn_pipeline(events_rx, src, publisher),
+            Some(tx) => spawn_pipeline(events_rx, src, keys, Tee(publisher, MemoryBus::new(tx))),
+            None => spawn_pipeline(events_rx, src, keys, publisher),
         });
     }
     drop(local_delivery);
@@ -292,7 +294,7 @@ pub async fn run_demo(
         &stops.feeds,
     );
     drop(events_tx);
-    let pipeline = spawn_pipeline(events_rx, src, MemoryBus::new(tx));
+    let pipeline = spawn_pipeline(events_rx, src, None, MemoryBus::new(tx));
 
     println!("mdbridge demo: simulated Binance-format exchange on {sim_addr} (events are labelled `sim`)");
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
@@ -388,8 +390,13 @@ fn spawn_feeds(
         .collect()
 }
 
-fn spawn_pipeline(events: mpsc::Receiver<Event>, src: Uuid, bus: impl Bus) -> JoinHandle<()> {
-    tokio::spawn(run_publisher(events, src, bus))
+fn spawn_pipeline(
+    events: mpsc::Receiver<Event>,
+    src: Uuid,
+    keys: Option<Arc<Keyring>>,
+    bus: impl Bus,
+) -> JoinHandle<()> {
+    tokio::spawn(run_publisher(events, src, keys, bus))
 }
 
 fn spawn_http(listener: TcpListener, state: AdminState, stop: CancellationToken) -> JoinHandle<()> {

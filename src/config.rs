@@ -88,6 +88,87 @@ pub struct RedisConfig {
     /// Largest `last:` / `snapshot:` value (and `booklog:` entry) an executor reads; larger
     /// ones are refused unread and counted.
     pub max_snapshot_bytes: usize,
+    /// Largest envelope accepted from Redis (pub/sub payload or latest-value key); larger
+    /// ones are dropped and counted. Must hold the biggest book snapshot published.
+    pub max_envelope_bytes: usize,
+    /// `"kid=secret"` entries. Publishers sign every envelope with the first; executors
+    /// accept any listed key and drop unsigned or badly signed envelopes. Empty: unsigned.
+    pub signing_keys: Vec<SigningKey>,
+    /// With signing keys: a pub/sub envelope published longer ago than this is a replay
+    /// and dropped (latest-value keys are exempt). 0: no limit.
+    pub max_envelope_age_ms: u64,
+}
+
+/// Default of `redis.max_envelope_bytes`: 1 MiB, three times a 5 000-level book snapshot.
+pub const DEFAULT_MAX_ENVELOPE_BYTES: usize = 1 << 20;
+
+/// Shortest signing secret accepted, in bytes.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// One entry of `redis.signing_keys`: `kid=secret`. The secret is the UTF-8 text after the
+/// first `=`. `Debug` never shows the secret, so a logged config cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    kid: String,
+    secret: String,
+}
+
+impl SigningKey {
+    /// The key id written into signed envelopes (`"kid"`).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({}=***)", self.kid)
+    }
+}
+
+impl FromStr for SigningKey {
+    type Err = String;
+    // Messages name the key id at most, never the secret.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((kid, secret)) = s.split_once('=') else {
+            return Err("expected `kid=secret` (e.g. \"k1=<32 random hex bytes>\")".into());
+        };
+        if kid.is_empty()
+            || kid.len() > crate::bus::signing::MAX_KID_LEN
+            || !kid.bytes().all(crate::bus::signing::kid_byte)
+        {
+            return Err(format!(
+                "key id `{}` must be 1 to {} of A-Z a-z 0-9 _ - .",
+                kid.escape_debug(),
+                crate::bus::signing::MAX_KID_LEN
+            ));
+        }
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(format!(
+                "the secret of key `{kid}` is shorter than {MIN_SECRET_LEN} bytes (use e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        Ok(SigningKey {
+            kid: kid.to_string(),
+            secret: secret.to_string(),
+        })
+    }
+}
+
+impl Serialize for SigningKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}={}", self.kid, self.secret))
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for RedisConfig {
@@ -109,6 +190,9 @@ impl Default for RedisConfig {
             latest_ttl_ms: 5_000,
             booklog_max: 1_000,
             max_snapshot_bytes: 4 * 1024 * 1024,
+            max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
+            signing_keys: Vec::new(),
+            max_envelope_age_ms: 300_000,
         }
     }
 }
@@ -635,6 +719,20 @@ impl Config {
                 ),
             );
         }
+        if self.redis.max_envelope_bytes < 1024 {
+            bad("redis.max_envelope_bytes", "must be at least 1024".into());
+        }
+        for (i, key) in self.redis.signing_keys.iter().enumerate() {
+            if self.redis.signing_keys[..i]
+                .iter()
+                .any(|k| k.kid() == key.kid())
+            {
+                bad(
+                    "redis.signing_keys",
+                    format!("key id `{}` is listed twice", key.kid()),
+                );
+            }
+        }
         if self.redis.reconnect_max_ms < self.redis.reconnect_min_ms {
             bad(
                 "redis.reconnect_max_ms",
@@ -995,6 +1093,47 @@ tls_cert_file = "/nonexistent/cert.pem"
             config.redis.tls_key_file.as_deref(),
             Some(Path::new("/k.pem"))
         );
+    }
+
+    #[test]
+    fn signing_keys_parse_are_checked_and_never_shown() {
+        let f = write(
+            "[redis]\nsigning_keys = [\"k1=0123456789abcdef-new\", \"k0=0123456789abcdef-old\"]\nmax_envelope_bytes = 4096\n",
+        );
+        let config = Config::load(Some(f.path()), Role::Executor).unwrap();
+        let keys = &config.redis.signing_keys;
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            (keys[0].kid(), keys[0].secret()),
+            ("k1", "0123456789abcdef-new")
+        );
+        assert_eq!(config.redis.max_envelope_bytes, 4096);
+        let shown = format!("{config:?}");
+        assert!(shown.contains("SigningKey(k1=***)"), "{shown}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+
+        for (text, want) in [
+            ("[\"k1\"]", "expected `kid=secret`"),
+            ("[\"k1=short\"]", "shorter than 16 bytes"),
+            ("[\"k 1=0123456789abcdef\"]", "key id"),
+            (
+                "[\"k1=0123456789abcdef\", \"k1=0123456789abcdef-2\"]",
+                "listed twice",
+            ),
+        ] {
+            let f = write(&format!("[redis]\nsigning_keys = {text}\n"));
+            let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("redis.signing_keys"), "{msg}");
+            assert!(msg.contains(want), "{msg}");
+            assert!(!msg.contains("0123456789abcdef"), "secret in: {msg}");
+            assert!(!msg.contains("short\""), "secret in: {msg}");
+        }
+        let f = write("[redis]\nmax_envelope_bytes = 10\n");
+        assert!(Config::load(Some(f.path()), Role::Executor)
+            .unwrap_err()
+            .to_string()
+            .contains("redis.max_envelope_bytes"));
     }
 
     #[test]

@@ -5,7 +5,15 @@
 //! path nor the Redis path ever re-encodes an event, and a message received from Redis is
 //! forwarded to bots without touching its event text.
 //!
-//! Wire shape: `{"src":"<uuid>","seq":N,"ts_pub":µs,"id":"<stream id>"?,"event":{...}}`.
+//! Wire shape: `{"src":"<uuid>","seq":N,"ts_pub":µs,"id":"<stream id>"?,"event":{...}}`,
+//! plus `,"kid":"…","sig":"…"` before the closing brace when signing is on
+//! ([`crate::bus::signing`]).
+//!
+//! Decoding is the trust boundary for everything read from Redis, pub/sub payloads and
+//! `last:`/`snapshot:` values alike ([`BusMessage::decode_with`] and a [`DecodePolicy`]):
+//! size bound first, then the signature (when keys are configured), then the envelope's
+//! syntax, then the event against its channel ([`crate::bus::validate`]). Sequence
+//! sanity is the subscriber's (`crate::bus::seq`): it needs state across envelopes.
 
 use std::io::Write;
 use std::ops::Range;
@@ -16,17 +24,100 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::event::{Book, Channel, Event, EventType};
+use crate::bus::signing::{Keyring, SignatureError};
+use crate::bus::validate::{self, Invalid, MAX_FUTURE_MICROS};
+use crate::config::{RedisConfig, DEFAULT_MAX_ENVELOPE_BYTES};
+use crate::event::{now_micros, Book, Channel, Event, EventType};
 
-/// Why an envelope read from the bus was refused.
+/// Why an envelope read from the bus was refused; [`EnvelopeError::reason`] is its label
+/// in `mdbridge_envelopes_invalid_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
+    #[error("envelope of {len} bytes is over redis.max_envelope_bytes ({max})")]
+    TooLarge { len: usize, max: usize },
     #[error("envelope is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("envelope `src` is not a UUID: {0}")]
-    BadSrc(String),
-    #[error("event type `{found}` does not belong on channel `{channel}`")]
-    WrongChannel { channel: String, found: EventType },
+    #[error("envelope `src` is not a UUID")]
+    BadSrc,
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("signed envelope published {age_ms} ms ago, over redis.max_envelope_age_ms: a replay")]
+    Stale { age_ms: u64 },
+}
+
+impl EnvelopeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EnvelopeError::TooLarge { .. } => "too_large",
+            EnvelopeError::Json(_) => "json",
+            EnvelopeError::BadSrc => "src",
+            EnvelopeError::Invalid(e) => e.reason(),
+            EnvelopeError::Signature(_) => "signature",
+            EnvelopeError::Stale { .. } => "stale",
+        }
+    }
+}
+
+/// What an envelope read from Redis must satisfy besides being well formed and valid for
+/// its channel: a size bound and, when keys are configured, a signature.
+#[derive(Clone, Debug)]
+pub struct DecodePolicy {
+    pub max_bytes: usize,
+    /// `Some`: only envelopes signed with one of these keys are accepted.
+    pub keys: Option<Arc<Keyring>>,
+    /// `Some(µs)`: an envelope whose `ts_pub` is older than this is refused as a replay.
+    /// Only meaningful for live pub/sub with signatures (`ts_pub` is then authentic);
+    /// latest-value keys are legitimately old on quiet channels.
+    pub max_age_micros: Option<u64>,
+}
+
+impl Default for DecodePolicy {
+    fn default() -> Self {
+        DecodePolicy {
+            max_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
+            keys: None,
+            max_age_micros: None,
+        }
+    }
+}
+
+impl DecodePolicy {
+    /// `redis.max_envelope_bytes` and `redis.signing_keys`: for latest-value keys.
+    pub fn from_config(config: &RedisConfig) -> DecodePolicy {
+        DecodePolicy {
+            max_bytes: config.max_envelope_bytes,
+            keys: Keyring::from_config(config),
+            max_age_micros: None,
+        }
+    }
+
+    /// [`DecodePolicy::from_config`] plus, when signatures are required,
+    /// `redis.max_envelope_age_ms` (0: none): for live pub/sub envelopes.
+    pub fn for_pubsub(config: &RedisConfig) -> DecodePolicy {
+        let mut policy = DecodePolicy::from_config(config);
+        if policy.signed() && config.max_envelope_age_ms > 0 {
+            policy.max_age_micros = Some(config.max_envelope_age_ms.saturating_mul(1_000));
+        }
+        policy
+    }
+
+    /// Envelopes must be signed: their `seq` can be replayed but not forged.
+    pub fn signed(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The size bound alone, for a caller that can refuse before copying the payload.
+    pub fn check_size(&self, len: usize) -> Result<(), EnvelopeError> {
+        if len > self.max_bytes {
+            return Err(EnvelopeError::TooLarge {
+                len,
+                max: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// An envelope with its event, ready for any sink: Redis, the router, a `last:` key.
@@ -51,21 +142,12 @@ struct EnvelopeRef<'a> {
     #[serde(borrow)]
     src: &'a str,
     seq: u64,
-    #[allow(dead_code)]
     ts_pub: u64,
     #[serde(default, borrow)]
     #[allow(dead_code)]
     id: Option<&'a str>,
     #[serde(borrow)]
     event: &'a RawValue,
-}
-
-/// The two fields routing needs, read without building the whole event.
-#[derive(Deserialize)]
-struct EventHead {
-    #[serde(rename = "type")]
-    kind: EventType,
-    ts_recv: u64,
 }
 
 /// Initial envelope buffer: fits trades, tickers and deltas; big snapshots grow it once.
@@ -86,6 +168,18 @@ impl BusMessage {
         ts_pub: u64,
         event: Event,
     ) -> BusMessage {
+        BusMessage::encode_signed(channel, src, seq, ts_pub, event, None)
+    }
+
+    /// [`BusMessage::encode_on`], signed with the first of `keys` when given.
+    pub fn encode_signed(
+        channel: Channel,
+        src: Uuid,
+        seq: u64,
+        ts_pub: u64,
+        event: Event,
+        keys: Option<&Keyring>,
+    ) -> BusMessage {
         debug_assert_eq!(channel, event.channel());
         let ts_recv = event.ts_recv();
         let mut buf = BytesMut::with_capacity(ENVELOPE_CAPACITY_HINT);
@@ -103,7 +197,10 @@ impl BusMessage {
         let _ = serde_json::to_writer(&mut out, &event);
         let mut buf = out.into_inner();
         let end = buf.len();
-        buf.put_u8(b'}');
+        match keys {
+            Some(keys) => keys.seal(channel.as_str(), &mut buf),
+            None => buf.put_u8(b'}'),
+        }
         let book = match event {
             Event::Book(b) => Some(Arc::new(b)),
             _ => None,
@@ -119,39 +216,48 @@ impl BusMessage {
         }
     }
 
-    /// Reads an envelope received on `channel`. Only book events are fully parsed.
+    /// [`BusMessage::decode_with`] under the default policy: unsigned, 1 MiB.
     pub fn decode(channel: Channel, payload: Bytes) -> Result<BusMessage, EnvelopeError> {
+        BusMessage::decode_with(channel, payload, &DecodePolicy::default())
+    }
+
+    /// Reads an envelope received on `channel` (from pub/sub or a latest-value key) and
+    /// checks it against `policy` and the channel. Only book events are fully parsed.
+    pub fn decode_with(
+        channel: Channel,
+        payload: Bytes,
+        policy: &DecodePolicy,
+    ) -> Result<BusMessage, EnvelopeError> {
+        policy.check_size(payload.len())?;
+        // Before parsing: an unsigned flood costs a suffix check, not a JSON parse.
+        if let Some(keys) = &policy.keys {
+            keys.verify(channel.as_str(), &payload)?;
+        }
         let env: EnvelopeRef<'_> = serde_json::from_slice(&payload)?;
-        let src =
-            Uuid::parse_str(env.src).map_err(|_| EnvelopeError::BadSrc(env.src.to_string()))?;
+        let src = Uuid::parse_str(env.src).map_err(|_| EnvelopeError::BadSrc)?;
+        let now = now_micros();
+        validate::not_future("ts_pub", env.ts_pub, now.saturating_add(MAX_FUTURE_MICROS))?;
+        if let Some(max_age) = policy.max_age_micros {
+            let age = now.saturating_sub(env.ts_pub);
+            if age > max_age {
+                return Err(EnvelopeError::Stale {
+                    age_ms: age / 1_000,
+                });
+            }
+        }
         let raw = env.event.get();
         // `raw` borrows from `payload`, so its offset locates the event inside the envelope.
         let start = raw.as_ptr() as usize - payload.as_ptr() as usize;
         let event_range = start..start + raw.len();
-        let head: EventHead = serde_json::from_str(raw)?;
-        if head.kind != channel.kind() {
-            return Err(EnvelopeError::WrongChannel {
-                channel: channel.to_string(),
-                found: head.kind,
-            });
-        }
-        let book = if head.kind == EventType::Book {
-            match serde_json::from_str::<Event>(raw)? {
-                Event::Book(b) => Some(Arc::new(b)),
-                _ => None,
-            }
-        } else {
-            None
-        };
-        let seq = env.seq;
+        let checked = validate::event(&channel, raw, now)?;
         Ok(BusMessage {
             channel,
             src,
-            seq,
-            ts_recv: head.ts_recv,
+            seq: env.seq,
+            ts_recv: checked.ts_recv,
             envelope: payload.clone(),
             event_range,
-            book,
+            book: checked.book.map(Arc::new),
         })
     }
 
@@ -213,5 +319,118 @@ mod tests {
         ] {
             assert!(BusMessage::decode(chan.clone(), Bytes::copy_from_slice(bad)).is_err());
         }
+    }
+
+    fn reason(policy: &DecodePolicy, channel: &str, payload: &[u8]) -> &'static str {
+        let c = Channel::parse(channel).unwrap();
+        match BusMessage::decode_with(c, Bytes::copy_from_slice(payload), policy) {
+            Ok(_) => "ok",
+            Err(e) => {
+                // Every label is one the metrics module zero-initialises.
+                assert!(crate::metrics::ENVELOPE_INVALID_REASONS.contains(&e.reason()));
+                e.reason()
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_are_labelled_by_reason() {
+        let p = DecodePolicy {
+            max_bytes: 1024,
+            ..DecodePolicy::default()
+        };
+        let ok = BusMessage::encode(Uuid::new_v4(), 1, 1, trade());
+        let text = std::str::from_utf8(&ok.envelope).unwrap().to_string();
+        assert_eq!(reason(&p, "trade:binance:BTC-USDT", &ok.envelope), "ok");
+        let big = text.replace("\"7\"", &format!("\"{}\"", "7".repeat(1100)));
+        assert_eq!(
+            reason(&p, "trade:binance:BTC-USDT", big.as_bytes()),
+            "too_large"
+        );
+        assert_eq!(reason(&p, "trade:binance:BTC-USDT", b"{"), "json");
+        let bad_src = text.replacen("\"src\":\"", "\"src\":\"x", 1);
+        assert_eq!(
+            reason(&p, "trade:binance:BTC-USDT", bad_src.as_bytes()),
+            "src"
+        );
+        assert_eq!(
+            reason(&p, "trade:binance:ETH-USDT", &ok.envelope),
+            "channel"
+        );
+        let price = text.replace("\"100.10\"", "100.10");
+        assert_eq!(
+            reason(&p, "trade:binance:BTC-USDT", price.as_bytes()),
+            "field"
+        );
+        let ts_pub = text.replace("\"ts_pub\":1", &format!("\"ts_pub\":{}", u64::MAX));
+        assert_eq!(
+            reason(&p, "trade:binance:BTC-USDT", ts_pub.as_bytes()),
+            "ts"
+        );
+    }
+
+    fn keys(list: &[&str]) -> Arc<Keyring> {
+        let keys: Vec<crate::config::SigningKey> =
+            list.iter().map(|k| k.parse().unwrap()).collect();
+        Arc::new(Keyring::new(&keys).unwrap())
+    }
+
+    #[test]
+    fn signed_envelopes_round_trip_and_only_they_pass_when_keys_are_set() {
+        let ring = keys(&["k1=0123456789abcdef-one"]);
+        let chan = Channel::parse("trade:binance:BTC-USDT").unwrap();
+        let src = Uuid::new_v4();
+        let signed =
+            BusMessage::encode_signed(chan.clone(), src, 3, 4, trade(), Some(ring.as_ref()));
+        let env: serde_json::Value = serde_json::from_slice(&signed.envelope).unwrap();
+        assert_eq!(env["kid"], "k1");
+        assert_eq!(env["event"]["trade_id"], "7");
+        assert_eq!(signed.event_json(), Bytes::from(trade().to_json()));
+
+        let strict = DecodePolicy {
+            keys: Some(ring.clone()),
+            ..DecodePolicy::default()
+        };
+        let back = BusMessage::decode_with(chan.clone(), signed.envelope.clone(), &strict).unwrap();
+        assert_eq!((back.src, back.seq), (src, 3));
+        assert_eq!(back.event_json(), signed.event_json());
+        // Unsigned executors read signed envelopes as before.
+        assert!(BusMessage::decode(chan.clone(), signed.envelope.clone()).is_ok());
+
+        let unsigned = BusMessage::encode(src, 3, 4, trade());
+        assert_eq!(
+            reason(&strict, chan.as_str(), &unsigned.envelope),
+            "signature"
+        );
+        let other = keys(&["k1=0123456789abcdef-two"]);
+        let forged =
+            BusMessage::encode_signed(chan.clone(), src, 3, 4, trade(), Some(other.as_ref()));
+        assert_eq!(
+            reason(&strict, chan.as_str(), &forged.envelope),
+            "signature"
+        );
+        let text = std::str::from_utf8(&signed.envelope).unwrap();
+        let tampered = text.replace("\"seq\":3", "\"seq\":9");
+        assert_eq!(
+            reason(&strict, chan.as_str(), tampered.as_bytes()),
+            "signature"
+        );
+
+        // With an age bound, an old signed envelope (ts_pub 4 µs after the epoch) is a
+        // replay; a fresh one passes.
+        let live = DecodePolicy {
+            max_age_micros: Some(60_000_000),
+            ..strict.clone()
+        };
+        assert_eq!(reason(&live, chan.as_str(), &signed.envelope), "stale");
+        let fresh = BusMessage::encode_signed(
+            chan.clone(),
+            src,
+            4,
+            now_micros(),
+            trade(),
+            Some(ring.as_ref()),
+        );
+        assert_eq!(reason(&live, chan.as_str(), &fresh.envelope), "ok");
     }
 }

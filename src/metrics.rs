@@ -31,6 +31,23 @@ pub const ENVELOPES_LOST: &str = "mdbridge_envelopes_lost_total";
 pub const ENVELOPES_DUPLICATE: &str = "mdbridge_envelopes_duplicate_total";
 pub const ENVELOPES_INVALID: &str = "mdbridge_envelopes_invalid_total";
 pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
+pub const ENVELOPE_SEQ_ANOMALIES: &str = "mdbridge_envelope_seq_anomalies_total";
+
+/// Every `reason` label of [`ENVELOPES_INVALID`] (`EnvelopeError::reason`, plus
+/// `channel_name` from the subscriber).
+pub const ENVELOPE_INVALID_REASONS: [&str; 9] = [
+    "too_large",
+    "signature",
+    "stale",
+    "json",
+    "src",
+    "channel",
+    "channel_name",
+    "field",
+    "ts",
+];
+/// Every `kind` label of [`ENVELOPE_SEQ_ANOMALIES`].
+pub const ENVELOPE_SEQ_ANOMALY_KINDS: [&str; 2] = ["jump", "back"];
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
@@ -212,7 +229,7 @@ fn describe() {
     );
     describe_counter!(
         ENVELOPES_LOST,
-        "Envelopes missing from a (src, channel) sequence: lost by pub/sub."
+        "Envelopes missing from a (src, channel) sequence: lost by pub/sub (gaps up to 100 000, counted once confirmed)."
     );
     describe_counter!(
         ENVELOPES_DUPLICATE,
@@ -220,7 +237,11 @@ fn describe() {
     );
     describe_counter!(
         ENVELOPES_INVALID,
-        "Malformed envelopes received from Redis and skipped."
+        "Envelopes from Redis (pub/sub or latest-value keys) refused, by reason: too_large, signature, stale, json, src, channel, channel_name, field, ts."
+    );
+    describe_counter!(
+        ENVELOPE_SEQ_ANOMALIES,
+        "Envelopes whose seq does not fit their (src, channel) stream, by kind: jump (far ahead) or back (a step back; dropped when signed)."
     );
     describe_counter!(REDIS_RECONNECTS, "Redis reconnects, by connection role.");
     describe_gauge!(
@@ -336,7 +357,6 @@ pub fn init() {
         ENVELOPES_SELF_FILTERED,
         ENVELOPES_LOST,
         ENVELOPES_DUPLICATE,
-        ENVELOPES_INVALID,
         ENVELOPES_OVERFLOW,
         REDIS_PROBE_TIMEOUTS,
         BOT_CONNECTIONS,
@@ -379,6 +399,12 @@ pub fn init() {
     }
     gauge!(REDIS_SUBSCRIBED_PATTERNS).increment(0.0);
     let _ = histogram!(DELIVERY_LATENCY);
+    for reason in ENVELOPE_INVALID_REASONS {
+        counter!(ENVELOPES_INVALID, "reason" => reason).increment(0);
+    }
+    for kind in ENVELOPE_SEQ_ANOMALY_KINDS {
+        counter!(ENVELOPE_SEQ_ANOMALIES, "kind" => kind).increment(0);
+    }
 
     gauge!(ROUTER_CHANNELS).increment(0.0);
     for reason in ["oversize", "invalid"] {
@@ -437,8 +463,13 @@ pub fn envelope_duplicate() {
 pub fn envelope_overflow() {
     counter!(ENVELOPES_OVERFLOW).increment(1);
 }
-pub fn envelope_invalid() {
-    counter!(ENVELOPES_INVALID).increment(1);
+/// `reason` is one of the labels listed in the description of [`ENVELOPES_INVALID`].
+pub fn envelope_invalid(reason: &'static str) {
+    counter!(ENVELOPES_INVALID, "reason" => reason).increment(1);
+}
+/// `kind` is `"jump"` or `"back"`.
+pub fn envelope_seq_anomaly(kind: &'static str) {
+    counter!(ENVELOPE_SEQ_ANOMALIES, "kind" => kind).increment(1);
 }
 /// `role` is `"publish"` or `"subscribe"`.
 pub fn redis_reconnect(role: &'static str) {

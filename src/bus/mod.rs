@@ -7,6 +7,9 @@
 //!   [`Tee`] sends one message to two buses (hybrid).
 //! - [`redis::RedisSubscriber`] is the receiving side: it follows the [`Interest`] set the
 //!   gateway publishes, self-filters by `src`, counts lost and duplicate envelopes.
+//! - Redis is a trust boundary: [`validate`] checks each event read from it against its
+//!   channel and PROTOCOL §2, [`seq`] keeps one forged `seq` from silencing a channel,
+//!   [`signing`] signs envelopes and verifies them (opt-in, `[redis] signing_keys`).
 //! - [`SnapshotStore`] lets the gateway fetch the latest value or book snapshot of a
 //!   channel (`{p}last:` / `{p}snapshot:` keys) when a bot subscribes; for books also the
 //!   short log of book messages published since that snapshot (`{p}booklog:`), read in
@@ -30,6 +33,10 @@ pub mod memory;
 pub mod redis;
 #[cfg(test)]
 pub(crate) mod redis_test_server;
+pub mod seq;
+pub mod signing;
+pub mod throttle;
+pub mod validate;
 
 /// The subscription patterns some local bot holds; the Redis subscriber follows this set.
 pub type Interest = Arc<BTreeSet<Pattern>>;
@@ -137,10 +144,12 @@ impl BusState {
     }
 }
 
-/// Assigns `seq` per channel for this instance and encodes each event once.
+/// Assigns `seq` per channel for this instance and encodes each event once (signed when
+/// it holds keys).
 pub struct Sequencer {
     src: Uuid,
     next: HashMap<Channel, u64>,
+    keys: Option<Arc<signing::Keyring>>,
 }
 
 impl Sequencer {
@@ -148,7 +157,14 @@ impl Sequencer {
         Sequencer {
             src,
             next: HashMap::new(),
+            keys: None,
         }
+    }
+
+    /// Signs every envelope with the first of `keys` (`None`: unsigned).
+    pub fn with_keys(mut self, keys: Option<Arc<signing::Keyring>>) -> Sequencer {
+        self.keys = keys;
+        self
     }
 
     pub fn src(&self) -> Uuid {
@@ -168,18 +184,27 @@ impl Sequencer {
                 1
             }
         };
-        BusMessage::encode_on(channel, self.src, seq, now_micros(), event)
+        BusMessage::encode_signed(
+            channel,
+            self.src,
+            seq,
+            now_micros(),
+            event,
+            self.keys.as_deref(),
+        )
     }
 }
 
-/// Runs the publishing side until `events` closes: every event is wrapped once and
-/// handed to `bus`. Returns after the last event was handed over (the flush on shutdown).
+/// Runs the publishing side until `events` closes: every event is wrapped once (signed
+/// with the first of `keys`, if any) and handed to `bus`. Returns after the last event was
+/// handed over (the flush on shutdown).
 pub async fn run_publisher(
     mut events: tokio::sync::mpsc::Receiver<Event>,
     src: Uuid,
+    keys: Option<Arc<signing::Keyring>>,
     bus: impl Bus,
 ) {
-    let mut sequencer = Sequencer::new(src);
+    let mut sequencer = Sequencer::new(src).with_keys(keys);
     while let Some(event) = events.recv().await {
         bus.publish(sequencer.wrap(event)).await;
     }

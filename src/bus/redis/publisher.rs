@@ -213,6 +213,8 @@ struct Writer {
     latest: HashMap<Channel, LatestKey>,
     /// Redis came back (and may have lost its keys): the next refresh rewrites `last:` keys.
     rewrite_latest: bool,
+    /// Signs the refreshed snapshot envelopes (`[redis] signing_keys`), like the Sequencer.
+    keys: Option<Arc<crate::bus::signing::Keyring>>,
 }
 
 impl Writer {
@@ -224,7 +226,9 @@ impl Writer {
         books: SharedBooks,
     ) -> Writer {
         let delays = Box::new(backoff(&config));
+        let keys = crate::bus::signing::Keyring::from_config(&config);
         Writer {
+            keys,
             config,
             src,
             client,
@@ -605,11 +609,13 @@ impl Writer {
                     continue;
                 }
                 let snapshot = state.book.to_snapshot(&state.template);
-                let msg = BusMessage::encode(
+                let msg = BusMessage::encode_signed(
+                    channel.clone(),
                     self.src,
                     state.last_seq,
                     now_micros(),
                     Event::Book(snapshot),
+                    self.keys.as_deref(),
                 );
                 let payload: &[u8] = &msg.envelope;
                 set_with_ttl(

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use super::{connect, io_timeout, last_key, redact, snapshot_key, Recovery, RedisFailure};
 use crate::bus::{BookFuture, BusError, SnapshotStore, StoreFuture, StoredBook};
 use crate::config::RedisConfig;
-use crate::envelope::BusMessage;
+use crate::envelope::{BusMessage, DecodePolicy};
 use crate::event::{Channel, EventType};
 use crate::metrics;
 
@@ -56,6 +56,8 @@ pub struct RedisStore {
     conn: Mutex<Option<MultiplexedConnection>>,
     /// When the last refusal was logged (one line per 10 s).
     refused_log: Mutex<Option<Instant>>,
+    /// Values are checked like pub/sub envelopes: size, signature, event vs channel.
+    policy: DecodePolicy,
 }
 
 /// `STRLEN`, bounded `GETRANGE`, and the log entries when asked for.
@@ -83,6 +85,7 @@ impl RedisStore {
             max_log: config.booklog_max.max(1),
             conn: Mutex::new(Some(conn)),
             refused_log: Mutex::new(None),
+            policy: DecodePolicy::from_config(config),
         })
     }
 
@@ -210,9 +213,12 @@ impl RedisStore {
 
     /// Decodes `bytes` as an envelope of `channel`, or counts and logs the refusal.
     fn decode(&self, key: &str, channel: &Channel, bytes: Vec<u8>) -> Option<BusMessage> {
-        match BusMessage::decode(channel.clone(), Bytes::from(bytes)) {
+        match BusMessage::decode_with(channel.clone(), Bytes::from(bytes), &self.policy) {
             Ok(m) => Some(m),
             Err(e) => {
+                // Counted twice on purpose: as a refused stored value, and by the trust
+                // boundary's reason (signature, wrong symbol...) like pub/sub envelopes.
+                metrics::envelope_invalid(e.reason());
                 self.refused(key, "invalid", &e.to_string());
                 None
             }

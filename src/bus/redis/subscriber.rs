@@ -15,11 +15,14 @@
 //!   refusal shows only in Redis's `ACL LOG`; see docs/operations.md.)
 //! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally),
 //!   recognised by their first bytes before any parse.
-//! - Per (`src`, channel) the last `seq` is tracked ([`SeqTracker`]): a jump counts the
-//!   missing envelopes as lost, a repeat (overlapping SUBSCRIBE and PSUBSCRIBE deliver one
-//!   publish twice) is dropped as a duplicate. A restarted publisher has a new `src`; the
-//!   entries of a `src` silent for [`FORGET_AFTER_TICKS`] probe intervals are forgotten.
-//!   Malformed payloads are counted, logged (rate-limited) and skipped.
+//! - Every payload is decoded under the [`DecodePolicy`] of `[redis]` (size bound,
+//!   signature when keys are configured, event valid for its channel); what fails is
+//!   counted by reason, logged (rate-limited) and skipped.
+//! - Per (`src`, channel) the `seq` is judged by a [`SeqTracker`] (see [`crate::bus::seq`]):
+//!   confirmed gaps count as lost, a repeat (overlapping SUBSCRIBE and PSUBSCRIBE deliver
+//!   one publish twice) is dropped as a duplicate, a jump far ahead or a step back is
+//!   counted as an anomaly and never silences the channel. One tick per probe interval
+//!   lets it forget the `src` of a restarted publisher.
 //! - Messages are drained promptly into `out`: Redis cuts a subscriber that falls
 //!   behind its `client-output-buffer-limit pubsub`.
 //!
@@ -45,7 +48,6 @@
 //!   counted as lost when the next one arrives.
 //! - The task ends when `shutdown` is cancelled or the receiver of `out` is dropped.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use ::redis::aio::PubSubSink;
@@ -61,9 +63,10 @@ use uuid::Uuid;
 
 use super::interest::{reconcile, Filter, Plan};
 use super::{backoff, io_timeout, redact, Recovery, RedisFailure};
+use crate::bus::seq::{Seen, SeqTracker};
 use crate::bus::{BusState, Interest};
 use crate::config::RedisConfig;
-use crate::envelope::BusMessage;
+use crate::envelope::{BusMessage, DecodePolicy};
 use crate::event::Channel;
 use crate::health::HealthHandle;
 use crate::metrics;
@@ -106,6 +109,7 @@ impl RedisSubscriber {
                     return;
                 }
             };
+            let policy = DecodePolicy::for_pubsub(&config);
             let mut sub = Subscriber {
                 config,
                 src,
@@ -114,9 +118,11 @@ impl RedisSubscriber {
                 interest_open: true,
                 out,
                 health,
-                tracker: SeqTracker::default(),
+                tracker: SeqTracker::new(policy.signed()),
+                policy,
                 own_prefix: own_prefix(&src),
                 invalid_log: RateLimit::new(Duration::from_secs(10)),
+                anomaly_log: RateLimit::new(Duration::from_secs(10)),
                 overflow_log: RateLimit::new(Duration::from_secs(10)),
                 session_was_up: false,
                 refused_log: RateLimit::new(Duration::from_secs(10)),
@@ -145,9 +151,12 @@ struct Subscriber {
     out: mpsc::Sender<BusMessage>,
     health: HealthHandle,
     tracker: SeqTracker,
+    /// What a payload must satisfy (size, signature, event vs channel).
+    policy: DecodePolicy,
     /// `{"src":"<own uuid>"`: how every envelope this instance encodes begins.
     own_prefix: Vec<u8>,
     invalid_log: RateLimit,
+    anomaly_log: RateLimit,
     overflow_log: RateLimit,
     /// Set when a session got as far as subscribing; the reconnect loop then resets its
     /// backoff.
@@ -348,7 +357,7 @@ impl Subscriber {
             .strip_prefix(self.config.key_prefix.as_str())
             .and_then(|n| Channel::parse(n).ok())
         else {
-            self.invalid(name, "channel name is not a valid channel");
+            self.invalid(name, "channel_name", "channel name is not a valid channel");
             return None;
         };
         if !filter.matches(&channel) {
@@ -363,11 +372,13 @@ impl Subscriber {
             metrics::envelope_self_filtered();
             return None;
         }
-        let payload = Bytes::copy_from_slice(raw);
-        let decoded = match BusMessage::decode(channel, payload) {
+        // Refused before the copy: a 20 MB payload costs no second 20 MB.
+        let decoded = match self.policy.check_size(raw.len()).and_then(|()| {
+            BusMessage::decode_with(channel, Bytes::copy_from_slice(raw), &self.policy)
+        }) {
             Ok(m) => m,
             Err(e) => {
-                self.invalid(name, &e.to_string());
+                self.invalid(name, e.reason(), &e.to_string());
                 return None;
             }
         };
@@ -376,29 +387,38 @@ impl Subscriber {
             metrics::envelope_self_filtered();
             return None;
         }
-        match self
+        let seen = self
             .tracker
-            .observe(decoded.src, &decoded.channel, decoded.seq)
-        {
-            Seen::InOrder => {}
+            .observe(decoded.src, &decoded.channel, decoded.seq);
+        match seen {
+            Seen::InOrder | Seen::Unconfirmed => {}
             Seen::Gap(lost) => {
                 metrics::envelopes_lost(lost);
                 debug!(channel = %decoded.channel, src = %decoded.src, lost, "envelopes lost on pub/sub");
             }
-            Seen::Duplicate => {
-                metrics::envelope_duplicate();
-                return None;
-            }
+            Seen::Duplicate => metrics::envelope_duplicate(),
+            Seen::Outlier(kind) => self.anomaly(&decoded, kind.as_str(), "delivered"),
+            Seen::Replay => self.anomaly(&decoded, "back", "dropped as a replay"),
         }
-        Some(decoded)
+        seen.deliver().then_some(decoded)
     }
 
-    fn invalid(&mut self, channel: &str, cause: &str) {
-        metrics::envelope_invalid();
+    fn anomaly(&mut self, m: &BusMessage, kind: &'static str, outcome: &str) {
+        metrics::envelope_seq_anomaly(kind);
+        if let Some(suppressed) = self.anomaly_log.allow() {
+            warn!(channel = %m.channel, src = %m.src, seq = m.seq, kind, suppressed, "envelope seq does not fit its stream; {outcome}");
+        }
+    }
+
+    fn invalid(&mut self, channel: &str, reason: &'static str, cause: &str) {
+        metrics::envelope_invalid(reason);
         if let Some(suppressed) = self.invalid_log.allow() {
+            // Attacker-controlled text: escaped (no forged log lines) and cut short.
+            let cause: String = cause.escape_debug().take(300).collect();
+            let channel: String = channel.escape_debug().take(200).collect();
             warn!(
                 channel,
-                cause, suppressed, "malformed envelope from redis skipped"
+                reason, cause, suppressed, "envelope from redis refused"
             );
         }
     }
@@ -448,75 +468,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// What one envelope's `seq` says about the stream of its (`src`, channel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seen {
-    /// The next one (or the first seen from this publisher, or a publisher restart).
-    InOrder,
-    /// This many envelopes before it never arrived; it is delivered.
-    Gap(u64),
-    /// Already seen: drop it.
-    Duplicate,
-}
-
-/// Ticks (probe intervals) after which a silent (`src`, channel) is forgotten: a publisher
-/// that restarted comes back with a new `src`, so without this every deploy would leave
-/// its entries behind for good.
-pub const FORGET_AFTER_TICKS: u64 = 600;
-
-/// Last `seq` per (`src`, channel), with the tick it was last seen at.
-#[derive(Default)]
-pub struct SeqTracker {
-    last: HashMap<(Uuid, Channel), (u64, u64)>,
-    tick: u64,
-}
-
-impl SeqTracker {
-    pub fn observe(&mut self, src: Uuid, channel: &Channel, seq: u64) -> Seen {
-        let now = self.tick;
-        let Some((last, seen_at)) = self.last.get_mut(&(src, channel.clone())) else {
-            // A new src (or one forgotten while silent) starts wherever it is.
-            self.last.insert((src, channel.clone()), (seq, now));
-            return Seen::InOrder;
-        };
-        *seen_at = now;
-        if seq == last.saturating_add(1) {
-            *last = seq;
-            Seen::InOrder
-        } else if seq > *last {
-            let lost = seq - *last - 1;
-            *last = seq;
-            Seen::Gap(lost)
-        } else {
-            Seen::Duplicate
-        }
-    }
-
-    /// Advances the clock by one tick and forgets what has been silent for
-    /// [`FORGET_AFTER_TICKS`] (a sweep every 64 ticks keeps the cost negligible).
-    pub fn tick(&mut self) {
-        self.tick += 1;
-        if self.tick % 64 == 0 {
-            let now = self.tick;
-            self.last
-                .retain(|_, (_, seen_at)| now - *seen_at < FORGET_AFTER_TICKS);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.last.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last.is_empty()
-    }
-
-    /// Forgets channels no longer of interest, so the map does not grow without bound.
-    fn retain(&mut self, mut keep: impl FnMut(&Channel) -> bool) {
-        self.last.retain(|(_, c), _| keep(c));
-    }
-}
-
 /// The first bytes of every envelope `src` encodes (see `BusMessage::encode`).
 fn own_prefix(src: &Uuid) -> Vec<u8> {
     format!("{{\"src\":\"{}\"", src.as_hyphenated()).into_bytes()
@@ -553,55 +504,6 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seq_tracker_counts_gaps_duplicates_and_restarts() {
-        let mut t = SeqTracker::default();
-        let a = Uuid::new_v4();
-        let b = Uuid::new_v4();
-        let c = Channel::parse("trade:binance:BTC-USDT").unwrap();
-        let d = Channel::parse("trade:binance:ETH-USDT").unwrap();
-        assert_eq!(
-            t.observe(a, &c, 7),
-            Seen::InOrder,
-            "a new src starts wherever it is"
-        );
-        assert_eq!(t.observe(a, &c, 8), Seen::InOrder);
-        assert_eq!(t.observe(a, &c, 8), Seen::Duplicate);
-        assert_eq!(t.observe(a, &c, 5), Seen::Duplicate);
-        assert_eq!(t.observe(a, &c, 11), Seen::Gap(2));
-        assert_eq!(
-            t.observe(b, &c, 1),
-            Seen::InOrder,
-            "sources are tracked apart"
-        );
-        assert_eq!(
-            t.observe(a, &d, 3),
-            Seen::InOrder,
-            "channels are tracked apart"
-        );
-        t.retain(|ch| ch == &d);
-        assert_eq!(
-            t.observe(a, &c, 9),
-            Seen::InOrder,
-            "forgotten channel starts afresh"
-        );
-    }
-
-    #[test]
-    fn seq_tracker_forgets_silent_sources() {
-        let mut t = SeqTracker::default();
-        let c = Channel::parse("trade:binance:BTC-USDT").unwrap();
-        let (old, live) = (Uuid::new_v4(), Uuid::new_v4());
-        t.observe(old, &c, 1);
-        t.observe(live, &c, 1);
-        for i in 0..FORGET_AFTER_TICKS + 64 {
-            t.tick();
-            assert_eq!(t.observe(live, &c, i + 2), Seen::InOrder);
-        }
-        assert_eq!(t.len(), 1, "the silent src is gone, the live one kept");
-        assert_eq!(t.observe(live, &c, FORGET_AFTER_TICKS + 66), Seen::InOrder);
-    }
 
     #[test]
     fn own_envelopes_are_recognised_without_decoding() {
