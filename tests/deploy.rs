@@ -1,11 +1,14 @@
 //! The files under deploy/ are part of the product: alert rules pass promtool and their unit
-//! tests, systemd units pass `systemd-analyze verify`, and the example configs load.
+//! tests, systemd units pass `systemd-analyze verify`, the example configs load, and every
+//! metric the Grafana dashboard and the alerts query is exported by a freshly started
+//! publisher or executor.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::bin;
+use common::{bin, sim_bridge};
 
 fn deploy(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,4 +107,83 @@ fn example_configs_load() {
             panic!("{file}: {e}");
         }
     }
+}
+/// Metric names a PromQL expression uses: `mdbridge_*` words, with the histogram suffixes
+/// of the exposition (`_bucket`, `_sum`, `_count`) kept as they are written.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("mdbridge_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    ("query", serde_json::Value::Object(q)) => {
+                        if let Some(s) = q.get("query").and_then(|s| s.as_str()) {
+                            out.push(s.to_string());
+                        }
+                    }
+                    _ => dashboard_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// Every series a scrape of `text` holds, by name (labels stripped).
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn dashboard_and_alerts_query_only_exported_metrics() {
+    let json = std::fs::read_to_string(deploy("grafana/mdbridge.json")).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&json).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "dashboard queries: {exprs:?}");
+    let rules = std::fs::read_to_string(deploy("prometheus/alerts.yml")).expect("alerts.yml");
+    exprs.extend(
+        rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr: "))
+            .map(str::to_string),
+    );
+    let wanted: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
+
+    // A fresh publisher and executor, before any failure: every series must already exist.
+    let bridge = sim_bridge("200", &["BTC-USDT"], &["trade", "book"]).await;
+    let mut scraped = BTreeSet::new();
+    for proc in [&bridge.publisher, &bridge.executor] {
+        let text = reqwest::get(proc.http_url("/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        scraped.extend(exported(&text));
+    }
+    let missing: Vec<&String> = wanted.difference(&scraped).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard or alerts query series no instance exports: {missing:?}\nexported: {scraped:?}"
+    );
 }

@@ -54,11 +54,11 @@ pub fn tls_acceptor(config: &BotsConfig) -> io::Result<Option<TlsAcceptor>> {
 }
 
 /// `max_connections`, lowered when the process's file-descriptor limit cannot hold it
-/// next to the handshakes and [`FD_RESERVE`]. Raises the soft limit to the hard one
-/// first (allowed without privileges), as most servers do.
+/// next to the handshakes and [`FD_RESERVE`]. The soft limit is raised to the hard one
+/// first ([`crate::fd_limit::raise`], idempotent; allowed without privileges).
 pub fn connection_budget(config: &BotsConfig) -> usize {
     let want = config.max_connections;
-    let Some(limit) = raise_nofile_limit() else {
+    let Some(limit) = crate::fd_limit::raise().soft else {
         return want;
     };
     let available = limit
@@ -80,38 +80,6 @@ pub fn connection_budget(config: &BotsConfig) -> usize {
     } else {
         want
     }
-}
-
-/// The soft RLIMIT_NOFILE after trying to raise it to the hard limit; `None` when it
-/// cannot be read or is unlimited.
-#[cfg(unix)]
-// `rlim_t` is u64 on Linux but not on every Unix.
-#[allow(clippy::unnecessary_cast)]
-fn raise_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one plain struct we own; no other memory is touched.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return None;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads one plain struct we own.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
-        }
-    }
-    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur as u64)
-}
-
-#[cfg(not(unix))]
-fn raise_nofile_limit() -> Option<u64> {
-    None
 }
 
 /// Accepts until `shared.shutdown`. A handshake permit is taken *before* `accept`, so
