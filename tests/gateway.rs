@@ -3,128 +3,22 @@
 //! Every wait is on a condition with a deadline; no test sleeps to get timing right.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use mdbridge::bus::{Interest, SnapshotStore, StoreFuture};
+use mdbridge::bus::{SnapshotStore, StoreFuture};
 use mdbridge::config::{BotsConfig, SlowClientPolicy};
 use mdbridge::envelope::BusMessage;
 use mdbridge::event::{
     Book, BookAction, Channel, Event, Exchange, Level, Side, StatusState, Ticker, Trade,
 };
-use mdbridge::gateway::{Gateway, GatewayStats};
-use mdbridge::health::HealthHandle;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-struct Harness {
-    addr: SocketAddr,
-    bus: mpsc::Sender<BusMessage>,
-    stats: GatewayStats,
-    interest: watch::Receiver<Interest>,
-    shutdown: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
-    src: Uuid,
-    seq: u64,
-}
-
-fn config() -> BotsConfig {
-    BotsConfig {
-        listen: "127.0.0.1:0".into(),
-        ping_interval_ms: 60_000,
-        ..BotsConfig::default()
-    }
-}
-
-async fn start(config: BotsConfig, store: Option<Arc<dyn SnapshotStore>>) -> Harness {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (bus, messages) = mpsc::channel(1024);
-    let (interest_tx, interest) = watch::channel(Interest::default());
-    let gateway = Gateway::new(
-        config,
-        messages,
-        interest_tx,
-        store,
-        HealthHandle::detached("bots"),
-    );
-    let stats = gateway.stats();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(gateway.serve(listener, shutdown.clone()));
-    Harness {
-        addr,
-        bus,
-        stats,
-        interest,
-        shutdown,
-        server,
-        src: Uuid::new_v4(),
-        seq: 0,
-    }
-}
-
-impl Harness {
-    /// Publishes `event` on the bus; returns the exact bytes a bot must receive.
-    async fn publish(&mut self, event: Event) -> String {
-        let msg = self.encode(event);
-        let text = String::from_utf8(msg.event_json().to_vec()).unwrap();
-        self.bus.send(msg).await.unwrap();
-        text
-    }
-
-    fn encode(&mut self, event: Event) -> BusMessage {
-        self.seq += 1;
-        BusMessage::encode(self.src, self.seq, 1, event)
-    }
-
-    async fn connect(&self) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", self.addr))
-            .await
-            .unwrap();
-        ws
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(DEADLINE, self.server)
-            .await
-            .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
+mod gateway_harness;
+use gateway_harness::{config, send, start, start_with_store, wait_until, within, Harness, Ws};
 
 /// The next text frame (control frames skipped).
 async fn next_text(ws: &mut Ws) -> String {
@@ -142,10 +36,6 @@ async fn next_text(ws: &mut Ws) -> String {
 
 async fn next_json(ws: &mut Ws) -> Value {
     serde_json::from_str(&next_text(ws).await).unwrap()
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
 }
 
 async fn subscribe(ws: &mut Ws, channels: &[&str]) {
@@ -212,7 +102,7 @@ fn status() -> Event {
 
 #[tokio::test]
 async fn exact_bytes_wildcards_and_no_leakage() {
-    let mut h = start(config(), None).await;
+    let mut h = start(config()).await;
     let mut exact = h.connect().await;
     let mut wild = h.connect().await;
     let mut tick = h.connect().await;
@@ -257,7 +147,7 @@ async fn exact_bytes_wildcards_and_no_leakage() {
 
 #[tokio::test]
 async fn unsubscribe_stops_delivery_and_overlaps_deliver_once() {
-    let mut h = start(config(), None).await;
+    let mut h = start(config()).await;
     let mut bot = h.connect().await;
     subscribe(
         &mut bot,
@@ -312,7 +202,7 @@ async fn bad_requests_get_their_code_and_the_connection_survives() {
         max_message_bytes: 512,
         ..config()
     };
-    let h = start(cfg, None).await;
+    let h = start(cfg).await;
     let mut bot = h.connect().await;
     let cases: Vec<(Message, &str, Value)> = vec![
         (Message::text("{not json"), "bad_json", Value::Null),
@@ -402,7 +292,7 @@ async fn bad_requests_get_their_code_and_the_connection_survives() {
 
 #[tokio::test]
 async fn ping_echoes_numbers_and_strings() {
-    let h = start(config(), None).await;
+    let h = start(config()).await;
     let mut bot = h.connect().await;
     for (req, want) in [
         (
@@ -440,7 +330,7 @@ fn assert_chain(frames: &[Value]) {
 
 #[tokio::test]
 async fn late_joiner_gets_last_ticker_and_a_chaining_book_snapshot() {
-    let mut h = start(config(), None).await;
+    let mut h = start(config()).await;
     let mut watcher = h.connect().await;
     subscribe(&mut watcher, &["*:binance:BTC-USDT"]).await;
     h.publish(ticker("BTC-USDT", "1")).await;
@@ -530,7 +420,7 @@ impl SnapshotStore for TestStore {
 #[tokio::test]
 async fn store_serves_late_joiners_and_book_gaps_resync_to_a_chain() {
     let store = Arc::new(TestStore::default());
-    let mut h = start(config(), Some(store.clone() as Arc<dyn SnapshotStore>)).await;
+    let mut h = start_with_store(config(), Some(store.clone() as Arc<dyn SnapshotStore>)).await;
 
     // A stored ticker reaches a bot that subscribes before any live ticker.
     let stored_ticker = h.encode(ticker("ETH-USDT", "7"));
@@ -663,7 +553,7 @@ async fn slow_bot_is_disconnected_while_a_fast_bot_gets_everything() {
         slow_client: SlowClientPolicy::Disconnect,
         ..config()
     };
-    let mut h = start(cfg, None).await;
+    let mut h = start(cfg).await;
     let mut fast = h.connect().await;
     let mut slow = h.connect().await;
     subscribe(&mut fast, &["trade:binance:BTC-USDT"]).await;
@@ -702,7 +592,7 @@ async fn drop_oldest_keeps_a_slow_bot_connected_and_counts_drops() {
         slow_client: SlowClientPolicy::DropOldest,
         ..config()
     };
-    let mut h = start(cfg, None).await;
+    let mut h = start(cfg).await;
     let mut fast = h.connect().await;
     let mut slow = h.connect().await;
     subscribe(&mut fast, &["trade:binance:BTC-USDT"]).await;
@@ -741,7 +631,7 @@ async fn auth_accepts_header_and_query_tokens_only() {
         tokens: vec!["s3cret".into(), "other".into()],
         ..config()
     };
-    let h = start(cfg, None).await;
+    let h = start(cfg).await;
     let url = format!("ws://{}/", h.addr);
     for bad in [url.clone(), format!("{url}?token=nope")] {
         match tokio_tungstenite::connect_async(bad.as_str()).await {
@@ -773,7 +663,7 @@ async fn auth_accepts_header_and_query_tokens_only() {
 
 #[tokio::test]
 async fn shutdown_flushes_and_sends_a_close_frame() {
-    let mut h = start(config(), None).await;
+    let mut h = start(config()).await;
     let mut bot = h.connect().await;
     subscribe(&mut bot, &["trade:binance:BTC-USDT"]).await;
     let t = h.publish(trade(Exchange::Binance, "BTC-USDT", "1")).await;
@@ -799,7 +689,7 @@ async fn silent_bot_is_closed_after_three_ping_intervals() {
         ping_interval_ms: 50,
         ..config()
     };
-    let h = start(cfg, None).await;
+    let h = start(cfg).await;
     // A raw TCP client that completes the handshake but never reads or answers pings.
     let _silent = h.connect().await;
     let mut live = h.connect().await;
@@ -834,7 +724,7 @@ async fn drop_oldest_on_a_book_resyncs_the_slow_bot_with_a_snapshot() {
         slow_client: SlowClientPolicy::DropOldest,
         ..config()
     };
-    let mut h = start(cfg, None).await;
+    let mut h = start(cfg).await;
     let mut fast = h.connect().await;
     let mut slow = h.connect().await;
     subscribe(&mut fast, &["book:binance:BTC-USDT"]).await;

@@ -1,5 +1,5 @@
-//! The in-process bot server and bot-side helpers shared by `gateway_limits.rs` and
-//! `gateway_auth.rs`: a real listener on 127.0.0.1, real `tokio_tungstenite` clients, a
+//! The in-process bot server and bot-side helpers shared by `gateway.rs`,
+//! `gateway_limits.rs` and `gateway_auth.rs`: a real listener on 127.0.0.1, real `tokio_tungstenite` clients, a
 //! bus fed with `BusMessage::encode` messages, and waits bounded by a deadline.
 
 #![allow(dead_code)]
@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use mdbridge::bus::Interest;
+use std::sync::Arc;
+
+use mdbridge::bus::{Interest, SnapshotStore};
 use mdbridge::config::BotsConfig;
 use mdbridge::envelope::BusMessage;
 use mdbridge::event::{Book, BookAction, Event, Exchange, Level, Side, Trade};
@@ -37,7 +39,7 @@ pub struct Harness {
     pub stats: GatewayStats,
     pub shutdown: CancellationToken,
     pub server: JoinHandle<std::io::Result<()>>,
-    _interest: watch::Receiver<Interest>,
+    pub interest: watch::Receiver<Interest>,
     src: Uuid,
     seq: u64,
 }
@@ -51,6 +53,14 @@ pub fn config() -> BotsConfig {
 }
 
 pub async fn start(config: BotsConfig) -> Harness {
+    start_with_store(config, None).await
+}
+
+/// The server with a latest-value store (what an executor has).
+pub async fn start_with_store(
+    config: BotsConfig,
+    store: Option<Arc<dyn SnapshotStore>>,
+) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (bus, messages) = mpsc::channel(1024);
@@ -59,7 +69,7 @@ pub async fn start(config: BotsConfig) -> Harness {
         config,
         messages,
         interest_tx,
-        None,
+        store,
         HealthHandle::detached("bots"),
     );
     let stats = gateway.stats();
@@ -71,7 +81,7 @@ pub async fn start(config: BotsConfig) -> Harness {
         stats,
         shutdown,
         server,
-        _interest: interest,
+        interest,
         src: Uuid::new_v4(),
         seq: 0,
     }
@@ -80,11 +90,16 @@ pub async fn start(config: BotsConfig) -> Harness {
 impl Harness {
     /// Publishes `event` on the bus; returns the exact text a bot must receive.
     pub async fn publish(&mut self, event: Event) -> String {
-        self.seq += 1;
-        let msg = BusMessage::encode(self.src, self.seq, 1, event);
+        let msg = self.encode(event);
         let text = String::from_utf8(msg.event_json().to_vec()).unwrap();
         self.bus.send(msg).await.unwrap();
         text
+    }
+
+    /// The next message of this harness's publisher (`seq` + 1), not yet sent.
+    pub fn encode(&mut self, event: Event) -> BusMessage {
+        self.seq += 1;
+        BusMessage::encode(self.src, self.seq, 1, event)
     }
 
     pub fn url(&self) -> String {
