@@ -115,7 +115,7 @@ pub async fn run(
         role: role_name(role),
         health: health.clone(),
         metrics,
-        redis: crate::bus::redis::client(&config.redis).ok(),
+        redis: crate::bus::redis::Target::new(&config.redis, "health").ok(),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());
 

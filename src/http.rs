@@ -1,7 +1,7 @@
 //! The admin HTTP listener: `/metrics`, `/health`, `/health/redis` (PROTOCOL §6).
 //!
 //! It only reads what `app` hands it: the health registry, the Prometheus render handle and,
-//! for roles that use Redis, a Redis client to measure a round trip. It never reaches into
+//! for roles that use Redis, a Redis [`Target`] to measure a round trip. It never reaches into
 //! the roles themselves.
 
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::redis::{Target, TargetError};
 use crate::health::Health;
 
 /// What the admin endpoints read.
@@ -25,8 +26,9 @@ pub struct AdminState {
     pub role: &'static str,
     pub health: Health,
     pub metrics: PrometheusHandle,
-    /// Present when this role talks to Redis.
-    pub redis: Option<redis::Client>,
+    /// Present when this role talks to Redis: resolved per request, so with Sentinel the
+    /// round trip is measured against the current master.
+    pub redis: Option<Target>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -77,7 +79,7 @@ async fn health(State(state): State<AdminState>) -> Response {
 }
 
 async fn health_redis(State(state): State<AdminState>) -> Response {
-    let Some(client) = state.redis.clone() else {
+    let Some(target) = state.redis.clone() else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"error": "this role does not use Redis"})),
@@ -93,10 +95,10 @@ async fn health_redis(State(state): State<AdminState>) -> Response {
         .collect();
     // Connect, then time one PING on its own: the round trip, not the handshake.
     let ping = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let (mut conn, _) = target.connect().await?;
         let started = Instant::now();
         redis::cmd("PING").query_async::<String>(&mut conn).await?;
-        Ok::<_, redis::RedisError>(started.elapsed())
+        Ok::<_, TargetError>(started.elapsed())
     })
     .await;
     let (ok, rtt_us, error) = match ping {

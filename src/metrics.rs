@@ -27,6 +27,7 @@ pub const ENVELOPES_DUPLICATE: &str = "mdbridge_envelopes_duplicate_total";
 pub const ENVELOPES_INVALID: &str = "mdbridge_envelopes_invalid_total";
 pub const ENVELOPES_OVERFLOW: &str = "mdbridge_envelopes_overflow_total";
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
+pub const REDIS_FAILOVERS: &str = "mdbridge_redis_failovers_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
 pub const REDIS_ERROR_REPLIES: &str = "mdbridge_redis_error_replies_total";
@@ -139,6 +140,10 @@ fn describe() {
         "Malformed envelopes received from Redis and skipped."
     );
     describe_counter!(REDIS_RECONNECTS, "Redis reconnects, by connection role.");
+    describe_counter!(
+        REDIS_FAILOVERS,
+        "Sentinel failovers followed (reconnected to a newly named master), by connection role."
+    );
     describe_gauge!(
         REDIS_CONNECTED,
         "1 while the Redis connection of this role is up."
@@ -225,6 +230,14 @@ pub fn envelope_invalid() {
 /// `role` is `"publish"` or `"subscribe"`.
 pub fn redis_reconnect(role: &'static str) {
     counter!(REDIS_RECONNECTS, "role" => role).increment(1);
+}
+/// A Sentinel-resolved connection of `role` landed on another master than before.
+pub fn redis_failover(role: &'static str) {
+    counter!(REDIS_FAILOVERS, "role" => role).increment(1);
+}
+/// Exports `redis_failovers{role}` at 0 from start (Sentinel mode), so alerts see it.
+pub fn redis_failovers_register(role: &'static str) {
+    counter!(REDIS_FAILOVERS, "role" => role).increment(0);
 }
 pub fn redis_connected(role: &'static str, up: bool) {
     gauge!(REDIS_CONNECTED, "role" => role).set(if up { 1.0 } else { 0.0 });

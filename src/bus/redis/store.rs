@@ -13,14 +13,13 @@
 //!   call connects afresh; an error reply on a live connection keeps it. There is no backoff:
 //!   calls are driven by bot subscriptions, and each one waits at most the timeout.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::Client;
 use bytes::Bytes;
 
-use super::{connect, io_timeout, last_key, redact, snapshot_key, Recovery, RedisFailure};
+use super::target::{MasterWatch, Target};
+use super::{last_key, snapshot_key, Recovery, RedisFailure};
 use crate::bus::{BusError, SnapshotStore, StoreFuture};
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
@@ -28,33 +27,31 @@ use crate::event::{Channel, EventType};
 
 /// Reads the latest-value keys; implements [`SnapshotStore`].
 pub struct RedisStore {
-    client: Client,
+    /// Asked on every (re)connect: with Sentinel, the current master.
+    target: Target,
     prefix: String,
-    timeout: Duration,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The connection and (Sentinel) the watch on its master; a watch that fired drops
+    /// the connection before the next `GET`.
+    conn: Mutex<Option<(MultiplexedConnection, Arc<MasterWatch>)>>,
 }
 
 impl RedisStore {
-    /// Connects to `config.url`.
+    /// Connects to `config.url` (with Sentinel: to the master the sentinels name).
     pub async fn connect(config: &RedisConfig) -> Result<RedisStore, BusError> {
-        let unreachable = |reason: String| BusError::Unreachable {
-            url: redact(&config.url),
-            reason,
-        };
-        let client = super::client(config)?;
-        let timeout = io_timeout(config);
-        let conn = connect(&client, timeout)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let target = Target::new(config, "store")?;
+        let (conn, resolved) = target.connect().await.map_err(|e| BusError::Unreachable {
+            url: target.describe(),
+            reason: e.to_string(),
+        })?;
+        let watch = Arc::new(target.watch(&resolved));
         Ok(RedisStore {
-            client,
+            target,
             prefix: config.key_prefix.clone(),
-            timeout,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(Some((conn, watch))),
         })
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn slot(&self) -> MutexGuard<'_, Option<(MultiplexedConnection, Arc<MasterWatch>)>> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -73,12 +70,27 @@ impl RedisStore {
         // The multiplexed connection is shared by cloning. The lock only guards the slot and
         // is never held across an await: while Redis is down each caller tries (and times
         // out) on its own instead of queueing behind one another's connect attempts.
-        let current = self.slot().clone();
+        let current = {
+            let mut slot = self.slot();
+            if slot.as_ref().is_some_and(|(_, watch)| watch.has_moved()) {
+                // The sentinels name another master: this connection is to the old one.
+                *slot = None;
+            }
+            slot.as_ref().map(|(c, _)| c.clone())
+        };
         let mut conn = match current {
             Some(c) => c,
             None => {
-                let c = connect(&self.client, self.timeout).await?;
-                self.slot().get_or_insert(c).clone()
+                let (c, resolved) =
+                    self.target
+                        .connect()
+                        .await
+                        .map_err(|e| BusError::Unreachable {
+                            url: self.target.describe(),
+                            reason: e.to_string(),
+                        })?;
+                let watch = Arc::new(self.target.watch(&resolved));
+                self.slot().get_or_insert((c, watch)).0.clone()
             }
         };
         let reply: ::redis::RedisResult<Option<Vec<u8>>> =

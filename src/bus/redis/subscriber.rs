@@ -46,7 +46,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ::redis::aio::PubSubSink;
-use ::redis::{Client, Msg};
+use ::redis::Msg;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -57,7 +57,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::interest::{reconcile, Filter, Plan};
-use super::{backoff, io_timeout, redact, Recovery, RedisFailure};
+use super::target::Target;
+use super::{backoff, io_timeout, Recovery, RedisFailure};
 use crate::bus::Interest;
 use crate::config::RedisConfig;
 use crate::envelope::BusMessage;
@@ -80,8 +81,8 @@ impl RedisSubscriber {
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let client = match super::client(&config) {
-                Ok(c) => c,
+            let target = match Target::new(&config, "subscribe") {
+                Ok(t) => t,
                 Err(e) => {
                     // Validation and the startup check refuse such settings; never panic.
                     health.down(e.to_string());
@@ -92,7 +93,7 @@ impl RedisSubscriber {
             let mut sub = Subscriber {
                 config,
                 src,
-                client,
+                target,
                 interest,
                 interest_open: true,
                 out,
@@ -120,7 +121,8 @@ enum End {
 struct Subscriber {
     config: RedisConfig,
     src: Uuid,
-    client: Client,
+    /// Asked at the start of every session: with Sentinel, the current master.
+    target: Target,
     interest: watch::Receiver<Interest>,
     /// False once the interest sender is gone: the last interest stays in force.
     interest_open: bool,
@@ -175,7 +177,14 @@ impl Subscriber {
     /// One connection's life: connect, subscribe everything, pump messages until it fails.
     async fn session(&mut self, shutdown: &CancellationToken, sessions: u64) -> End {
         let timeout = io_timeout(&self.config);
-        let pubsub = match tokio::time::timeout(timeout, self.client.get_async_pubsub()).await {
+        // Resolved afresh per session: after a failover the sentinels name the new master
+        // (and a node that says it is a replica is refused here, then retried after backoff).
+        // Every step of a resolve is bounded by the I/O timeout.
+        let resolved = match self.target.resolve().await {
+            Ok(r) => r,
+            Err(e) => return End::Reconnect(format!("resolve: {e}")),
+        };
+        let pubsub = match tokio::time::timeout(timeout, resolved.client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 return End::Reconnect(format!("connect: {}", RedisFailure::classify(&e)))
@@ -203,7 +212,10 @@ impl Subscriber {
             self.health.up(None);
         }
         self.session_was_up = true;
-        info!(url = %redact(&self.config.url), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
+        // Sentinel: ends the session when the sentinels name another master, even if this
+        // connection (to a demoted or cut-off node) stays open and silent.
+        let mut master_watch = self.target.watch(&resolved);
+        info!(redis = %resolved.shown(&self.target), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
 
         let probe_every = Duration::from_millis(self.config.probe_interval_ms.max(1));
         let probe_timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
@@ -264,6 +276,7 @@ impl Subscriber {
                         }
                     }
                 },
+                reason = master_watch.moved() => return End::Reconnect(reason),
                 _ = sleep_until(probe_due) => {
                     metrics::redis_probe_timeout();
                     return End::Reconnect(format!("probe not back within {} ms", probe_timeout.as_millis()));
