@@ -1,5 +1,5 @@
 //! A real Redis Sentinel setup for the tests: one master, one replica and three sentinels
-//! (quorum 2), each a `redis-server` process on a free port with its own writable config
+//! (quorum 2; the sentinels require a password), each a `redis-server` process on a free port with its own writable config
 //! file in a temp dir (sentinels rewrite theirs). Killed on drop.
 
 use std::path::Path;
@@ -10,10 +10,14 @@ use super::{find_redis_server, free_port, WAIT};
 
 /// Name of the monitored master.
 pub const MASTER: &str = "m";
+/// The sentinels' own password (`requirepass`): mdbridge must send it from the URLs.
+pub const SENTINEL_PASS: &str = "sentinel-secret";
 
 /// One `redis-server` process (data node or sentinel).
 pub struct Node {
     pub port: u16,
+    /// Password of this node's default user, if it has one.
+    pass: Option<&'static str>,
     child: Option<Child>,
 }
 
@@ -34,12 +38,16 @@ impl Node {
             .expect("start redis-server");
         Node {
             port,
+            pass: None,
             child: Some(child),
         }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.pass {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn conn(&self) -> Option<redis::Connection> {
@@ -131,13 +139,15 @@ impl SentinelSet {
                          sentinel monitor {MASTER} 127.0.0.1 {} 2\n\
                          sentinel down-after-milliseconds {MASTER} 1000\n\
                          sentinel failover-timeout {MASTER} 5000\n\
-                         sentinel parallel-syncs {MASTER} 1\n",
+                         sentinel parallel-syncs {MASTER} 1\n\
+                         requirepass {SENTINEL_PASS}\n\
+                         sentinel sentinel-pass {SENTINEL_PASS}\n",
                         dir.path().display(),
                         master.port
                     ),
                 )
                 .expect("write sentinel.conf");
-                Node::spawn(
+                let mut node = Node::spawn(
                     &[
                         conf.display().to_string(),
                         "--sentinel".into(),
@@ -145,7 +155,9 @@ impl SentinelSet {
                         port.to_string(),
                     ],
                     dir.path(),
-                )
+                );
+                node.pass = Some(SENTINEL_PASS);
+                node
             })
             .collect();
         for s in &sentinels {

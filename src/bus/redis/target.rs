@@ -147,22 +147,6 @@ impl Target {
         })
     }
 
-    /// The same resolver for another role (its own failover count).
-    pub fn for_role(&self, role: &'static str) -> Target {
-        if self.is_sentinel() {
-            metrics::redis_failovers_register(role);
-        }
-        Target {
-            inner: self.inner.clone(),
-            role,
-            last: Arc::default(),
-        }
-    }
-
-    pub fn is_sentinel(&self) -> bool {
-        matches!(self.inner.mode, Mode::Sentinel { .. })
-    }
-
     fn master_name(&self) -> &str {
         match &self.inner.mode {
             Mode::Sentinel { master_name, .. } => master_name,
@@ -408,6 +392,39 @@ mod tests {
         assert_eq!(t.master_url(&addr), "redis://u:p@10.0.0.7:6380/3");
         assert!(t.describe().contains("redis://:***@127.0.0.1:26379"));
         assert!(!t.describe().contains("spw"));
+    }
+
+    #[tokio::test]
+    async fn a_replica_is_not_taken_for_the_master() {
+        let master = crate::bus::redis_test_server::RedisTestServer::start();
+        let replica = crate::bus::redis_test_server::RedisTestServer::start();
+        let timeout = Duration::from_secs(2);
+        let addr = |port| MasterAddr {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let mut conn = connect(&Client::open(replica.url()).unwrap(), timeout)
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(master.port())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let err = check_role(&mut conn, &addr(replica.port()), timeout)
+            .await
+            .unwrap_err();
+        match err {
+            TargetError::NotMaster { role, .. } => assert_eq!(role, "slave"),
+            other => panic!("{other}"),
+        }
+        let mut conn = connect(&Client::open(master.url()).unwrap(), timeout)
+            .await
+            .unwrap();
+        check_role(&mut conn, &addr(master.port()), timeout)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
