@@ -36,7 +36,9 @@
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
-//!   connection returns.
+//!   connection returns. Each attempt asks the [`Target`] afresh (with Sentinel: the
+//!   current master, `ROLE`-checked), and with Sentinel a watch ends the connection when
+//!   the sentinels name another master (see [`target`](super::target)).
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
 //!   from the minimum, and every book snapshot is rewritten at the next refresh (a
 //!   restarted Redis has lost its keys).

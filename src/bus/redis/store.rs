@@ -4,7 +4,8 @@
 //! and `candle` channels (written by the publisher); other types have no latest value.
 //! It owns no background task.
 //!
-//! Reconnect behaviour:
+//! Reconnect behaviour (every connect asks the [`Target`]: with Sentinel, the current
+//! master; a connection whose master the sentinels no longer name is dropped before use):
 //!
 //! - [`RedisStore::connect`] connects once and fails with a clear error if Redis is
 //!   unreachable.

@@ -28,7 +28,10 @@
 //! - redis-rs's `aio::PubSub` never reconnects: when its stream ends or a command on it
 //!   fails, the whole session (its one pub/sub connection) is rebuilt after
 //!   an exponential backoff with jitter (`reconnect_min_ms` .. `reconnect_max_ms`), and
-//!   the whole current interest is subscribed again.
+//!   the whole current interest is subscribed again. Each session asks the [`Target`]
+//!   afresh (with Sentinel: the current master), and with Sentinel a watch ends the
+//!   session when the sentinels name another master, even if the old one stays silent but
+//!   connected (see [`target`](super::target)).
 //! - Health goes down when a session ends and up once the new one is subscribed;
 //!   `redis_connected{role="subscribe"}` follows, and each rebuilt session adds one to
 //!   `redis_reconnects{role="subscribe"}`. The backoff restarts from the minimum after a

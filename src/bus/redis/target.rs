@@ -131,7 +131,10 @@ impl Target {
                     })
                 })
                 .collect::<Result<Vec<_>, BusError>>()?;
-            metrics::redis_failovers_register(role);
+            // The one-shot start-up check never follows a failover: no series for it.
+            if role != "check" {
+                metrics::redis_failovers_register(role);
+            }
             Mode::Sentinel {
                 master_name: config.master_name.clone(),
                 sentinels,
