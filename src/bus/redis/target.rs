@@ -190,7 +190,7 @@ impl Target {
                 };
                 return Ok((conn, resolved));
             }
-            Mode::Sentinel { .. } => self.ask().await?,
+            Mode::Sentinel { .. } => self.ask(&mut None).await?,
         };
         let client = client_for(&self.inner.config, &self.master_url(&addr))?;
         let mut conn = connect(&client, timeout).await?;
@@ -213,9 +213,10 @@ impl Target {
         let every = Duration::from_millis(self.inner.config.probe_interval_ms.max(100));
         let target = self.clone();
         MasterWatch(Some(tokio::spawn(async move {
+            let mut link = None;
             loop {
                 tokio::time::sleep(every).await;
-                match target.ask().await {
+                match target.ask(&mut link).await {
                     Ok(addr) if addr != current => {
                         return format!("sentinels name a new master {addr} (was {current})")
                     }
@@ -226,8 +227,14 @@ impl Target {
         })))
     }
 
-    /// Asks each sentinel in turn; the first that names the master wins.
-    async fn ask(&self) -> Result<MasterAddr, TargetError> {
+    /// Asks each sentinel in turn; the first that names the master wins. `link` is the
+    /// connection to the sentinel that answered last (the watch keeps it between checks,
+    /// so a long session costs the sentinels one connection, not one per check): it is
+    /// asked first, and replaced by whichever sentinel answers if it fails.
+    async fn ask(
+        &self,
+        link: &mut Option<MultiplexedConnection>,
+    ) -> Result<MasterAddr, TargetError> {
         let Mode::Sentinel {
             master_name,
             sentinels,
@@ -239,22 +246,32 @@ impl Target {
             });
         };
         let timeout = io_timeout(&self.inner.config);
+        if let Some(conn) = link.as_mut() {
+            if let Ok(Ok(Some(answer))) =
+                tokio::time::timeout(timeout, query_master(conn, master_name)).await
+            {
+                if let Some(addr) = parse_addr(answer) {
+                    return Ok(addr);
+                }
+            }
+            *link = None;
+        }
         let mut detail = Vec::new();
         for sentinel in sentinels {
-            let query = async {
+            let attempt = async {
                 let mut conn = connect(&sentinel.client, timeout).await?;
-                ::redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(master_name)
-                    .query_async::<Option<(String, String)>>(&mut conn)
-                    .await
+                let answer = query_master(&mut conn, master_name).await?;
+                Ok::<_, RedisError>((conn, answer))
             };
-            match tokio::time::timeout(timeout, query).await {
-                Ok(Ok(Some((host, port)))) => match port.parse::<u16>() {
-                    Ok(port) => return Ok(MasterAddr { host, port }),
-                    Err(_) => detail.push(format!("{}: bad port `{port}`", sentinel.shown)),
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok((conn, Some(answer)))) => match parse_addr(answer) {
+                    Some(addr) => {
+                        *link = Some(conn);
+                        return Ok(addr);
+                    }
+                    None => detail.push(format!("{}: bad port", sentinel.shown)),
                 },
-                Ok(Ok(None)) => detail.push(format!("{}: unknown master", sentinel.shown)),
+                Ok(Ok((_, None))) => detail.push(format!("{}: unknown master", sentinel.shown)),
                 Ok(Err(e)) => detail.push(format!("{}: {e}", sentinel.shown)),
                 Err(_) => detail.push(format!("{}: timed out", sentinel.shown)),
             }
@@ -298,6 +315,25 @@ impl Target {
             Some(_) => {}
         }
     }
+}
+
+/// `SENTINEL get-master-addr-by-name`: `[host, port]`, or nil for an unknown name.
+async fn query_master(
+    conn: &mut MultiplexedConnection,
+    master_name: &str,
+) -> ::redis::RedisResult<Option<(String, String)>> {
+    ::redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(master_name)
+        .query_async(conn)
+        .await
+}
+
+fn parse_addr((host, port): (String, String)) -> Option<MasterAddr> {
+    Some(MasterAddr {
+        host,
+        port: port.parse().ok()?,
+    })
 }
 
 /// `ROLE` must say `master`. A NOPERM (ACL user without `ROLE`) skips the check.
