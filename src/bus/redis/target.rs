@@ -174,6 +174,14 @@ impl Target {
     /// A client for the current master. Sentinel: asks the sentinels, checks the named
     /// node's `ROLE`, counts a failover when the master changed since the last resolve.
     pub async fn resolve(&self) -> Result<Resolved, TargetError> {
+        if let Mode::Fixed(client) = &self.inner.mode {
+            // Nothing to ask and no role to check: no connection either.
+            return Ok(Resolved {
+                client: client.clone(),
+                master: None,
+            });
+        }
+        // Sentinel: the role check needs a connection to the named node; it is dropped.
         Ok(self.connect().await?.1)
     }
 
