@@ -13,13 +13,22 @@ use serde_json::Value;
 
 /// Publisher + executor on the sentinels, both healthy.
 async fn roles(set: &SentinelSet, feed: &str) -> (Proc, Proc) {
+    roles_with(set, feed, |c| c).await
+}
+
+/// [`roles`] with each config passed through `edit` first.
+async fn roles_with(
+    set: &SentinelSet,
+    feed: &str,
+    edit: impl Fn(String) -> String,
+) -> (Proc, Proc) {
     let redis = format!(
         "[redis]\nsentinels = {}\nmaster_name = \"{MASTER}\"\n",
         set.toml_list()
     );
     // Nothing listens on port 1: the data connections must come from the sentinels.
     let config = |h, b, extra| {
-        role_config("redis://127.0.0.1:1/0", h, b, extra).replacen("[redis]\n", &redis, 1)
+        edit(role_config("redis://127.0.0.1:1/0", h, b, extra).replacen("[redis]\n", &redis, 1))
     };
     let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
     let mut publisher = Proc::role("publisher", &config(ph, pb, feed), ph, None);
@@ -235,4 +244,42 @@ async fn a_subscription_left_on_a_cut_off_master_moves_to_the_new_one() {
         0.0,
         "the probe never saw a problem: only the watch did"
     );
+}
+
+/// A reconnect backoff grown long during the outage does not delay the switch: the
+/// backoff is cut short as soon as the sentinels name the promoted replica. With a one
+/// minute backoff, delivery resumes within the bounded wait only because of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_reconnect_backoff_is_cut_short_by_the_new_master() {
+    let mut set = SentinelSet::start();
+    let sim = Proc::simulator(&["--rate", "200", "--symbols", "BTC-USDT"]).await;
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade"],
+    );
+    let (publisher, executor) = roles_with(&set, &feed, |c| {
+        c.replacen("reconnect_min_ms = 50\n", "reconnect_min_ms = 60000\n", 1)
+            .replacen("reconnect_max_ms = 500\n", "reconnect_max_ms = 60000\n", 1)
+    })
+    .await;
+    let mut bot = Bot::connect(&executor.bots_url()).await;
+    bot.subscribe(&["trade:binance:BTC-USDT"]).await;
+    let (first, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
+    let mut last = trade_id(&first);
+    increasing_trades(&mut bot, &mut last, 20).await;
+
+    set.master.kill();
+    // Each read is bounded by WAIT (20 s), a third of one backoff step.
+    loop {
+        if increasing_trades(&mut bot, &mut last, 1).await.is_some() {
+            break;
+        }
+    }
+    increasing_trades(&mut bot, &mut last, 50).await;
+    for (proc, role) in [(&publisher, "publish"), (&executor, "subscribe")] {
+        let sample = format!(r#"mdbridge_redis_failovers_total{{role="{role}"}}"#);
+        assert!(proc.metric(&sample).await >= 1.0, "{} {role}", proc.name);
+    }
 }

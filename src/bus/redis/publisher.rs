@@ -310,7 +310,7 @@ impl Writer {
         // Resolved afresh each time: after a failover the sentinels name the new master.
         let target = self.target.clone();
         self.connecting = Some(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            target.backoff(delay).await;
             target.connect().await
         }));
     }

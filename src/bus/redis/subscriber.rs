@@ -172,7 +172,7 @@ impl Subscriber {
                 .unwrap_or(Duration::from_millis(self.config.reconnect_max_ms));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.target.backoff(delay) => {}
             }
         }
     }

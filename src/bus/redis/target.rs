@@ -19,6 +19,9 @@
 //!   `probe_interval_ms`; when they name another master the watch fires and the caller ends
 //!   the session. This catches a connection to a demoted or partitioned old master that
 //!   stays open but silent.
+//! - The reconnect backoff ([`Target::backoff`]) is cut short when the sentinels name a
+//!   new master, so a promoted replica is used at once rather than after the rest of a
+//!   backoff grown during the outage.
 //! - A resolve that lands on another master than this role's previous one is a failover
 //!   followed: `mdbridge_redis_failovers_total{role}` + 1 and one log line.
 //!
@@ -38,6 +41,9 @@ use super::{client_for, connect, io_timeout, redact, RedisFailure};
 use crate::bus::BusError;
 use crate::config::RedisConfig;
 use crate::metrics;
+
+/// How often [`Target::backoff`] asks the sentinels while waiting to reconnect.
+pub const BACKOFF_POLL: Duration = Duration::from_millis(250);
 
 /// Host and port of a Redis master, as a sentinel names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +215,39 @@ impl Target {
             master: Some(addr),
         };
         Ok((conn, resolved))
+    }
+
+    /// The reconnect backoff: sleeps `delay`, but with Sentinel wakes early when the
+    /// sentinels name another master than this role's last one. During an outage the
+    /// backoff grows towards `reconnect_max_ms`; without this the promoted replica would
+    /// wait out the rest of it. The sentinels are polled every [`BACKOFF_POLL`] at most,
+    /// on one kept connection, and only for delays longer than that.
+    pub async fn backoff(&self, delay: Duration) {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(last) = last.filter(|_| delay > BACKOFF_POLL) else {
+            return tokio::time::sleep(delay).await;
+        };
+        let deadline = tokio::time::Instant::now() + delay;
+        let mut link = None;
+        loop {
+            let poll = tokio::time::Instant::now() + BACKOFF_POLL;
+            tokio::time::sleep_until(poll.min(deadline)).await;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.ask(&mut link)).await {
+                Ok(Ok(addr)) if addr != last => {
+                    info!(role = self.role, master = %addr, "sentinels name a new redis master; reconnecting now");
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// Fires (with the reason) when the sentinels name another master than `session`'s.
