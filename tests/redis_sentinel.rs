@@ -177,6 +177,10 @@ async fn killing_the_master_both_roles_follow_the_promoted_replica() {
     executor.wait_healthy().await;
     let health = executor.get_json("/health/redis").await;
     assert_eq!(health["connected"], true, "{health}");
+    // The first sentinel in the list is gone: the next one is asked.
+    set.sentinels[0].kill();
+    let health = executor.get_json("/health/redis").await;
+    assert_eq!(health["connected"], true, "{health}");
 }
 
 /// The failure mode a PING probe cannot see: the old master is cut off from the sentinels
