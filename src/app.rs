@@ -118,7 +118,7 @@ pub async fn run(
         role: role_name(role),
         health: health.clone(),
         metrics,
-        redis: crate::bus::redis::client(&config.redis).ok(),
+        redis: crate::bus::redis::Target::new(&config.redis, "health").ok(),
         limits: crate::http::AdminLimits::from_config(&config.http),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());

@@ -97,6 +97,12 @@ pub struct RedisConfig {
     /// With signing keys: a pub/sub envelope published longer ago than this is a replay
     /// and dropped (latest-value keys are exempt). 0: no limit.
     pub max_envelope_age_ms: u64,
+    /// Redis Sentinel: URLs of the sentinels (`redis://[user:pass@]host:26379`). With
+    /// `master_name`, every connection goes to the master they name and `url` gives only
+    /// the credentials, database and TLS (its host and port are not used).
+    pub sentinels: Vec<String>,
+    /// Redis Sentinel: the monitored master's name; set together with `sentinels`.
+    pub master_name: String,
 }
 
 /// Default of `redis.max_envelope_bytes`: 1 MiB, three times a 5 000-level book snapshot.
@@ -193,6 +199,8 @@ impl Default for RedisConfig {
             max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
             signing_keys: Vec::new(),
             max_envelope_age_ms: 300_000,
+            sentinels: Vec::new(),
+            master_name: String::new(),
         }
     }
 }
@@ -645,6 +653,24 @@ impl Config {
                     self.redis.url
                 ),
             ),
+        }
+        // Sentinel: both keys or neither; each sentinel a redis:// or rediss:// URL (not
+        // echoed: it may carry a password).
+        if self.redis.sentinels.is_empty() != self.redis.master_name.trim().is_empty() {
+            bad(
+                "redis.sentinels",
+                "redis.sentinels and redis.master_name go together (both set or both empty)".into(),
+            );
+        }
+        for (i, url) in self.redis.sentinels.iter().enumerate() {
+            if redis::parse_redis_url(url).is_none() {
+                bad(
+                    "redis.sentinels",
+                    format!(
+                        "entry {i} is not a Redis URL (expected redis://[user:pass@]host:port)"
+                    ),
+                );
+            }
         }
         let tls_url = self.redis.url.starts_with("rediss://");
         for (key, set) in [
@@ -1134,6 +1160,29 @@ tls_cert_file = "/nonexistent/cert.pem"
             .unwrap_err()
             .to_string()
             .contains("redis.max_envelope_bytes"));
+    }
+
+    #[test]
+    fn redis_sentinels_and_master_name_go_together_and_must_be_urls() {
+        let f = write("[redis]\nsentinels = [\"redis://h:26379\"]\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let f = write("[redis]\nmaster_name = \"m\"\n");
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let f = write(
+            "[redis]\nmaster_name = \"m\"\nsentinels = [\"redis://h:26379\", \"http://:secret@h\"]\n",
+        );
+        let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("entry 1 is not a Redis URL"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        let f = write(
+            "[redis]\nmaster_name = \"m\"\nsentinels = [\"redis://u:p@h1:26379\", \"redis://h2:26379\"]\n",
+        );
+        let config = Config::load(Some(f.path()), Role::Executor).unwrap();
+        assert_eq!(config.redis.master_name, "m");
+        assert_eq!(config.redis.sentinels.len(), 2);
     }
 
     #[test]

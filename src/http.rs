@@ -2,7 +2,7 @@
 //! live status page (`/`, [`crate::status`]).
 //!
 //! It only reads what `app` hands it: the health registry, the Prometheus render handle and,
-//! for roles that use Redis, a Redis client to measure a round trip. It never reaches into
+//! for roles that use Redis, a Redis [`Target`] to measure a round trip. It never reaches into
 //! the roles themselves.
 //!
 //! It cannot be exhausted by clients that connect and never finish (slowloris): our own
@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::bus::redis::{Target, TargetError};
 use crate::config::HttpConfig;
 use crate::health::Health;
 use crate::metrics;
@@ -78,8 +79,9 @@ pub struct AdminState {
     pub role: &'static str,
     pub health: Health,
     pub metrics: PrometheusHandle,
-    /// Present when this role talks to Redis.
-    pub redis: Option<redis::Client>,
+    /// Present when this role talks to Redis: resolved per request, so with Sentinel the
+    /// round trip is measured against the current master.
+    pub redis: Option<Target>,
     pub limits: AdminLimits,
 }
 
@@ -237,7 +239,7 @@ async fn health(State(state): State<AdminState>) -> Response {
 }
 
 async fn health_redis(State(state): State<AdminState>) -> Response {
-    let Some(client) = state.redis.clone() else {
+    let Some(target) = state.redis.clone() else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"error": "this role does not use Redis"})),
@@ -253,10 +255,10 @@ async fn health_redis(State(state): State<AdminState>) -> Response {
         .collect();
     // Connect, then time one PING on its own: the round trip, not the handshake.
     let ping = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let (mut conn, _) = target.connect().await?;
         let started = Instant::now();
         redis::cmd("PING").query_async::<String>(&mut conn).await?;
-        Ok::<_, redis::RedisError>(started.elapsed())
+        Ok::<_, TargetError>(started.elapsed())
     })
     .await;
     let (ok, rtt_us, error) = match ping {

@@ -49,6 +49,7 @@ pub const ENVELOPE_INVALID_REASONS: [&str; 9] = [
 /// Every `kind` label of [`ENVELOPE_SEQ_ANOMALIES`].
 pub const ENVELOPE_SEQ_ANOMALY_KINDS: [&str; 2] = ["jump", "back"];
 pub const REDIS_RECONNECTS: &str = "mdbridge_redis_reconnects_total";
+pub const REDIS_FAILOVERS: &str = "mdbridge_redis_failovers_total";
 pub const REDIS_CONNECTED: &str = "mdbridge_redis_connected";
 pub const REDIS_PROBE_TIMEOUTS: &str = "mdbridge_redis_probe_timeouts_total";
 pub const REDIS_ERROR_REPLIES: &str = "mdbridge_redis_error_replies_total";
@@ -104,6 +105,8 @@ pub const REDIS_FAILURE_REASONS: &[&str] = &[
     "redis_error",
 ];
 pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+/// Connections that follow a Sentinel failover (`bus::redis::target`).
+pub const REDIS_FAILOVER_ROLES: [&str; 4] = ["publish", "subscribe", "store", "health"];
 pub const ADMIN_TIMEOUT_KINDS: &[&str] = &["header", "lifetime"];
 pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
 pub const BOT_DISCONNECT_REASONS: &[&str] = &[
@@ -244,6 +247,10 @@ fn describe() {
         "Envelopes whose seq does not fit their (src, channel) stream, by kind: jump (far ahead) or back (a step back; dropped when signed)."
     );
     describe_counter!(REDIS_RECONNECTS, "Redis reconnects, by connection role.");
+    describe_counter!(
+        REDIS_FAILOVERS,
+        "Sentinel failovers followed (reconnected to a newly named master), by connection role."
+    );
     describe_gauge!(
         REDIS_CONNECTED,
         "1 while the Redis connection of this role is up."
@@ -398,6 +405,9 @@ pub fn init() {
         }
     }
     gauge!(REDIS_SUBSCRIBED_PATTERNS).increment(0.0);
+    for role in REDIS_FAILOVER_ROLES {
+        counter!(REDIS_FAILOVERS, "role" => role).increment(0);
+    }
     let _ = histogram!(DELIVERY_LATENCY);
     for reason in ENVELOPE_INVALID_REASONS {
         counter!(ENVELOPES_INVALID, "reason" => reason).increment(0);
@@ -474,6 +484,10 @@ pub fn envelope_seq_anomaly(kind: &'static str) {
 /// `role` is `"publish"` or `"subscribe"`.
 pub fn redis_reconnect(role: &'static str) {
     counter!(REDIS_RECONNECTS, "role" => role).increment(1);
+}
+/// A Sentinel-resolved connection of `role` landed on another master than before.
+pub fn redis_failover(role: &'static str) {
+    counter!(REDIS_FAILOVERS, "role" => role).increment(1);
 }
 pub fn redis_connected(role: &'static str, up: bool) {
     gauge!(REDIS_CONNECTED, "role" => role).set(if up { 1.0 } else { 0.0 });

@@ -24,6 +24,8 @@ use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
 use serde::Serialize;
 
+use crate::bus::redis::target::MasterWatch;
+use crate::bus::redis::Target;
 use crate::health::ComponentHealth;
 use crate::http::AdminState;
 
@@ -130,19 +132,24 @@ async fn stream_snapshots(
 }
 
 /// A Redis connection kept for the life of one stream, so each tick times a `PING`, not a
-/// connection set-up.
+/// connection set-up. With Sentinel it follows the master the sentinels name.
 #[derive(Default)]
 struct RedisProbe {
-    conn: Option<redis::aio::MultiplexedConnection>,
+    conn: Option<(redis::aio::MultiplexedConnection, MasterWatch)>,
 }
 
 impl RedisProbe {
-    async fn rtt(&mut self, client: &redis::Client) -> Option<u64> {
+    async fn rtt(&mut self, target: &Target) -> Option<u64> {
+        if self.conn.as_ref().is_some_and(|(_, w)| w.has_moved()) {
+            self.conn = None;
+        }
         let attempt = async {
             if self.conn.is_none() {
-                self.conn = Some(client.get_multiplexed_async_connection().await.ok()?);
+                let (conn, resolved) = target.connect().await.ok()?;
+                let watch = target.watch(&resolved);
+                self.conn = Some((conn, watch));
             }
-            let conn = self.conn.as_mut()?;
+            let (conn, _) = self.conn.as_mut()?;
             let started = Instant::now();
             redis::cmd("PING")
                 .query_async::<String>(conn)
@@ -163,7 +170,7 @@ impl RedisProbe {
 
 async fn take(state: &AdminState, probe: &mut RedisProbe) -> StatusSnapshot {
     let rtt_us = match &state.redis {
-        Some(client) => probe.rtt(client).await,
+        Some(target) => probe.rtt(target).await,
         None => None,
     };
     let mut snap = from_metrics(&state.metrics.render());

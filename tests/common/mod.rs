@@ -8,6 +8,7 @@
 
 pub mod exchange;
 pub mod redis_extra;
+pub mod sentinel;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

@@ -13,6 +13,8 @@
 //! - [`client`]: the one place a [`Client`] is built from the config (URL with optional
 //!   ACL user and password, `rediss://` with `tls_ca_file` / `tls_cert_file` /
 //!   `tls_key_file`), so every connection of every role authenticates the same way.
+//! - [`target`]: where connections go ([`Target`]): the fixed `url`, or the master Redis
+//!   Sentinel names, resolved afresh on every (re)connect so failovers are followed.
 //! - [`error`]: what a Redis failure means ([`RedisFailure`]) and the policy for it.
 //! - [`interest`]: the bots' interest as Redis subscriptions, bounded by `max_patterns`.
 //!
@@ -35,11 +37,13 @@ pub mod interest;
 pub mod publisher;
 pub mod store;
 pub mod subscriber;
+pub mod target;
 
 pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
 pub use subscriber::RedisSubscriber;
+pub use target::{MasterAddr, Target, TargetError};
 
 #[cfg(test)]
 mod live_tests;
@@ -68,8 +72,14 @@ pub fn snapshot_key(prefix: &str, channel: &Channel) -> String {
 /// PKI roots; `tls_cert_file` + `tls_key_file` add a client certificate. Files are read
 /// here, once per client, so a missing or bad file is an error at start.
 pub fn client(config: &RedisConfig) -> Result<Client, BusError> {
+    client_for(config, &config.url)
+}
+
+/// [`client`] for another URL with the same TLS files: a Sentinel-named master (`url`'s
+/// host and port replaced) or a sentinel itself (see [`target`]).
+pub(crate) fn client_for(config: &RedisConfig, url: &str) -> Result<Client, BusError> {
     let fail = |reason: String| BusError::Unreachable {
-        url: redact(&config.url),
+        url: redact(url),
         reason,
     };
     let read = |key: &str, path: &std::path::Path| {
@@ -78,8 +88,8 @@ pub fn client(config: &RedisConfig) -> Result<Client, BusError> {
     let tls_files = config.tls_ca_file.is_some()
         || config.tls_cert_file.is_some()
         || config.tls_key_file.is_some();
-    if !tls_files {
-        return Client::open(config.url.as_str()).map_err(|e| fail(e.to_string()));
+    if !tls_files || !url.starts_with("rediss://") {
+        return Client::open(url).map_err(|e| fail(e.to_string()));
     }
     let root_cert = match &config.tls_ca_file {
         Some(path) => Some(read("tls_ca_file", path)?),
@@ -98,7 +108,7 @@ pub fn client(config: &RedisConfig) -> Result<Client, BusError> {
         }
     };
     Client::build_with_tls(
-        config.url.as_str(),
+        url,
         TlsCertificates {
             client_tls,
             root_cert,
@@ -107,20 +117,23 @@ pub fn client(config: &RedisConfig) -> Result<Client, BusError> {
     .map_err(|e| fail(e.to_string()))
 }
 
-/// Checks once that Redis answers `PING` within `timeout`, with the credentials and TLS
-/// settings of `config`.
+/// Checks once that Redis (with Sentinel: the master the sentinels name) answers `PING`
+/// within `timeout`, with the credentials and TLS settings of `config`.
 ///
 /// Used at start so an unreachable Redis becomes one clear line rather than a retry loop.
 pub async fn check_connection(config: &RedisConfig, timeout: Duration) -> Result<(), BusError> {
-    let url = config.url.as_str();
+    let target = Target::new(config, "check")?;
     let unreachable = |reason: String| BusError::Unreachable {
-        url: redact(url),
+        url: target.describe(),
         reason,
     };
-    let client = client(config)?;
+    // Sentinel: the sentinels are asked and the named master's role checked first.
     let attempt = async {
-        let mut conn = connect(&client, timeout).await?;
-        ::redis::cmd("PING").query_async::<String>(&mut conn).await
+        let (mut conn, _) = target.connect().await?;
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(TargetError::from)
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(_)) => Ok(()),

@@ -51,7 +51,9 @@
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
-//!   connection returns.
+//!   connection returns. Each attempt asks the [`Target`] afresh (with Sentinel: the
+//!   current master, `ROLE`-checked), and with Sentinel a watch ends the connection when
+//!   the sentinels name another master (see [`target`](super::target)).
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
 //!   from the minimum, and every book snapshot and `last:` value is rewritten at the next
 //!   refresh (a restarted Redis has lost its keys).
@@ -65,7 +67,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{Client, Pipeline};
+use ::redis::Pipeline;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -76,7 +78,8 @@ use uuid::Uuid;
 
 use super::store::booklog_key;
 use super::subscriber::RateLimit;
-use super::{backoff, connect, io_timeout, redact, Recovery, RedisFailure};
+use super::target::{MasterWatch, Resolved, Target, TargetError};
+use super::{backoff, Recovery, RedisFailure};
 use crate::book::OrderBook;
 use crate::bus::Bus;
 use crate::config::RedisConfig;
@@ -115,9 +118,9 @@ impl RedisPublisher {
         let books = SharedBooks::default();
         let writer_books = books.clone();
         let task = tokio::spawn(async move {
-            match super::client(&config) {
-                Ok(client) => {
-                    Writer::new(config, src, client, health, writer_books)
+            match Target::new(&config, "publish") {
+                Ok(target) => {
+                    Writer::new(config, src, target, health, writer_books)
                         .run(rx, shutdown)
                         .await
                 }
@@ -190,14 +193,19 @@ struct LatestKey {
     payload: Bytes,
 }
 
-type Connecting = JoinHandle<::redis::RedisResult<MultiplexedConnection>>;
+/// What one connect attempt gives: a connection to the (resolved) master, or why not.
+type Connected = Result<(MultiplexedConnection, Resolved), TargetError>;
+type Connecting = JoinHandle<Connected>;
 
 struct Writer {
     config: RedisConfig,
     src: Uuid,
-    client: Client,
+    /// Asked on every (re)connect: with Sentinel, the current master.
+    target: Target,
     health: HealthHandle,
     conn: Option<MultiplexedConnection>,
+    /// Sentinel: fires when the sentinels name another master than `conn`'s.
+    watch: MasterWatch,
     connecting: Option<Connecting>,
     delays: Box<dyn Iterator<Item = Duration> + Send>,
     /// A connection was up before: the next success is a reconnect.
@@ -221,7 +229,7 @@ impl Writer {
     fn new(
         config: RedisConfig,
         src: Uuid,
-        client: Client,
+        target: Target,
         health: HealthHandle,
         books: SharedBooks,
     ) -> Writer {
@@ -231,9 +239,10 @@ impl Writer {
             keys,
             config,
             src,
-            client,
+            target,
             health,
             conn: None,
+            watch: MasterWatch::none(),
             connecting: None,
             delays,
             was_connected: false,
@@ -260,6 +269,7 @@ impl Writer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 done = wait_connecting(&mut self.connecting) => self.connected(done),
+                reason = self.watch.moved() => self.lost_connection(&reason),
                 // Before the queue: under sustained load the queue is always ready and would
                 // starve the refresh; the tick is ready only once per period.
                 _ = refresh.tick() => {
@@ -334,22 +344,20 @@ impl Writer {
     }
 
     fn start_connecting(&mut self, delay: Duration) {
-        let client = self.client.clone();
-        let timeout = io_timeout(&self.config);
+        // Resolved afresh each time: after a failover the sentinels name the new master.
+        let target = self.target.clone();
         self.connecting = Some(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            connect(&client, timeout).await
+            target.backoff(delay).await;
+            target.connect().await
         }));
     }
 
-    fn connected(
-        &mut self,
-        done: Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError>,
-    ) {
+    fn connected(&mut self, done: Result<Connected, tokio::task::JoinError>) {
         self.connecting = None;
         match done {
-            Ok(Ok(conn)) => {
+            Ok(Ok((conn, resolved))) => {
                 self.conn = Some(conn);
+                self.watch = self.target.watch(&resolved);
                 if self.was_connected {
                     metrics::redis_reconnect("publish");
                 }
@@ -363,7 +371,7 @@ impl Writer {
                 self.rewrite_latest = true;
                 metrics::redis_connected("publish", true);
                 self.health.up(None);
-                info!(url = %redact(&self.config.url), "redis publisher connected");
+                info!(redis = %resolved.shown(&self.target), "redis publisher connected");
             }
             Ok(Err(e)) => {
                 self.health.down(format!("connect: {e}"));
@@ -424,6 +432,7 @@ impl Writer {
     fn lost_connection(&mut self, cause: &dyn std::fmt::Display) {
         self.degraded = false;
         self.conn = None;
+        self.watch = MasterWatch::none();
         metrics::redis_connected("publish", false);
         self.health.down(format!("redis: {cause}"));
         warn!(cause = %cause, "redis publisher lost its connection; reconnecting");
@@ -722,7 +731,7 @@ fn is_snapshot(msg: &BusMessage) -> bool {
 /// Resolves when the background connect finishes; pending forever when none runs.
 async fn wait_connecting(
     connecting: &mut Option<Connecting>,
-) -> Result<::redis::RedisResult<MultiplexedConnection>, tokio::task::JoinError> {
+) -> Result<Connected, tokio::task::JoinError> {
     match connecting.as_mut() {
         Some(task) => task.await,
         None => std::future::pending().await,

@@ -17,7 +17,8 @@
 //! `mdbridge_store_values_refused_total`, logged rate-limited, and answered as "nothing
 //! stored".
 //!
-//! Reconnect behaviour:
+//! Reconnect behaviour (every connect asks the [`Target`]: with Sentinel, the current
+//! master; a connection whose master the sentinels no longer name is dropped before use):
 //!
 //! - [`RedisStore::connect`] connects once and fails with a clear error if Redis is
 //!   unreachable.
@@ -27,14 +28,14 @@
 //!   here: calls are driven by bot subscriptions, each waits at most the timeout, and the
 //!   router spaces its retries out.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::Client;
 use bytes::Bytes;
 
-use super::{connect, io_timeout, last_key, redact, snapshot_key, Recovery, RedisFailure};
+use super::target::{MasterWatch, Target};
+use super::{last_key, snapshot_key, Recovery, RedisFailure};
 use crate::bus::{BookFuture, BusError, SnapshotStore, StoreFuture, StoredBook};
 use crate::config::RedisConfig;
 use crate::envelope::{BusMessage, DecodePolicy};
@@ -48,12 +49,14 @@ pub fn booklog_key(prefix: &str, channel: &Channel) -> String {
 
 /// Reads the latest-value keys; implements [`SnapshotStore`].
 pub struct RedisStore {
-    client: Client,
+    /// Asked on every (re)connect: with Sentinel, the current master.
+    target: Target,
     prefix: String,
-    timeout: Duration,
     max_bytes: u64,
     max_log: usize,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The connection and (Sentinel) the watch on its master; a watch that fired drops
+    /// the connection before the next `GET`.
+    conn: Mutex<Option<(MultiplexedConnection, Arc<MasterWatch>)>>,
     /// When the last refusal was logged (one line per 10 s).
     refused_log: Mutex<Option<Instant>>,
     /// Values are checked like pub/sub envelopes: size, signature, event vs channel.
@@ -66,30 +69,26 @@ type RawRead = (u64, Vec<u8>, Option<Vec<Vec<u8>>>);
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl RedisStore {
-    /// Connects to `config.url`.
+    /// Connects to `config.url` (with Sentinel: to the master the sentinels name).
     pub async fn connect(config: &RedisConfig) -> Result<RedisStore, BusError> {
-        let unreachable = |reason: String| BusError::Unreachable {
-            url: redact(&config.url),
-            reason,
-        };
-        let client = super::client(config)?;
-        let timeout = io_timeout(config);
-        let conn = connect(&client, timeout)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let target = Target::new(config, "store")?;
+        let (conn, resolved) = target.connect().await.map_err(|e| BusError::Unreachable {
+            url: target.describe(),
+            reason: e.to_string(),
+        })?;
+        let watch = Arc::new(target.watch(&resolved));
         Ok(RedisStore {
-            client,
+            target,
             prefix: config.key_prefix.clone(),
-            timeout,
             max_bytes: config.max_snapshot_bytes.max(1) as u64,
             max_log: config.booklog_max.max(1),
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(Some((conn, watch))),
             refused_log: Mutex::new(None),
             policy: DecodePolicy::from_config(config),
         })
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn slot(&self) -> MutexGuard<'_, Option<(MultiplexedConnection, Arc<MasterWatch>)>> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -108,12 +107,27 @@ impl RedisStore {
         // The multiplexed connection is shared by cloning. The lock only guards the slot and
         // is never held across an await: while Redis is down each caller tries (and times
         // out) on its own instead of queueing behind one another's connect attempts.
-        let current = self.slot().clone();
+        let current = {
+            let mut slot = self.slot();
+            if slot.as_ref().is_some_and(|(_, watch)| watch.has_moved()) {
+                // The sentinels name another master: this connection is to the old one.
+                *slot = None;
+            }
+            slot.as_ref().map(|(c, _)| c.clone())
+        };
         match current {
             Some(c) => Ok(c),
             None => {
-                let c = connect(&self.client, self.timeout).await?;
-                Ok(self.slot().get_or_insert(c).clone())
+                let (c, resolved) =
+                    self.target
+                        .connect()
+                        .await
+                        .map_err(|e| BusError::Unreachable {
+                            url: self.target.describe(),
+                            reason: e.to_string(),
+                        })?;
+                let watch = Arc::new(self.target.watch(&resolved));
+                Ok(self.slot().get_or_insert((c, watch)).0.clone())
             }
         }
     }

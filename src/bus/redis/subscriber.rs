@@ -31,7 +31,10 @@
 //! - redis-rs's `aio::PubSub` never reconnects: when its stream ends or a command on it
 //!   fails, the whole session (its one pub/sub connection) is rebuilt after
 //!   an exponential backoff with jitter (`reconnect_min_ms` .. `reconnect_max_ms`), and
-//!   the whole current interest is subscribed again.
+//!   the whole current interest is subscribed again. Each session asks the [`Target`]
+//!   afresh (with Sentinel: the current master), and with Sentinel a watch ends the
+//!   session when the sentinels name another master, even if the old one stays silent but
+//!   connected (see [`target`](super::target)).
 //! - Health goes down when a session ends and up once the new one is subscribed;
 //!   `redis_connected{role="subscribe"}` follows, and each rebuilt session adds one to
 //!   `redis_reconnects{role="subscribe"}`. The backoff restarts from the minimum after a
@@ -51,7 +54,7 @@
 use std::time::Duration;
 
 use ::redis::aio::PubSubSink;
-use ::redis::{Client, Msg};
+use ::redis::Msg;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -62,7 +65,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::interest::{reconcile, Filter, Plan};
-use super::{backoff, io_timeout, redact, Recovery, RedisFailure};
+use super::target::Target;
+use super::{backoff, io_timeout, Recovery, RedisFailure};
 use crate::bus::seq::{Seen, SeqTracker};
 use crate::bus::{BusState, Interest};
 use crate::config::RedisConfig;
@@ -100,8 +104,8 @@ impl RedisSubscriber {
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let client = match super::client(&config) {
-                Ok(c) => c,
+            let target = match Target::new(&config, "subscribe") {
+                Ok(t) => t,
                 Err(e) => {
                     // Validation and the startup check refuse such settings; never panic.
                     health.down(e.to_string());
@@ -113,7 +117,7 @@ impl RedisSubscriber {
             let mut sub = Subscriber {
                 config,
                 src,
-                client,
+                target,
                 interest,
                 interest_open: true,
                 out,
@@ -144,7 +148,8 @@ enum End {
 struct Subscriber {
     config: RedisConfig,
     src: Uuid,
-    client: Client,
+    /// Asked at the start of every session: with Sentinel, the current master.
+    target: Target,
     interest: watch::Receiver<Interest>,
     /// False once the interest sender is gone: the last interest stays in force.
     interest_open: bool,
@@ -196,7 +201,7 @@ impl Subscriber {
                 .unwrap_or(Duration::from_millis(self.config.reconnect_max_ms));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.target.backoff(delay) => {}
             }
         }
     }
@@ -204,7 +209,14 @@ impl Subscriber {
     /// One connection's life: connect, subscribe everything, pump messages until it fails.
     async fn session(&mut self, shutdown: &CancellationToken, sessions: u64) -> End {
         let timeout = io_timeout(&self.config);
-        let pubsub = match tokio::time::timeout(timeout, self.client.get_async_pubsub()).await {
+        // Resolved afresh per session: after a failover the sentinels name the new master
+        // (and a node that says it is a replica is refused here, then retried after backoff).
+        // Every step of a resolve is bounded by the I/O timeout.
+        let resolved = match self.target.resolve().await {
+            Ok(r) => r,
+            Err(e) => return End::Reconnect(format!("resolve: {e}")),
+        };
+        let pubsub = match tokio::time::timeout(timeout, resolved.client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 return End::Reconnect(format!("connect: {}", RedisFailure::classify(&e)))
@@ -233,7 +245,10 @@ impl Subscriber {
         }
         BusState::set_up(&self.bus_state);
         self.session_was_up = true;
-        info!(url = %redact(&self.config.url), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
+        // Sentinel: ends the session when the sentinels name another master, even if this
+        // connection (to a demoted or cut-off node) stays open and silent.
+        let mut master_watch = self.target.watch(&resolved);
+        info!(redis = %resolved.shown(&self.target), patterns = interest.len(), redis_patterns = target.wild.len(), "redis subscriber connected");
 
         let probe_every = Duration::from_millis(self.config.probe_interval_ms.max(1));
         let probe_timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
@@ -294,6 +309,7 @@ impl Subscriber {
                         }
                     }
                 },
+                reason = master_watch.moved() => return End::Reconnect(reason),
                 _ = sleep_until(probe_due) => {
                     metrics::redis_probe_timeout();
                     return End::Reconnect(format!("probe not back within {} ms", probe_timeout.as_millis()));
