@@ -176,12 +176,20 @@ pub async fn serve(
 /// Bearer token check (when configured) and the per-request time bound.
 async fn guard(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     if let Some(token) = &state.limits.token {
+        // A browser cannot add a header to a page it opens or to an EventSource: the
+        // status page (`/`, `/api/status/stream`) may pass the token as `?token=` instead.
+        let from_query = req.uri().query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .map(|v| v.trim().to_string())
+            .or(from_query);
         if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
             metrics::admin_unauthorized();
             return (

@@ -3,7 +3,11 @@
 //! - `GET /` — one self-contained HTML page (no CDN, no build step: the file is compiled
 //!   into the binary) that renders what the stream below sends.
 //! - `GET /api/status` — one [`StatusSnapshot`] as JSON.
-//! - `GET /api/status/stream` — Server-Sent Events, one snapshot per second.
+//! - `GET /api/status/stream` — Server-Sent Events, one snapshot per second. The admin
+//!   listener closes every connection after `header_timeout_ms + request_timeout_ms`
+//!   (a slow reader must not hold a connection), so a stream ends itself a second before
+//!   that and tells the browser to reconnect after 250 ms (`retry:`): the page does so
+//!   without a visible gap.
 //!
 //! A snapshot is read from the same sources as `/health` and `/metrics`: the health
 //! registry and the Prometheus handle (counters are parsed from its rendering, so the page
@@ -32,6 +36,10 @@ use crate::http::AdminState;
 const PAGE: &str = include_str!("page.html");
 /// One snapshot per this on the stream.
 const STREAM_EVERY: Duration = Duration::from_secs(1);
+/// A stream ends this long before the admin listener would cut its connection.
+const RECONNECT_MARGIN: Duration = Duration::from_secs(1);
+/// The browser reconnects this soon after a stream ended (SSE `retry:`).
+const RECONNECT_AFTER: Duration = Duration::from_millis(250);
 /// A Redis round trip slower than this is reported as missing.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -115,16 +123,22 @@ async fn snapshot(State(state): State<AdminState>) -> Json<StatusSnapshot> {
 async fn stream_snapshots(
     State(state): State<AdminState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let lifetime = state.limits.header_timeout + state.limits.request_timeout;
+    let ends = Instant::now() + lifetime.saturating_sub(RECONNECT_MARGIN).max(STREAM_EVERY);
     let events = stream::unfold(
         (state, RedisProbe::default(), true),
-        |(state, mut redis, first)| async move {
+        move |(state, mut redis, first)| async move {
             if !first {
+                if Instant::now() + STREAM_EVERY > ends {
+                    return None;
+                }
                 tokio::time::sleep(STREAM_EVERY).await;
             }
             let snap = take(&state, &mut redis).await;
             let event = SseEvent::default()
                 .json_data(&snap)
-                .unwrap_or_else(|_| SseEvent::default().data("{}"));
+                .unwrap_or_else(|_| SseEvent::default().data("{}"))
+                .retry(RECONNECT_AFTER);
             Some((Ok(event), (state, redis, false)))
         },
     );
