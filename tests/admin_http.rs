@@ -140,3 +140,87 @@ async fn admin_token_gives_401_without_and_200_with() {
     })
     .await;
 }
+
+/// The status page in a browser cannot send a header: with `[http] token` it passes
+/// `?token=`. Its event stream ends by itself before the admin connection lifetime (so the
+/// listener never has to cut it, and no `lifetime` timeout is counted).
+#[tokio::test]
+async fn status_page_and_stream_take_the_token_as_a_query_and_the_stream_ends_cleanly() {
+    let redis = RedisServer::start();
+    let (h, b) = (free_port(), free_port());
+    let config = config_with_http(
+        &redis.url(),
+        h,
+        b,
+        // Lifetime 1 + 2 = 3 s: the stream must end on its own before that.
+        "token = \"s3cret-admin\"\nheader_timeout_ms = 1000\nrequest_timeout_ms = 2000",
+    );
+    let executor = Proc::role("executor", &config, h, Some(b));
+    let client = reqwest::Client::new();
+    wait_until("admin HTTP up", WAIT, || async {
+        client
+            .get(executor.http_url("/metrics"))
+            .bearer_auth("s3cret-admin")
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    for path in ["/", "/api/status", "/api/status/stream"] {
+        let r = client
+            .get(executor.http_url(path))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status().as_u16(), 401, "{path} without a token");
+        let r = client
+            .get(executor.http_url(&format!("{path}?token=wrong")))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status().as_u16(), 401, "{path} with a wrong token");
+    }
+    let page = client
+        .get(executor.http_url("/?token=s3cret-admin"))
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.expect("body").contains("EventSource"));
+
+    let stream = client
+        .get(executor.http_url("/api/status/stream?token=s3cret-admin"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("GET stream");
+    assert_eq!(stream.status().as_u16(), 200);
+    assert!(stream.headers()["content-type"]
+        .to_str()
+        .unwrap_or_default()
+        .starts_with("text/event-stream"));
+    // The whole body arrives and ends without an error: the server closed it cleanly.
+    let body = stream.text().await.expect("the stream ends cleanly");
+    let snapshots: Vec<serde_json::Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("each event is a JSON snapshot"))
+        .collect();
+    assert!(!snapshots.is_empty(), "{body}");
+    assert!(snapshots.iter().all(|s| s["role"] == "executor"), "{body}");
+    assert!(body.contains("retry: 250"), "{body}");
+    let metrics = client
+        .get(executor.http_url("/metrics"))
+        .bearer_auth("s3cret-admin")
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(
+        metric_in(&metrics, "mdbridge_admin_timeouts_total{what=\"lifetime\"}"),
+        0.0,
+        "the stream was not cut by the listener"
+    );
+}
