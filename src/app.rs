@@ -298,7 +298,7 @@ pub async fn run_demo(
 
     println!("mdbridge demo: simulated Binance-format exchange on {sim_addr} (events are labelled `sim`)");
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
-    println!("  metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
+    println!("  status:  http://{http_addr}/ (live page)   metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
     println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
     println!(
         "  watch:   {} --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'",
