@@ -98,6 +98,8 @@ enum Cache {
     /// `ticker`, `candle`, `status`: the last event.
     Latest {
         value: Option<(Utf8Bytes, u64)>,
+        /// Store reads in a row that failed (the retry backoff exponent).
+        failed: u32,
     },
     Book(Box<BookCache>),
 }
@@ -105,9 +107,10 @@ enum Cache {
 impl Cache {
     fn for_kind(kind: EventType, now: Instant) -> Cache {
         match kind {
-            EventType::Ticker | EventType::Candle | EventType::Status => {
-                Cache::Latest { value: None }
-            }
+            EventType::Ticker | EventType::Candle | EventType::Status => Cache::Latest {
+                value: None,
+                failed: 0,
+            },
             EventType::Book => Cache::Book(Box::new(BookCache::new(now))),
             EventType::Trade => Cache::Nothing,
         }
@@ -533,7 +536,7 @@ impl Router {
                 fan_out(&state.subscribers, &text, msg.ts_recv);
                 return;
             }
-            Cache::Latest { value } => {
+            Cache::Latest { value, .. } => {
                 *value = Some((text.clone(), msg.ts_recv));
                 fan_out(&state.subscribers, &text, msg.ts_recv);
                 return;
@@ -616,7 +619,7 @@ impl Joining<'_> {
         let idle = state.fetch.is_none();
         let fetch = match &mut state.cache {
             Cache::Nothing => false,
-            Cache::Latest { value } => match value {
+            Cache::Latest { value, .. } => match value {
                 Some((text, ts_recv)) => {
                     queue.push_market(text.clone(), *ts_recv, None);
                     false

@@ -479,6 +479,13 @@ fn push_recent(recent: &mut VecDeque<u64>, seq: Option<u64>) {
     recent.push_back(seq);
 }
 
+/// The delay of retry number `attempt` (from 0): [`RETRY_BASE`] doubling up to [`RETRY_CAP`].
+pub(super) fn backoff(attempt: u32) -> Duration {
+    RETRY_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(RETRY_CAP)
+}
+
 fn is_snapshot(m: &BusMessage) -> bool {
     m.book
         .as_ref()
