@@ -124,6 +124,8 @@ struct ChannelState {
     local: bool,
     /// A message arrived on it: without a store its cache is worth keeping unwatched.
     seen: bool,
+    /// Created by a message that no exact pattern named (counted against the wildcard cap).
+    by_wildcard: bool,
     fetch: Option<Fetch>,
 }
 
@@ -134,6 +136,7 @@ impl ChannelState {
             cache: Cache::for_kind(kind, Instant::now()),
             local: false,
             seen: false,
+            by_wildcard: false,
             fetch: None,
         }
     }
@@ -142,6 +145,10 @@ impl ChannelState {
         self.subscribers.iter().any(|q| q.id() == id)
     }
 }
+
+/// Channels created by messages only wildcards match, at most: beyond, messages are passed
+/// on without state, so made-up names on the bus cannot grow the router's memory.
+pub const WILDCARD_CHANNELS_MAX: usize = 65_536;
 
 /// Routing state; consumed by [`Router::run`].
 pub struct Router {
@@ -165,6 +172,9 @@ pub struct Router {
     next_fetch: u64,
     /// When a failed store read was last logged.
     store_warned: Option<Instant>,
+    /// Channels held with `by_wildcard`, and their cap ([`WILDCARD_CHANNELS_MAX`]).
+    wildcard_channels: usize,
+    wildcard_cap: usize,
 }
 
 impl Router {
@@ -190,6 +200,8 @@ impl Router {
             told_down: HashSet::new(),
             next_fetch: 0,
             store_warned: None,
+            wildcard_channels: 0,
+            wildcard_cap: WILDCARD_CHANNELS_MAX,
         }
     }
 
@@ -367,6 +379,11 @@ impl Router {
                 .channels
                 .entry(channel.clone())
                 .or_insert_with(|| ChannelState::new(channel.kind(), Vec::new()));
+            if state.by_wildcard {
+                // Named now: no longer a channel only a wildcard reached.
+                state.by_wildcard = false;
+                self.wildcard_channels -= 1;
+            }
             join.join(&channel, state, queue);
         }
         for channel in std::mem::take(&mut join.fetch) {
@@ -463,7 +480,11 @@ impl Router {
             client.queue.clear_broken(&channel);
             if state.subscribers.is_empty() && !(state.seen && (keep_seen || state.local)) {
                 // Dropping the state cancels a store read under way.
-                self.channels.remove(&channel);
+                if let Some(gone) = self.channels.remove(&channel) {
+                    if gone.by_wildcard {
+                        self.wildcard_channels -= 1;
+                    }
+                }
             }
         }
         let mut interest_changed = false;
@@ -516,10 +537,27 @@ impl Router {
                 // the next subscriber: keep nothing.
                 return;
             }
-            self.channels.insert(
-                msg.channel.clone(),
-                ChannelState::new(msg.kind(), subscribers),
-            );
+            let named = Pattern::parse(msg.channel.as_str())
+                .ok()
+                .is_some_and(|p| self.patterns.contains_key(&p));
+            let by_wildcard = !named && !local;
+            if by_wildcard && self.wildcard_channels >= self.wildcard_cap {
+                // Anyone who can publish to Redis can make up names: past the cap, pass the
+                // message on without keeping anything. A book cannot be checked without
+                // state, so its messages are dropped (a chain that does not hold is never
+                // passed on).
+                crate::metrics::router_wildcard_overflow();
+                if msg.kind() != EventType::Book {
+                    if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
+                        fan_out(&subscribers, &text, msg.ts_recv);
+                    }
+                }
+                return;
+            }
+            let mut state = ChannelState::new(msg.kind(), subscribers);
+            state.by_wildcard = by_wildcard;
+            self.wildcard_channels += usize::from(by_wildcard);
+            self.channels.insert(msg.channel.clone(), state);
             crate::metrics::router_channels(self.channels.len());
         }
         let Some(state) = self.channels.get_mut(&msg.channel) else {

@@ -341,3 +341,38 @@ async fn after_the_bus_is_back_latest_values_are_read_again_and_not_served_stale
         "a new subscriber gets the current value, not the pre-outage one"
     );
 }
+
+#[tokio::test]
+async fn channels_only_wildcards_reach_are_capped_and_their_messages_still_delivered() {
+    let store: Arc<dyn SnapshotStore> = Arc::new(Empty);
+    let (mut r, _interest) = router(Some(store));
+    r.wildcard_cap = 3;
+    let bot = client(&mut r, 1);
+    subscribe(&mut r, 1, "trade:binance:*");
+    subscribe(&mut r, 1, "trade:binance:NAMED-USDT");
+    for i in 0..10u64 {
+        r.on_message(trade(&format!("MADEUP{i}-USDT"), i + 1), false);
+    }
+    // A channel an exact pattern names is not counted against the cap.
+    r.on_message(trade("NAMED-USDT", 11), false);
+    assert_eq!(
+        r.channel_count(),
+        4,
+        "three made-up names and the named one"
+    );
+    let want: Vec<String> = (1..=11).map(|i| i.to_string()).collect();
+    assert_eq!(
+        trades(&bot),
+        want,
+        "every trade is delivered, once, in order"
+    );
+    request(
+        &mut r,
+        1,
+        Op::Unsubscribe {
+            patterns: patterns(&["trade:binance:*".into()]),
+        },
+    );
+    assert_eq!(r.channel_count(), 1);
+    assert_eq!(r.wildcard_channels, 0);
+}
