@@ -199,7 +199,7 @@ struct Scripted {
 }
 
 impl Scripted {
-    fn new(answers: Vec<Result<Option<BusMessage>, ()>>) -> Arc<dyn SnapshotStore> {
+    fn store(answers: Vec<Result<Option<BusMessage>, ()>>) -> Arc<dyn SnapshotStore> {
         Arc::new(Scripted {
             answers: std::sync::Mutex::new(answers.into()),
         })
@@ -292,7 +292,7 @@ fn subscribe(r: &mut Router, id: u64, name: &str) {
 #[tokio::test]
 async fn a_failed_latest_value_read_is_retried_until_the_value_is_known() {
     let current = status_msg("current state");
-    let store = Scripted::new(vec![Err(()), Err(()), Ok(Some(current))]);
+    let store = Scripted::store(vec![Err(()), Err(()), Ok(Some(current))]);
     let (mut r, mut rx, _interest) = router_with_answers(store);
     let bot = client(&mut r, 1);
     subscribe(&mut r, 1, "status:binance");
@@ -308,7 +308,7 @@ async fn a_failed_latest_value_read_is_retried_until_the_value_is_known() {
 #[tokio::test]
 async fn after_the_bus_is_back_latest_values_are_read_again_and_not_served_stale() {
     // Nothing stored at first; after the outage, the store holds what was published meanwhile.
-    let store = Scripted::new(vec![
+    let store = Scripted::store(vec![
         Ok(None),
         Ok(Some(status_msg("published during the outage"))),
     ]);
