@@ -27,6 +27,9 @@
 //! Without a store (demo), and for a hybrid's own channels, every message arrives anyway:
 //! caches of channels that carry messages are kept whether watched or not.
 //! Exact patterns resolve by hash lookup; a wildcard looks only at the channels held now.
+//! Channels only a wildcard reached are capped ([`WILDCARD_CHANNELS_MAX`]): past it,
+//! messages on new names pass without state (books: dropped), so made-up names published
+//! into Redis cannot grow the router's memory.
 //! Store reads (one task each, cancellable, answers matched by id) live in
 //! [`store_reads`].
 //!

@@ -11,7 +11,10 @@
 //!   before each PUBLISH, so the new read holds that delta's predecessors). A quiet book
 //!   is read once more after [`SETTLE`] and then trusted.
 //! - **Live**: every delta forwarded chains onto the previous book message; a late joiner
-//!   gets a snapshot made from the book (encoded once per change).
+//!   gets a snapshot made from the book (encoded once per change). A delta behind the book
+//!   is a duplicate only if its seq is one of the last [`RECENT_SEQS`] of the book's chain;
+//!   any other is a break (resync, read the store again): else one forged bus snapshot
+//!   with a huge seq would make every genuine delta look like a duplicate, for good.
 //!
 //! Sync from the store: start at the newest snapshot (the key's, or a newer one inside the
 //! log), apply the log's deltas after its `seq`, then the buffered bus deltas after that
