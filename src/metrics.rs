@@ -140,6 +140,7 @@ pub const ROUTER_CHANNELS: &str = "mdbridge_router_channels";
 pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
 pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
 pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
+pub const ROUTER_WILDCARD_OVERFLOW: &str = "mdbridge_router_wildcard_overflow_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -328,6 +329,10 @@ fn describe() {
         BUS_DOWN_NOTICES,
         "Times the router saw the Redis bus go down and told the bots of affected channels."
     );
+    describe_counter!(
+        ROUTER_WILDCARD_OVERFLOW,
+        "Messages on channels only wildcards matched, passed on without router state because the cap on such channels was reached (books: dropped)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -424,6 +429,7 @@ pub fn init() {
         counter!(STORE_FETCHES, "result" => result).increment(0);
     }
     counter!(BUS_DOWN_NOTICES).increment(0);
+    counter!(ROUTER_WILDCARD_OVERFLOW).increment(0);
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -562,6 +568,9 @@ pub fn store_value_refused(reason: &'static str) {
 /// `result` is `"found"`, `"missing"` or `"error"`.
 pub fn store_fetch(result: &'static str) {
     counter!(STORE_FETCHES, "result" => result).increment(1);
+}
+pub fn router_wildcard_overflow() {
+    counter!(ROUTER_WILDCARD_OVERFLOW).increment(1);
 }
 pub fn bus_down_notice() {
     counter!(BUS_DOWN_NOTICES).increment(1);

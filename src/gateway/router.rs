@@ -27,6 +27,9 @@
 //! Without a store (demo), and for a hybrid's own channels, every message arrives anyway:
 //! caches of channels that carry messages are kept whether watched or not.
 //! Exact patterns resolve by hash lookup; a wildcard looks only at the channels held now.
+//! Channels only a wildcard reached are capped ([`WILDCARD_CHANNELS_MAX`]): past it,
+//! messages on new names pass without state (books: dropped), so made-up names published
+//! into Redis cannot grow the router's memory.
 //! Store reads (one task each, cancellable, answers matched by id) live in
 //! [`store_reads`].
 //!
@@ -98,6 +101,8 @@ enum Cache {
     /// `ticker`, `candle`, `status`: the last event.
     Latest {
         value: Option<(Utf8Bytes, u64)>,
+        /// Store reads in a row that failed (the retry backoff exponent).
+        failed: u32,
     },
     Book(Box<BookCache>),
 }
@@ -105,9 +110,10 @@ enum Cache {
 impl Cache {
     fn for_kind(kind: EventType, now: Instant) -> Cache {
         match kind {
-            EventType::Ticker | EventType::Candle | EventType::Status => {
-                Cache::Latest { value: None }
-            }
+            EventType::Ticker | EventType::Candle | EventType::Status => Cache::Latest {
+                value: None,
+                failed: 0,
+            },
             EventType::Book => Cache::Book(Box::new(BookCache::new(now))),
             EventType::Trade => Cache::Nothing,
         }
@@ -121,6 +127,8 @@ struct ChannelState {
     local: bool,
     /// A message arrived on it: without a store its cache is worth keeping unwatched.
     seen: bool,
+    /// Created by a message that no exact pattern named (counted against the wildcard cap).
+    by_wildcard: bool,
     fetch: Option<Fetch>,
 }
 
@@ -131,6 +139,7 @@ impl ChannelState {
             cache: Cache::for_kind(kind, Instant::now()),
             local: false,
             seen: false,
+            by_wildcard: false,
             fetch: None,
         }
     }
@@ -139,6 +148,10 @@ impl ChannelState {
         self.subscribers.iter().any(|q| q.id() == id)
     }
 }
+
+/// Channels created by messages only wildcards match, at most: beyond, messages are passed
+/// on without state, so made-up names on the bus cannot grow the router's memory.
+pub const WILDCARD_CHANNELS_MAX: usize = 65_536;
 
 /// Routing state; consumed by [`Router::run`].
 pub struct Router {
@@ -162,6 +175,9 @@ pub struct Router {
     next_fetch: u64,
     /// When a failed store read was last logged.
     store_warned: Option<Instant>,
+    /// Channels held with `by_wildcard`, and their cap ([`WILDCARD_CHANNELS_MAX`]).
+    wildcard_channels: usize,
+    wildcard_cap: usize,
 }
 
 impl Router {
@@ -187,6 +203,8 @@ impl Router {
             told_down: HashSet::new(),
             next_fetch: 0,
             store_warned: None,
+            wildcard_channels: 0,
+            wildcard_cap: WILDCARD_CHANNELS_MAX,
         }
     }
 
@@ -364,6 +382,11 @@ impl Router {
                 .channels
                 .entry(channel.clone())
                 .or_insert_with(|| ChannelState::new(channel.kind(), Vec::new()));
+            if state.by_wildcard {
+                // Named now: no longer a channel only a wildcard reached.
+                state.by_wildcard = false;
+                self.wildcard_channels -= 1;
+            }
             join.join(&channel, state, queue);
         }
         for channel in std::mem::take(&mut join.fetch) {
@@ -460,7 +483,11 @@ impl Router {
             client.queue.clear_broken(&channel);
             if state.subscribers.is_empty() && !(state.seen && (keep_seen || state.local)) {
                 // Dropping the state cancels a store read under way.
-                self.channels.remove(&channel);
+                if let Some(gone) = self.channels.remove(&channel) {
+                    if gone.by_wildcard {
+                        self.wildcard_channels -= 1;
+                    }
+                }
             }
         }
         let mut interest_changed = false;
@@ -513,10 +540,27 @@ impl Router {
                 // the next subscriber: keep nothing.
                 return;
             }
-            self.channels.insert(
-                msg.channel.clone(),
-                ChannelState::new(msg.kind(), subscribers),
-            );
+            let named = Pattern::parse(msg.channel.as_str())
+                .ok()
+                .is_some_and(|p| self.patterns.contains_key(&p));
+            let by_wildcard = !named && !local;
+            if by_wildcard && self.wildcard_channels >= self.wildcard_cap {
+                // Anyone who can publish to Redis can make up names: past the cap, pass the
+                // message on without keeping anything. A book cannot be checked without
+                // state, so its messages are dropped (a chain that does not hold is never
+                // passed on).
+                crate::metrics::router_wildcard_overflow();
+                if msg.kind() != EventType::Book {
+                    if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
+                        fan_out(&subscribers, &text, msg.ts_recv);
+                    }
+                }
+                return;
+            }
+            let mut state = ChannelState::new(msg.kind(), subscribers);
+            state.by_wildcard = by_wildcard;
+            self.wildcard_channels += usize::from(by_wildcard);
+            self.channels.insert(msg.channel.clone(), state);
             crate::metrics::router_channels(self.channels.len());
         }
         let Some(state) = self.channels.get_mut(&msg.channel) else {
@@ -533,7 +577,7 @@ impl Router {
                 fan_out(&state.subscribers, &text, msg.ts_recv);
                 return;
             }
-            Cache::Latest { value } => {
+            Cache::Latest { value, .. } => {
                 *value = Some((text.clone(), msg.ts_recv));
                 fan_out(&state.subscribers, &text, msg.ts_recv);
                 return;
@@ -616,7 +660,7 @@ impl Joining<'_> {
         let idle = state.fetch.is_none();
         let fetch = match &mut state.cache {
             Cache::Nothing => false,
-            Cache::Latest { value } => match value {
+            Cache::Latest { value, .. } => match value {
                 Some((text, ts_recv)) => {
                     queue.push_market(text.clone(), *ts_recv, None);
                     false

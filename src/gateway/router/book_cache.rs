@@ -11,7 +11,10 @@
 //!   before each PUBLISH, so the new read holds that delta's predecessors). A quiet book
 //!   is read once more after [`SETTLE`] and then trusted.
 //! - **Live**: every delta forwarded chains onto the previous book message; a late joiner
-//!   gets a snapshot made from the book (encoded once per change).
+//!   gets a snapshot made from the book (encoded once per change). A delta behind the book
+//!   is a duplicate only if its seq is one of the last [`RECENT_SEQS`] of the book's chain;
+//!   any other is a break (resync, read the store again): else one forged bus snapshot
+//!   with a huge seq would make every genuine delta look like a duplicate, for good.
 //!
 //! Sync from the store: start at the newest snapshot (the key's, or a newer one inside the
 //! log), apply the log's deltas after its `seq`, then the buffered bus deltas after that
@@ -37,6 +40,9 @@ use crate::gateway::client::{ClientQueue, Push};
 
 /// Deltas kept per Waiting book; older ones are dropped (the snapshot will be newer anyway).
 pub(super) const SYNC_BUFFER_MAX: usize = 10_000;
+/// Book seqs remembered as applied: a delta behind the book is a duplicate only if its seq
+/// is one of these; any other is a break (e.g. a forged snapshot far ahead pinned the book).
+pub(super) const RECENT_SEQS: usize = 64;
 /// Time for a new bus subscription to take effect: a stored book read before this, with no
 /// bus delta to confirm it, is read once more before anyone sees it. It matters only for
 /// quiet books (an active one is confirmed by its next delta), so it is generous: a busy
@@ -83,6 +89,9 @@ pub(super) struct BookCache {
     ever_live: bool,
     /// The "no publisher yet" status the subscribers got (late joiners get it too).
     missing: Option<(Utf8Bytes, u64)>,
+    /// The last [`RECENT_SEQS`] seqs of the book's chain, oldest first: what a delta behind
+    /// the book must be to count as a duplicate delivery.
+    recent: VecDeque<u64>,
 }
 
 impl BookCache {
@@ -97,6 +106,7 @@ impl BookCache {
             attempt: 0,
             ever_live: false,
             missing: None,
+            recent: VecDeque::with_capacity(RECENT_SEQS),
         }
     }
 
@@ -140,6 +150,8 @@ impl BookCache {
             match fresh.reset(&book) {
                 Ok(()) => {
                     self.book = fresh;
+                    self.recent.clear();
+                    self.remember(book.seq);
                     self.template = Some(book);
                     self.go_live();
                     fan_out_book(channel, subscribers, self, text, msg.ts_recv);
@@ -167,11 +179,21 @@ impl BookCache {
             }
             Phase::Candidate => {
                 if self.book.seq().is_some_and(|at| seq <= at) {
-                    return Next::Idle;
+                    if self.recent.contains(&seq) {
+                        return Next::Idle;
+                    }
+                    // Behind the book yet never part of its chain: the store's book and the
+                    // bus disagree. Nobody has seen this book: read again.
+                    tracing::debug!(channel = %channel, seq, "delta behind the candidate book is not one of its own; reading again");
+                    self.phase = Phase::Waiting;
+                    self.buffer.clear();
+                    self.buffer.push_back(msg);
+                    return self.retry(true);
                 }
                 match self.book.apply(&book) {
                     Ok(()) => {
                         // Confirmed: the bus carries on exactly where the store left off.
+                        self.remember(book.seq);
                         self.template = Some(book);
                         self.go_live();
                         if let Some((snapshot, ts)) = self.snapshot_text() {
@@ -190,12 +212,30 @@ impl BookCache {
                 }
             }
             Phase::Live => {
-                if self.book.seq().is_some_and(|at| seq <= at) {
-                    // Already applied (a duplicate delivery): passing it on would break chains.
-                    return Next::Idle;
+                if let Some(at) = self.book.seq().filter(|at| seq <= *at) {
+                    if self.recent.contains(&seq) {
+                        // Already applied (a duplicate delivery): passing it on would break
+                        // chains.
+                        return Next::Idle;
+                    }
+                    // Behind the book but never applied: the book is not the publisher's
+                    // (e.g. a forged snapshot far ahead); dropping these as duplicates would
+                    // pin it for good. Start over from the store's genuine book.
+                    tracing::warn!(channel = %channel, seq, book_seq = at, "delta behind the book that it never applied; resyncing from the store");
+                    self.start_resync(
+                        channel,
+                        subscribers,
+                        "a delta behind the book broke its chain",
+                    );
+                    self.buffer.push_back(msg);
+                    return Next::Fetch {
+                        delay: Duration::ZERO,
+                        replace: true,
+                    };
                 }
                 match self.book.apply(&book) {
                     Ok(()) => {
+                        self.remember(book.seq);
                         self.template = Some(book);
                         self.encoded = None;
                         fan_out_book(channel, subscribers, self, text, msg.ts_recv);
@@ -246,10 +286,15 @@ impl BookCache {
             self.phase = Phase::Waiting;
             return self.retry(false);
         }
+        let mut recent = VecDeque::with_capacity(RECENT_SEQS);
+        push_recent(&mut recent, base.seq);
         let mut template = base;
         for m in rest {
             let Some(d) = m.book.as_ref() else { continue };
             if is_old(&book, d) {
+                // Part of the publisher's chain (it is in its log): a late copy from the
+                // bus is a duplicate.
+                push_recent(&mut recent, d.seq);
                 continue;
             }
             if let Err(e) = book.apply(d) {
@@ -259,6 +304,7 @@ impl BookCache {
                 self.phase = Phase::Waiting;
                 return self.retry(false);
             }
+            push_recent(&mut recent, d.seq);
             template = d.clone();
         }
         // A delta from the bus proves the subscription live: whatever follows it comes by
@@ -292,9 +338,11 @@ impl BookCache {
                 self.phase = Phase::Waiting;
                 return self.retry(true);
             }
+            push_recent(&mut recent, d.seq);
             template = d;
         }
         self.book = book;
+        self.recent = recent;
         self.template = Some(template);
         self.encoded = None;
         if !confirmed && now < self.settle_at {
@@ -367,6 +415,11 @@ impl BookCache {
         self.attempt = 0;
     }
 
+    /// `seq` is now part of the book's chain.
+    fn remember(&mut self, seq: Option<u64>) {
+        push_recent(&mut self.recent, seq);
+    }
+
     fn go_live(&mut self) {
         self.phase = Phase::Live;
         self.ever_live = true;
@@ -418,6 +471,22 @@ impl BookCache {
             queue.push_market(text, ts_recv, Some(channel));
         }
     }
+}
+
+/// Appends `seq` to a ring of [`RECENT_SEQS`] (no allocation once full).
+fn push_recent(recent: &mut VecDeque<u64>, seq: Option<u64>) {
+    let Some(seq) = seq else { return };
+    if recent.len() >= RECENT_SEQS {
+        recent.pop_front();
+    }
+    recent.push_back(seq);
+}
+
+/// The delay of retry number `attempt` (from 0): [`RETRY_BASE`] doubling up to [`RETRY_CAP`].
+pub(super) fn backoff(attempt: u32) -> Duration {
+    RETRY_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(RETRY_CAP)
 }
 
 fn is_snapshot(m: &BusMessage) -> bool {

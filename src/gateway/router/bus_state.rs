@@ -1,7 +1,9 @@
 //! How the router follows the bus state: when the Redis subscriber reports the bus down,
 //! every client of a channel that comes through it hears `status` `disconnected` once per
-//! exchange, and live books end their chain with `resync`; when it is back, the same
-//! clients hear `connected` and the books sync again from the store.
+//! exchange, live books end their chain with `resync` and latest values (`ticker`,
+//! `candle`, `status`) are forgotten (they would go stale); when it is back, the same
+//! clients hear `connected`, the books sync again and the watched latest values are read
+//! again from the store.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -38,6 +40,14 @@ impl Router {
         let detail = format!("redis bus down: {cause}");
         let mut statuses: HashMap<Exchange, (Utf8Bytes, u64)> = HashMap::new();
         for (channel, state) in self.channels.iter_mut() {
+            if !state.local {
+                // Whatever is published meanwhile is lost: the value would go stale, and a
+                // new subscriber would be served it as current. It is read again when the
+                // bus is back.
+                if let Cache::Latest { value, .. } = &mut state.cache {
+                    *value = None;
+                }
+            }
             if state.local || state.subscribers.is_empty() {
                 continue;
             }
@@ -58,7 +68,8 @@ impl Router {
         }
     }
 
-    /// The bus is back: the clients told it was down hear `connected`; books sync again.
+    /// The bus is back: the clients told it was down hear `connected`; books sync again and
+    /// watched latest values are read from the store.
     pub(super) fn on_bus_up(&mut self) {
         tracing::info!("bus back: books sync again");
         let settle = Instant::now() + book_cache::SETTLE;
@@ -81,11 +92,21 @@ impl Router {
                     q.push_market(text.clone(), *ts, None);
                 }
             }
-            if let Cache::Book(cache) = &mut state.cache {
-                cache.bus_up(settle);
-                if !cache.is_live() {
-                    sync.push(channel.clone());
+            match &mut state.cache {
+                Cache::Book(cache) => {
+                    cache.bus_up(settle);
+                    if !cache.is_live() {
+                        sync.push(channel.clone());
+                    }
                 }
+                // Cleared when the bus went down: read the current value.
+                Cache::Latest { value, failed } => {
+                    *failed = 0;
+                    if value.is_none() {
+                        sync.push(channel.clone());
+                    }
+                }
+                Cache::Nothing => {}
             }
         }
         self.told_down.clear();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{fan_out, Cache, ChannelState, Command, Next, Router};
+use super::{book_cache, fan_out, Cache, ChannelState, Command, Next, Router};
 use crate::bus::StoredBook;
 use crate::envelope::BusMessage;
 use crate::event::Channel;
@@ -98,19 +98,46 @@ impl Router {
         } = state;
         let watched = !subscribers.is_empty();
         let next = match (cache, result) {
-            (Cache::Latest { value }, Fetched::Latest(result)) => {
+            (Cache::Latest { value, failed }, Fetched::Latest(result)) => {
                 count_fetch(result.as_ref().map(Option::is_some));
-                // A live event that arrived meanwhile is newer than the stored one; and with
-                // nobody watching, no live event will replace a stored value: keep none.
-                if let Ok(Some(msg)) = result {
-                    if value.is_none() && watched && msg.channel == channel {
-                        if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
-                            *value = Some((text.clone(), msg.ts_recv));
-                            fan_out(subscribers, &text, msg.ts_recv);
+                match result {
+                    // A live event that arrived meanwhile is newer than the stored one; and
+                    // with nobody watching, no live event will replace a stored value: keep
+                    // none.
+                    Ok(Some(msg)) => {
+                        *failed = 0;
+                        if value.is_none() && watched && msg.channel == channel {
+                            if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
+                                *value = Some((text.clone(), msg.ts_recv));
+                                fan_out(subscribers, &text, msg.ts_recv);
+                            }
+                        }
+                        Next::Idle
+                    }
+                    Ok(None) => {
+                        *failed = 0;
+                        Next::Idle
+                    }
+                    // A `status` changes only on transitions: without another read, a bot
+                    // that joined during the failure would never learn the current state.
+                    Err(e) if watched && value.is_none() => {
+                        let now = Instant::now();
+                        if self
+                            .store_warned
+                            .is_none_or(|t| now.duration_since(t) >= STORE_WARN_EVERY)
+                        {
+                            self.store_warned = Some(now);
+                            tracing::warn!(channel = %channel, cause = %e, "latest-value store lookup failed; retrying (further failures for 10 s not logged)");
+                        }
+                        let delay = book_cache::backoff(*failed);
+                        *failed = failed.saturating_add(1);
+                        Next::Fetch {
+                            delay,
+                            replace: true,
                         }
                     }
+                    Err(_) => Next::Idle,
                 }
-                Next::Idle
             }
             (Cache::Book(cache), Fetched::Book(result)) => {
                 count_fetch(result.as_ref().map(Option::is_some));

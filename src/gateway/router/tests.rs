@@ -191,3 +191,188 @@ async fn without_a_store_channels_that_carry_messages_are_kept_and_wished_ones_a
         "the channel that carried a message stays (its cache is complete without a store)"
     );
 }
+
+/// A store that answers latest-value reads from a script (then repeats its last answer);
+/// `Err` is a failed read.
+struct Scripted {
+    answers: std::sync::Mutex<std::collections::VecDeque<Result<Option<BusMessage>, ()>>>,
+}
+
+impl Scripted {
+    fn store(answers: Vec<Result<Option<BusMessage>, ()>>) -> Arc<dyn SnapshotStore> {
+        Arc::new(Scripted {
+            answers: std::sync::Mutex::new(answers.into()),
+        })
+    }
+}
+
+impl SnapshotStore for Scripted {
+    fn latest(&self, _channel: &Channel) -> StoreFuture<'_> {
+        let answer = {
+            let mut a = self.answers.lock().unwrap();
+            if a.len() > 1 {
+                a.pop_front().unwrap()
+            } else {
+                a.front().cloned().unwrap_or(Ok(None))
+            }
+        };
+        Box::pin(async move { answer.map_err(|()| crate::bus::BusError::Closed) })
+    }
+}
+
+/// A router whose store answers come back on the returned receiver.
+fn router_with_answers(
+    store: Arc<dyn SnapshotStore>,
+) -> (Router, mpsc::Receiver<Command>, watch::Receiver<Interest>) {
+    let (interest, irx) = watch::channel(Interest::default());
+    let (commands, rx) = mpsc::channel(16);
+    let stats = Arc::new(StatsInner::default());
+    (
+        Router::new(interest, Some(store), commands, stats, 1_000),
+        rx,
+        irx,
+    )
+}
+
+fn status_msg(detail: &str) -> BusMessage {
+    BusMessage::encode(
+        Uuid::nil(),
+        1,
+        1,
+        Event::status(
+            Exchange::Binance,
+            crate::event::StatusState::Connected,
+            Some(detail.into()),
+        ),
+    )
+}
+
+/// The `detail` of each status event the queue holds, in order.
+fn details(queue: &ClientQueue) -> Vec<String> {
+    let mut out = Vec::new();
+    queue.take_batch(&mut out, usize::MAX);
+    out.into_iter()
+        .filter_map(|f| match f {
+            Outbound::Market { text, .. } => {
+                let v: serde_json::Value = serde_json::from_str(text.as_str()).ok()?;
+                (v["type"] == "status").then(|| v["detail"].as_str().unwrap_or("").to_string())
+            }
+            Outbound::Control(_) => None,
+        })
+        .collect()
+}
+
+/// Feeds store answers to the router until `done` (bounded: panics after 20 s).
+async fn pump(
+    r: &mut Router,
+    rx: &mut mpsc::Receiver<Command>,
+    what: &str,
+    mut done: impl FnMut(&mut Router) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done(r) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(cmd)) => r.on_command(cmd),
+            _ => panic!("{what}: no more store answers"),
+        }
+    }
+}
+
+fn subscribe(r: &mut Router, id: u64, name: &str) {
+    request(
+        r,
+        id,
+        Op::Subscribe {
+            patterns: patterns(&[name.into()]),
+            since: false,
+        },
+    );
+}
+
+#[tokio::test]
+async fn a_failed_latest_value_read_is_retried_until_the_value_is_known() {
+    let current = status_msg("current state");
+    let store = Scripted::store(vec![Err(()), Err(()), Ok(Some(current))]);
+    let (mut r, mut rx, _interest) = router_with_answers(store);
+    let bot = client(&mut r, 1);
+    subscribe(&mut r, 1, "status:binance");
+    let mut got = Vec::new();
+    pump(&mut r, &mut rx, "the bot learns the current state", |_| {
+        got.extend(details(&bot));
+        !got.is_empty()
+    })
+    .await;
+    assert_eq!(got, vec!["current state".to_string()]);
+}
+
+#[tokio::test]
+async fn after_the_bus_is_back_latest_values_are_read_again_and_not_served_stale() {
+    // Nothing stored at first; after the outage, the store holds what was published meanwhile.
+    let store = Scripted::store(vec![
+        Ok(None),
+        Ok(Some(status_msg("published during the outage"))),
+    ]);
+    let (mut r, mut rx, _interest) = router_with_answers(store);
+    let first = client(&mut r, 1);
+    subscribe(&mut r, 1, "status:binance");
+    pump(&mut r, &mut rx, "the first read", |r| {
+        r.channels.values().all(|s| s.fetch.is_none())
+    })
+    .await;
+    r.on_message(status_msg("before the outage"), false);
+    assert_eq!(details(&first), vec!["before the outage".to_string()]);
+    r.on_bus_state(crate::bus::BusState::Down("test".into()));
+    r.on_bus_state(crate::bus::BusState::Up);
+    pump(&mut r, &mut rx, "the read after the bus is back", |r| {
+        r.channels.values().all(|s| s.fetch.is_none())
+    })
+    .await;
+    let seen = details(&first);
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("published during the outage"),
+        "{seen:?}"
+    );
+    let late = client(&mut r, 2);
+    subscribe(&mut r, 2, "status:binance");
+    assert_eq!(
+        details(&late),
+        vec!["published during the outage".to_string()],
+        "a new subscriber gets the current value, not the pre-outage one"
+    );
+}
+
+#[tokio::test]
+async fn channels_only_wildcards_reach_are_capped_and_their_messages_still_delivered() {
+    let store: Arc<dyn SnapshotStore> = Arc::new(Empty);
+    let (mut r, _interest) = router(Some(store));
+    r.wildcard_cap = 3;
+    let bot = client(&mut r, 1);
+    subscribe(&mut r, 1, "trade:binance:*");
+    subscribe(&mut r, 1, "trade:binance:NAMED-USDT");
+    for i in 0..10u64 {
+        r.on_message(trade(&format!("MADEUP{i}-USDT"), i + 1), false);
+    }
+    // A channel an exact pattern names is not counted against the cap.
+    r.on_message(trade("NAMED-USDT", 11), false);
+    assert_eq!(
+        r.channel_count(),
+        4,
+        "three made-up names and the named one"
+    );
+    let want: Vec<String> = (1..=11).map(|i| i.to_string()).collect();
+    assert_eq!(
+        trades(&bot),
+        want,
+        "every trade is delivered, once, in order"
+    );
+    request(
+        &mut r,
+        1,
+        Op::Unsubscribe {
+            patterns: patterns(&["trade:binance:*".into()]),
+        },
+    );
+    assert_eq!(r.channel_count(), 1);
+    assert_eq!(r.wildcard_channels, 0);
+}
