@@ -295,7 +295,7 @@ pub struct BotsConfig {
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     /// Failed authentications from one address within `auth_window_ms` before that
-    /// address gets HTTP 429 for `auth_cooldown_ms`.
+    /// address's bad tokens get HTTP 429 for `auth_cooldown_ms` (valid ones still pass).
     pub auth_max_failures: u32,
     pub auth_window_ms: u64,
     pub auth_cooldown_ms: u64,
