@@ -141,8 +141,9 @@ impl RedisStore {
         }
     }
 
-    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` first, so an
-    /// oversize value is refused without being transferred; then `STRLEN` + `GETRANGE 0
+    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` (and the log's
+    /// `MEMORY USAGE`) first, so an oversize value (or log) is refused without being
+    /// transferred; then `STRLEN` + `GETRANGE 0
     /// max-1` (+ `LRANGE`) as one transaction, so even a value that grew in between costs
     /// at most the bound. `None` when the key is absent or its value was refused.
     async fn read(
