@@ -322,7 +322,9 @@ impl Default for BotsConfig {
             max_connections: 10_000,
             max_handshakes: 256,
             max_requests_per_sec: 50.0,
-            request_burst: 100,
+            // As many as `max_subscriptions`: a bot may subscribe its whole allowance in
+            // one request; the rate then bounds churn (and the store reads it starts).
+            request_burst: 1_000,
             message_timeout_ms: 10_000,
             tls_cert_file: None,
             tls_key_file: None,

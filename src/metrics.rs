@@ -417,7 +417,7 @@ pub fn init() {
     }
 
     gauge!(ROUTER_CHANNELS).increment(0.0);
-    for reason in ["oversize", "invalid"] {
+    for reason in ["oversize", "invalid", "unchecked"] {
         counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(0);
     }
     for result in ["found", "missing", "error"] {
