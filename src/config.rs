@@ -88,6 +88,9 @@ pub struct RedisConfig {
     /// Largest `last:` / `snapshot:` value (and `booklog:` entry) an executor reads; larger
     /// ones are refused unread and counted.
     pub max_snapshot_bytes: usize,
+    /// Largest `booklog:` list (all entries, as `MEMORY USAGE` reports it) an executor
+    /// reads; a larger log is refused unread and counted, and the book syncs without it.
+    pub max_booklog_bytes: usize,
     /// Largest envelope accepted from Redis (pub/sub payload or latest-value key); larger
     /// ones are dropped and counted. Must hold the biggest book snapshot published.
     pub max_envelope_bytes: usize,
@@ -196,6 +199,7 @@ impl Default for RedisConfig {
             latest_ttl_ms: 5_000,
             booklog_max: 1_000,
             max_snapshot_bytes: 4 * 1024 * 1024,
+            max_booklog_bytes: 4 * 1024 * 1024,
             max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
             signing_keys: Vec::new(),
             max_envelope_age_ms: 300_000,
@@ -284,7 +288,8 @@ pub struct BotsConfig {
     /// Most connections in the TLS/WebSocket handshake at once; more wait in the kernel's
     /// accept queue.
     pub max_handshakes: usize,
-    /// Requests (any text or binary message) one bot may send per second, sustained...
+    /// Request tokens one bot gets per second, sustained (a subscribe/unsubscribe costs one
+    /// per channel it names, any other text or binary message one)...
     pub max_requests_per_sec: f64,
     /// ...and in a burst; past it requests get `rate_limited`.
     pub request_burst: u32,
@@ -295,7 +300,7 @@ pub struct BotsConfig {
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     /// Failed authentications from one address within `auth_window_ms` before that
-    /// address gets HTTP 429 for `auth_cooldown_ms`.
+    /// address's bad tokens get HTTP 429 for `auth_cooldown_ms` (valid ones still pass).
     pub auth_max_failures: u32,
     pub auth_window_ms: u64,
     pub auth_cooldown_ms: u64,
@@ -317,7 +322,9 @@ impl Default for BotsConfig {
             max_connections: 10_000,
             max_handshakes: 256,
             max_requests_per_sec: 50.0,
-            request_burst: 100,
+            // As many as `max_subscriptions`: a bot may subscribe its whole allowance in
+            // one request; the rate then bounds churn (and the store reads it starts).
+            request_burst: 1_000,
             message_timeout_ms: 10_000,
             tls_cert_file: None,
             tls_key_file: None,
@@ -699,6 +706,7 @@ impl Config {
             ("redis.publish_batch_max", self.redis.publish_batch_max),
             ("redis.booklog_max", self.redis.booklog_max),
             ("redis.max_snapshot_bytes", self.redis.max_snapshot_bytes),
+            ("redis.max_booklog_bytes", self.redis.max_booklog_bytes),
             ("bots.queue_size", self.bots.queue_size),
             ("bots.max_subscriptions", self.bots.max_subscriptions),
             ("bots.max_message_bytes", self.bots.max_message_bytes),

@@ -422,7 +422,7 @@ pub fn init() {
     }
 
     gauge!(ROUTER_CHANNELS).increment(0.0);
-    for reason in ["oversize", "invalid"] {
+    for reason in ["oversize", "invalid", "unchecked"] {
         counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(0);
     }
     for result in ["found", "missing", "error"] {
@@ -561,7 +561,7 @@ pub fn delivery_latency(elapsed: Duration) {
 pub fn router_channels(n: usize) {
     gauge!(ROUTER_CHANNELS).set(n as f64);
 }
-/// `reason` is `"oversize"` or `"invalid"`.
+/// `reason` is `"oversize"`, `"invalid"` or `"unchecked"` (a booklog whose size `MEMORY USAGE` would not tell).
 pub fn store_value_refused(reason: &'static str) {
     counter!(STORE_VALUES_REFUSED, "reason" => reason).increment(1);
 }

@@ -89,7 +89,7 @@ async fn a_scoped_token_may_only_subscribe_to_what_its_allow_list_covers() {
 }
 
 #[tokio::test]
-async fn repeated_auth_failures_from_one_address_get_429() {
+async fn repeated_auth_failures_from_one_address_get_429_but_valid_tokens_still_pass() {
     let cfg = BotsConfig {
         tokens: vec!["good".into()],
         auth_max_failures: 2,
@@ -103,24 +103,41 @@ async fn repeated_auth_failures_from_one_address_get_429() {
             401
         );
     }
-    // In cooldown even the right token is turned away, before it is looked at.
-    let good = with("good").into_client_request().unwrap();
-    match tokio_tungstenite::connect_async(good).await {
+    // In cooldown a bad token gets 429 with Retry-After...
+    let bad = with("bad").into_client_request().unwrap();
+    match tokio_tungstenite::connect_async(bad).await {
         Err(WsError::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 429);
             assert!(resp.headers().contains_key("retry-after"));
         }
         other => panic!("expected 429, got {:?}", other.map(|_| ())),
     }
+    // ...but a valid one from the same address is admitted: behind a NAT, someone else's
+    // bad tokens must not lock the legitimate bots out.
+    let (mut good, _) = tokio_tungstenite::connect_async(with("good"))
+        .await
+        .expect("a valid token from an address in cooldown is admitted");
+    ping_pong(&mut good, "good").await;
+    // The success did not lift the cooldown for bad tokens (nor without a token).
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(with("bad")).await),
+        429
+    );
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(h.url()).await),
+        429
+    );
     // Another address is not affected (Linux routes all of 127/8 to loopback).
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let stream = socket.connect(h.addr).await.unwrap();
-    let (mut other, _) =
-        tokio_tungstenite::client_async(with("good"), MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    ping_pong(&mut other, "other").await;
+    assert_eq!(
+        http_status(
+            tokio_tungstenite::client_async(with("bad"), MaybeTlsStream::Plain(stream)).await
+        ),
+        401
+    );
+    ping_pong(&mut good, "still").await;
     h.stop().await;
 }
 

@@ -58,6 +58,45 @@ async fn requests_past_the_burst_get_rate_limited_without_being_processed() {
 }
 
 #[tokio::test]
+async fn a_subscribe_costs_one_token_per_channel_and_one_over_the_bucket_is_refused_whole() {
+    let cfg = BotsConfig {
+        // Nothing refills during the test.
+        max_requests_per_sec: 0.001,
+        request_burst: 3,
+        ..config()
+    };
+    let h = start(cfg).await;
+    let mut bot = h.connect().await;
+    let four = [
+        "trade:binance:BTC-USDT",
+        "book:binance:BTC-USDT",
+        "ticker:binance:BTC-USDT",
+        "status:binance",
+    ];
+    // Burst + 1 channels in one request: refused whole, nothing subscribed, nothing taken.
+    send(&mut bot, json!({"op":"subscribe","channels":four,"req":1})).await;
+    let reply = next_json(&mut bot).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    assert_eq!(reply["req"], 1, "{reply}");
+    assert_eq!(h.stats.snapshot().subscriptions, 0);
+    // Exactly the burst: accepted, and the bucket is empty after it.
+    send(
+        &mut bot,
+        json!({"op":"subscribe","channels":&four[..3],"req":2}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut bot).await,
+        json!({"type":"subscribed","channels":&four[..3],"req":2})
+    );
+    send(&mut bot, json!({"op":"ping","req":3})).await;
+    assert_eq!(next_json(&mut bot).await["code"], "rate_limited");
+    assert_eq!(h.stats.snapshot().subscriptions, 3);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_bot_that_keeps_flooding_past_the_limit_is_closed_with_1008() {
     let cfg = BotsConfig {
         max_requests_per_sec: 0.001,

@@ -1,7 +1,7 @@
 //! Book late joiners on an executor, end to end through real processes (simulated
 //! Binance → publisher → private redis-server → executor → bot WebSocket): the first
 //! subscription is exact at once; a book nobody publishes is reported and not hammered;
-//! a dead publisher's latest values expire.
+//! a dead publisher's latest values expire; a stuffed book log is refused unread.
 
 mod common;
 
@@ -322,5 +322,97 @@ async fn first_snapshot_figures() {
         took.len(),
         took[took.len() / 2],
         took[took.len() - 1]
+    );
+}
+
+/// A `{p}booklog:` stuffed by whoever can `RPUSH` (20 entries of 300 KB: 6 MB, each under
+/// `max_snapshot_bytes`) is refused on its total size without being transferred, on every
+/// read; the bot still gets the stored book.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_booklog_is_not_transferred_and_the_bot_still_gets_the_book() {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", "50", "--symbols", "BTC-USDT"]).await;
+    let feed = sim_feed(sim.http.expect("port"), "binance", &["BTC-USDT"], &["book"]);
+    let (ph, pb) = (free_port(), free_port());
+    let mut publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    publisher.wait_healthy().await;
+    let snapshot_key = "md:snapshot:book:binance:BTC-USDT";
+    let log_key = "md:booklog:book:binance:BTC-USDT";
+    wait_until("the publisher wrote the snapshot key", WAIT, || async {
+        exists(&redis, snapshot_key)
+    })
+    .await;
+    // The publisher stops; its snapshot stays (no expiry), and garbage replaces its log.
+    publisher.sigterm();
+    publisher.wait_exit().await;
+    let stored: String = {
+        let mut c = redis.conn();
+        let kept: i64 = redis::cmd("PERSIST")
+            .arg(snapshot_key)
+            .query(&mut c)
+            .expect("PERSIST");
+        assert_eq!(kept, 1, "the snapshot key outlived the publisher");
+        let _: i64 = redis::cmd("DEL").arg(log_key).query(&mut c).expect("DEL");
+        let garbage = "x".repeat(300 * 1024);
+        for _ in 0..20 {
+            let _: i64 = redis::cmd("RPUSH")
+                .arg(log_key)
+                .arg(&garbage)
+                .query(&mut c)
+                .expect("RPUSH");
+        }
+        redis::cmd("GET")
+            .arg(snapshot_key)
+            .query(&mut c)
+            .expect("GET")
+    };
+    let envelope: Value = serde_json::from_str(&stored).expect("an envelope");
+    let event = &envelope["event"];
+    let (h, b) = (free_port(), free_port());
+    let config = role_config(&redis.url(), h, b, "").replacen(
+        "[redis]\n",
+        "[redis]\nmax_booklog_bytes = 1048576\n",
+        1,
+    );
+    let mut executor = Proc::role("executor", &config, h, Some(b));
+    executor.wait_healthy().await;
+    {
+        let mut c = redis.conn();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut c)
+            .expect("RESETSTAT");
+    }
+    let mut bot = Bot::connect(&executor.bots_url()).await;
+    bot.subscribe(&[BOOK]).await;
+    let first = bot.next(WAIT).await.expect("a frame");
+    assert_eq!(first["type"], "book", "{first}");
+    assert_eq!(first["action"], "snapshot", "{first}");
+    assert_eq!(first["seq"], event["seq"], "{first}");
+    assert_eq!(first["bids"], event["bids"], "{first}");
+    assert_eq!(first["asks"], event["asks"], "{first}");
+    assert!(calls(&redis, "strlen") >= 1);
+    let sent = {
+        let mut c = redis.conn();
+        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("total_net_output_bytes")
+    };
+    assert!(
+        sent < 1024 * 1024,
+        "the 6 MB log was never transferred: {sent} bytes sent"
+    );
+    assert!(
+        executor
+            .metric(r#"mdbridge_store_values_refused_total{reason="oversize"}"#)
+            .await
+            >= 1.0
     );
 }

@@ -88,6 +88,17 @@ async fn whole_path(
     let (k2, _) = late.until(WAIT, |v| v["type"] == "ticker").await;
     assert_eq!(k2["last"], "0.0025");
 
+    // A book's store read also asks the log's size (MEMORY USAGE), stored or not.
+    let mut books = Bot::connect(&executor.bots_url()).await;
+    books.subscribe(&["book:binance:BNB-BTC"]).await;
+    wait_until("the executor read the book's keys", WAIT, || async {
+        executor
+            .metric(r#"mdbridge_store_fetches_total{result="missing"}"#)
+            .await
+            >= 1.0
+    })
+    .await;
+
     // /health/redis uses the same credentials.
     let health = executor.get_json("/health/redis").await;
     assert_eq!(health["connected"], true, "{health}");

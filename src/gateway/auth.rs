@@ -2,7 +2,7 @@
 //! patterns, and the per-address throttle on failed authentication.
 //!
 //! Owns the decision only; the handshake (HTTP status, headers, metrics) is in
-//! `connection.rs`. Everything here is synchronous and short: the throttle's map sits
+//! `handshake.rs`. Everything here is synchronous and short: the throttle's map sits
 //! behind a `std::sync::Mutex` that is never held across an await.
 
 use std::collections::HashMap;
@@ -131,13 +131,14 @@ struct Failures {
     /// Start of the counting window.
     since: Instant,
     count: u32,
-    /// Refused without looking at the token until then.
+    /// Until then bad tokens get 429 instead of 401 (valid ones are still admitted).
     blocked_until: Option<Instant>,
     last_seen: Instant,
 }
 
 /// Counts failed authentications per address (IPv6: per /64, since one host usually owns
-/// the whole prefix) and blocks an address that failed too often.
+/// the whole prefix) and puts an address that failed too often in cooldown, during which
+/// its bad tokens are answered 429 (never its valid ones: see `handshake.rs`).
 pub struct AuthThrottle {
     max_failures: u32,
     window: Duration,
@@ -209,14 +210,9 @@ impl AuthThrottle {
         false
     }
 
-    /// A successful authentication forgets the address's failures.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let key = key(ip);
-        let mut peers = self.lock();
-        if !peers.is_empty() {
-            peers.remove(&key);
-        }
-    }
+    // No `succeeded`: a valid token does not forget the address's failures, or behind a
+    // NAT a legitimate bot's reconnects would keep resetting a guesser's count. Failures
+    // age out with the window; valid tokens are admitted even during a cooldown.
 
     #[cfg(test)]
     fn len(&self) -> usize {

@@ -3,7 +3,7 @@
 //!
 //! - The handshake runs under `HANDSHAKE_TIMEOUT` while holding a handshake permit
 //!   (see `listener.rs`); the permit goes back as soon as it is over.
-//! - The reader rate-limits requests (`limits.rs`), parses them, refuses subscriptions
+//! - The reader rate-limits requests (`limits.rs`; one token per channel named), parses them, refuses subscriptions
 //!   outside the token's `allow` list, and hands everything to the router; refusals go
 //!   through the router too, so replies keep the order of requests. Protocol violations
 //!   end it with a close code per RFC 6455: 1009 too big, 1007 invalid UTF-8, 1002
@@ -462,42 +462,65 @@ async fn read_loop(
             // Close the stream ends by itself.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => continue,
         };
-        let command = match limiter.check(Instant::now()) {
-            Verdict::Allow => match text {
-                Some(text) => match protocol::parse_request(&text) {
-                    Ok(request) => match forbidden(&perms, &request) {
-                        Some(error) => Command::Refused { id, error },
-                        None => Command::Request { id, request },
-                    },
-                    Err(error) => Command::Refused { id, error },
-                },
-                None => Command::Refused {
-                    id,
-                    error: RequestError::new(
+        // Not parsed when not even one token is left: a limited request costs as little as
+        // possible. Otherwise parsed, then charged one token per channel it names.
+        let command = match limiter.ready(Instant::now()) {
+            None => {
+                let parsed = match text {
+                    Some(text) => protocol::parse_request(&text),
+                    None => Err(RequestError::new(
                         ErrorCode::BadRequest,
                         "binary frames are not supported; send JSON text frames",
                         None,
-                    ),
-                },
-            },
-            // Not parsed: a limited request costs as little as possible.
-            Verdict::Limited => Command::Refused {
+                    )),
+                };
+                let cost = parsed.as_ref().map_or(1, request_cost);
+                match limiter.charge(cost) {
+                    Verdict::Allow => match parsed {
+                        Ok(request) => match forbidden(&perms, &request) {
+                            Some(error) => Command::Refused { id, error },
+                            None => Command::Request { id, request },
+                        },
+                        Err(error) => Command::Refused { id, error },
+                    },
+                    Verdict::Limited => Command::Refused {
+                        id,
+                        error: rate_limited(config, cost, parsed.ok().and_then(|r| r.req)),
+                    },
+                    Verdict::Flood => return End::Flood,
+                }
+            }
+            Some(Verdict::Flood) => return End::Flood,
+            Some(_) => Command::Refused {
                 id,
-                error: RequestError::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "more than {} requests per second (burst {}); request not processed",
-                        config.max_requests_per_sec, config.request_burst
-                    ),
-                    None,
-                ),
+                error: rate_limited(config, 1, None),
             },
-            Verdict::Flood => return End::Flood,
         };
         if shared.commands.send(command).await.is_err() {
             return End::Shutdown;
         }
     }
+}
+
+/// Tokens a request costs: one per distinct channel pattern it names, at least one.
+fn request_cost(request: &BotRequest) -> usize {
+    match &request.op {
+        Op::Subscribe { patterns, .. } | Op::Unsubscribe { patterns } => patterns.len().max(1),
+        Op::Ping => 1,
+    }
+}
+
+/// The `rate_limited` answer; `req` is known only when the request was parsed.
+fn rate_limited(config: &BotsConfig, cost: usize, req: protocol::ReqId) -> RequestError {
+    RequestError::new(
+        ErrorCode::RateLimited,
+        format!(
+            "request costs {cost} (one per channel); more than {} per second (burst {}) \
+             allowed; request not processed",
+            config.max_requests_per_sec, config.request_burst
+        ),
+        req,
+    )
 }
 
 /// The refusal of a subscription outside the token's `allow` list (all or nothing).

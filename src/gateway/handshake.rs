@@ -1,6 +1,7 @@
 //! The upgrade of one accepted socket: TLS (for `wss://`), then the WebSocket handshake
-//! with the admission decision — auth-throttled address → 429, no valid token → 401
-//! (counted against the address), no place under `max_connections` → 503.
+//! with the admission decision — a valid token is admitted whatever its address; no valid
+//! token → 401, or 429 from an auth-throttled address (counted against the address either
+//! way); no place under `max_connections` → 503.
 //!
 //! Runs under the caller's handshake timeout and handshake permit (`connection.rs`,
 //! `listener.rs`); owns nothing once the connection is up except its [`Slot`].
@@ -89,15 +90,22 @@ pub async fn handshake(
     }
 }
 
-/// Decides on an upgrade request: throttled address → 429, bad token → 401 (counted
-/// against the address), no slot left → 503.
+/// Decides on an upgrade request: a valid token is always admitted (even from an address
+/// in cooldown: behind a NAT, others' bad tokens must not lock a legitimate bot out); a bad
+/// token gets 429 from an address in cooldown, else 401, and counts against the address
+/// either way; no slot left → 503.
 #[allow(clippy::result_large_err)]
 fn admit(shared: &Shared, ip: IpAddr, req: &Request) -> Result<Admitted, ErrorResponse> {
     let now = Instant::now();
-    let perms = if shared.tokens.open() {
-        Permissions::All
-    } else {
-        if let Some(left) = shared.throttle.blocked(ip, now) {
+    // The token is looked at first (a constant-time comparison, no I/O): the throttle only
+    // decides how a refusal is answered.
+    let Some(perms) = shared.tokens.check(req) else {
+        let blocked = shared.throttle.blocked(ip, now);
+        if shared.throttle.failed(ip, now) {
+            crate::metrics::bot_auth_cooldown();
+            tracing::warn!(peer = %ip, "bot authentication failed repeatedly; address in cooldown");
+        }
+        if let Some(left) = blocked {
             crate::metrics::bot_handshake_refused("auth_throttled");
             return Err(refusal(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -105,25 +113,13 @@ fn admit(shared: &Shared, ip: IpAddr, req: &Request) -> Result<Admitted, ErrorRe
                 Some((header::RETRY_AFTER, left.as_secs().max(1).to_string())),
             ));
         }
-        match shared.tokens.check(req) {
-            Some(perms) => {
-                shared.throttle.succeeded(ip);
-                perms
-            }
-            None => {
-                crate::metrics::bot_request_refused("unauthorized");
-                crate::metrics::bot_handshake_refused("unauthorized");
-                if shared.throttle.failed(ip, now) {
-                    crate::metrics::bot_auth_cooldown();
-                    tracing::warn!(peer = %ip, "bot authentication failed repeatedly; address in cooldown");
-                }
-                return Err(refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or invalid token",
-                    Some((header::WWW_AUTHENTICATE, "Bearer".into())),
-                ));
-            }
-        }
+        crate::metrics::bot_request_refused("unauthorized");
+        crate::metrics::bot_handshake_refused("unauthorized");
+        return Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid token",
+            Some((header::WWW_AUTHENTICATE, "Bearer".into())),
+        ));
     };
     let Some(slot) = Slot::take(&shared.connections, shared.max_connections) else {
         crate::metrics::bot_handshake_refused("max_connections");

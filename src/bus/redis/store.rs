@@ -11,8 +11,14 @@
 //! Bounds: a value's length is checked first (`STRLEN`), so a value over
 //! `max_snapshot_bytes` is refused *without being transferred*; then `STRLEN` + `GETRANGE
 //! 0 max-1` (+ the log) in one transaction, so a value that grew meanwhile still costs at
-//! most the bound; the log is read
-//! as its newest `booklog_max` entries and an entry over the bound is refused. Refusals
+//! most the bound. The log's total size is checked in that first step too (`MEMORY USAGE
+//! <log> SAMPLES 0`, exact for a list): a log over `max_booklog_bytes` is refused without
+//! being transferred and the book is read without it ("no log": the router then waits for
+//! a fresh snapshot key), as when `MEMORY USAGE` itself is refused (an ACL without
+//! `+memory|usage`) or unknown. Otherwise the log is read as its newest `booklog_max`
+//! entries and an entry over `max_snapshot_bytes` is dropped. A log that grows past the
+//! budget between the two steps is transferred once (the next read refuses it): one RTT
+//! of window, not one full log per subscribe. Refusals
 //! (oversize, not an envelope of that channel, wrong key type) are counted in
 //! `mdbridge_store_values_refused_total`, logged rate-limited, and answered as "nothing
 //! stored".
@@ -54,6 +60,8 @@ pub struct RedisStore {
     prefix: String,
     max_bytes: u64,
     max_log: usize,
+    /// Largest booklog (whole list, `MEMORY USAGE`) read.
+    max_log_bytes: u64,
     /// The connection and (Sentinel) the watch on its master; a watch that fired drops
     /// the connection before the next `GET`.
     conn: Mutex<Option<(MultiplexedConnection, Arc<MasterWatch>)>>,
@@ -82,6 +90,7 @@ impl RedisStore {
             prefix: config.key_prefix.clone(),
             max_bytes: config.max_snapshot_bytes.max(1) as u64,
             max_log: config.booklog_max.max(1),
+            max_log_bytes: config.max_booklog_bytes.max(1) as u64,
             conn: Mutex::new(Some((conn, watch))),
             refused_log: Mutex::new(None),
             policy: DecodePolicy::from_config(config),
@@ -132,8 +141,9 @@ impl RedisStore {
         }
     }
 
-    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` first, so an
-    /// oversize value is refused without being transferred; then `STRLEN` + `GETRANGE 0
+    /// The value of `key` (and the entries of `log`), bounded: a `STRLEN` (and the log's
+    /// `MEMORY USAGE`) first, so an oversize value (or log) is refused without being
+    /// transferred; then `STRLEN` + `GETRANGE 0
     /// max-1` (+ `LRANGE`) as one transaction, so even a value that grew in between costs
     /// at most the bound. `None` when the key is absent or its value was refused.
     async fn read(
@@ -142,9 +152,8 @@ impl RedisStore {
         log: Option<&str>,
     ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, BusError> {
         let mut conn = self.conn().await?;
-        let len: ::redis::RedisResult<u64> =
-            ::redis::cmd("STRLEN").arg(key).query_async(&mut conn).await;
-        let len = match self.check(key, len)? {
+        let (len, log) = self.first_step(&mut conn, key, log).await?;
+        let len = match len {
             None | Some(0) => return Ok(None),
             Some(len) => len,
         };
@@ -189,6 +198,79 @@ impl RedisStore {
             );
         }
         Ok(Some((value, log_entries)))
+    }
+
+    /// `STRLEN key`, and with a log `MEMORY USAGE log SAMPLES 0` in the same round trip:
+    /// the value's length (`None`: refused), and the log still worth reading (`None` when
+    /// it is over `max_booklog_bytes` or its size could not be learnt).
+    async fn first_step<'a>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        log: Option<&'a str>,
+    ) -> Result<(Option<u64>, Option<&'a str>), BusError> {
+        let Some(log_key) = log else {
+            let len: ::redis::RedisResult<u64> =
+                ::redis::cmd("STRLEN").arg(key).query_async(conn).await;
+            return Ok((self.check(key, len)?, None));
+        };
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("STRLEN")
+            .arg(key)
+            .cmd("MEMORY")
+            .arg("USAGE")
+            .arg(log_key)
+            .arg("SAMPLES")
+            .arg(0);
+        // Item by item, so a refused `MEMORY USAGE` (NOPERM) does not fail the `STRLEN`.
+        let replies = ::redis::aio::ConnectionLike::req_packed_commands(conn, &pipe, 0, 2).await;
+        let (strlen, usage) = match replies {
+            Ok(mut r) if r.len() == 2 => {
+                let usage = r.pop().unwrap_or(::redis::Value::Nil);
+                let strlen = r.pop().unwrap_or(::redis::Value::Nil);
+                (strlen, usage)
+            }
+            Ok(r) => {
+                let e = ::redis::RedisError::from((
+                    ::redis::ErrorKind::ResponseError,
+                    "unexpected pipeline reply",
+                    format!("{} replies to 2 commands", r.len()),
+                ));
+                return self.check(key, Err::<u64, _>(e)).map(|l| (l, None));
+            }
+            Err(e) => return self.check(key, Err::<u64, _>(e)).map(|l| (l, None)),
+        };
+        let len = self.check(
+            key,
+            strlen
+                .extract_error()
+                .and_then(::redis::from_owned_redis_value::<u64>),
+        )?;
+        let log = match usage
+            .extract_error()
+            .and_then(::redis::from_owned_redis_value::<Option<u64>>)
+        {
+            // An absent log is read anyway: it may be written by now, and then belongs to
+            // the snapshot read with it.
+            Ok(None) => Some(log_key),
+            Ok(Some(bytes)) if bytes <= self.max_log_bytes => Some(log_key),
+            Ok(Some(bytes)) => {
+                let e = BusError::TooLarge {
+                    key: log_key.to_string(),
+                    bytes,
+                    limit: self.max_log_bytes,
+                };
+                self.refused(log_key, "oversize", &e.to_string());
+                None
+            }
+            Err(e) => {
+                // Without its size the log is not read (it could be any size): the book
+                // syncs from the snapshot key alone. Grant `+memory|usage` to avoid this.
+                self.refused(log_key, "unchecked", &e.to_string());
+                None
+            }
+        };
+        Ok((len, log))
     }
 
     /// A reply, or `None` (refused, counted) when something that is not ours sits under

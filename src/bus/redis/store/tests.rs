@@ -216,3 +216,127 @@ async fn garbage_under_our_keys_is_refused_not_served() {
     assert_eq!(b.snapshot.envelope, good.envelope);
     assert!(b.log.is_empty());
 }
+
+/// Bytes Redis has sent to clients since the last `CONFIG RESETSTAT`.
+async fn sent_bytes(conn: &MultiplexedConnection) -> u64 {
+    let mut c = conn.clone();
+    let info: String = ::redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_net_output_bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booklog_over_its_budget_is_refused_without_being_transferred() {
+    let server = RedisTestServer::start();
+    let url = server.url();
+    let conn = admin(&url).await;
+    let cfg = RedisConfig {
+        // Each garbage entry fits the per-entry bound; the log as a whole does not fit.
+        max_snapshot_bytes: 400_000,
+        max_booklog_bytes: 1024 * 1024,
+        ..config(&url)
+    };
+    let store = RedisStore::connect(&cfg).await.unwrap();
+    let channel = Channel::parse("book:binance:BTC-USDT").unwrap();
+    let mut seq = Sequencer::new(Uuid::new_v4());
+    let snapshot = seq.wrap(book(BookAction::Snapshot, "1", 1));
+    let delta = seq.wrap(book(BookAction::Delta, "2", 2));
+    let mut c = conn.clone();
+    let _: () = ::redis::cmd("SET")
+        .arg("md:snapshot:book:binance:BTC-USDT")
+        .arg(&snapshot.envelope[..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let log = "md:booklog:book:binance:BTC-USDT";
+    let _: i64 = ::redis::cmd("RPUSH")
+        .arg(log)
+        .arg(&delta.envelope[..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Within the budget the log is read as before.
+    let b = store.book(&channel).await.unwrap().unwrap();
+    assert_eq!(seqs(&b), [2]);
+
+    // 20 entries of 300 KB: 6 MB under the log key.
+    let garbage = "x".repeat(300 * 1024);
+    for _ in 0..20 {
+        let _: i64 = ::redis::cmd("RPUSH")
+            .arg(log)
+            .arg(&garbage)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let b = store.book(&channel).await.unwrap().unwrap();
+        assert_eq!(
+            b.snapshot.envelope, snapshot.envelope,
+            "the snapshot is served"
+        );
+        assert!(b.log.is_empty(), "a refused log is no log");
+    }
+    let sent = sent_bytes(&conn).await;
+    assert!(
+        sent < 64 * 1024,
+        "three reads of a 6 MB log transferred {sent} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_memory_usage_in_the_acl_the_book_is_read_without_its_log() {
+    let server = RedisTestServer::start();
+    let url = server.url();
+    let conn = admin(&url).await;
+    let mut c = conn.clone();
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("reader")
+        .arg("on")
+        .arg(">pw")
+        .arg("~md:*")
+        .arg("-@all")
+        .arg("+get")
+        .arg("+strlen")
+        .arg("+getrange")
+        .arg("+lrange")
+        .arg("+multi")
+        .arg("+exec")
+        .arg("+ping")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut seq = Sequencer::new(Uuid::new_v4());
+    let snapshot = seq.wrap(book(BookAction::Snapshot, "1", 1));
+    let delta = seq.wrap(book(BookAction::Delta, "2", 2));
+    let _: () = ::redis::cmd("SET")
+        .arg("md:snapshot:book:binance:BTC-USDT")
+        .arg(&snapshot.envelope[..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: i64 = ::redis::cmd("RPUSH")
+        .arg("md:booklog:book:binance:BTC-USDT")
+        .arg(&delta.envelope[..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let limited = url.replacen("redis://", "redis://reader:pw@", 1);
+    let store = RedisStore::connect(&config(&limited)).await.unwrap();
+    let channel = Channel::parse("book:binance:BTC-USDT").unwrap();
+    let b = store.book(&channel).await.unwrap().unwrap();
+    assert_eq!(b.snapshot.envelope, snapshot.envelope);
+    assert!(b.log.is_empty(), "a log of unknown size is not read");
+}
