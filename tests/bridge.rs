@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
+use common::book_chain::BookChain;
 use common::exchange::ScriptedExchange;
 use common::*;
 use serde_json::{json, Value};
@@ -296,51 +297,6 @@ async fn hybrid_delivers_each_event_exactly_once() {
     let mut remote = Bot::connect(&executor.bots_url()).await;
     remote.subscribe(&["trade:binance:BTC-USDT"]).await;
     contiguous_trades(&mut remote, 100).await;
-}
-
-/// Follows one book as a bot sees it and checks PROTOCOL §2 on every message: deltas
-/// chain exactly, and after a `resync` the next book message is a snapshot.
-#[derive(Default)]
-struct BookChain {
-    seq: Option<u64>,
-    awaiting_snapshot: bool,
-    resyncs: u64,
-    deltas_since_snapshot: u64,
-}
-
-impl BookChain {
-    async fn read(&mut self, bot: &mut Bot, book_messages: usize) {
-        let mut seen = 0;
-        while seen < book_messages {
-            let v = bot.next(WAIT).await.expect("frame");
-            match (v["type"].as_str(), v["action"].as_str()) {
-                // The bus going down and coming back is told (PROTOCOL §4); the chain
-                // rule is about book messages only.
-                (Some("status"), _)
-                    if v["state"] == "disconnected" || v["state"] == "connected" => {}
-                (Some("status"), _) => {
-                    assert_eq!(v["state"], "resync", "{v}");
-                    self.resyncs += 1;
-                    self.awaiting_snapshot = true;
-                }
-                (Some("book"), Some("snapshot")) => {
-                    self.seq = v["seq"].as_u64();
-                    self.awaiting_snapshot = false;
-                    self.deltas_since_snapshot = 0;
-                    seen += 1;
-                }
-                (Some("book"), Some("delta")) => {
-                    assert!(!self.awaiting_snapshot, "a delta right after resync: {v}");
-                    assert!(self.seq.is_some(), "a delta before any snapshot: {v}");
-                    assert_eq!(v["prev_seq"].as_u64(), self.seq, "chain broken: {v}");
-                    self.seq = v["seq"].as_u64();
-                    self.deltas_since_snapshot += 1;
-                    seen += 1;
-                }
-                _ => panic!("unexpected frame {v}"),
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

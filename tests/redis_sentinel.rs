@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Instant;
 
+use common::book_chain::BookChain;
 use common::sentinel::{SentinelSet, MASTER};
 use common::*;
 use serde_json::Value;
@@ -43,50 +44,6 @@ fn trade_id(v: &Value) -> u64 {
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("numeric trade id")
-}
-
-/// Follows one book as a bot sees it (PROTOCOL §2): deltas chain exactly, and after a
-/// `resync` the next book message is a snapshot.
-#[derive(Default)]
-struct BookChain {
-    seq: Option<u64>,
-    awaiting_snapshot: bool,
-    resyncs: u64,
-    deltas_since_snapshot: u64,
-}
-
-impl BookChain {
-    async fn read_one(&mut self, bot: &mut Bot) {
-        loop {
-            let v = bot.next(WAIT).await.expect("frame");
-            match (v["type"].as_str(), v["action"].as_str()) {
-                // The bus going down and coming back is told (PROTOCOL §4); the chain
-                // rule is about book messages only.
-                (Some("status"), _)
-                    if v["state"] == "disconnected" || v["state"] == "connected" => {}
-                (Some("status"), _) => {
-                    assert_eq!(v["state"], "resync", "{v}");
-                    self.resyncs += 1;
-                    self.awaiting_snapshot = true;
-                }
-                (Some("book"), Some("snapshot")) => {
-                    self.seq = v["seq"].as_u64();
-                    self.awaiting_snapshot = false;
-                    self.deltas_since_snapshot = 0;
-                    return;
-                }
-                (Some("book"), Some("delta")) => {
-                    assert!(!self.awaiting_snapshot, "a delta right after resync: {v}");
-                    assert!(self.seq.is_some(), "a delta before any snapshot: {v}");
-                    assert_eq!(v["prev_seq"].as_u64(), self.seq, "chain broken: {v}");
-                    self.seq = v["seq"].as_u64();
-                    self.deltas_since_snapshot += 1;
-                    return;
-                }
-                _ => panic!("unexpected frame {v}"),
-            }
-        }
-    }
 }
 
 /// Reads trades until `n` more have arrived, asserting ids only ever increase (no trade

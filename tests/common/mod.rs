@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod book_chain;
 pub mod exchange;
 pub mod redis_extra;
 pub mod sentinel;
