@@ -20,7 +20,28 @@ async fn churning_bot_leaves_no_router_state_and_a_bot_beside_it_gets_every_even
     let redis = RedisServer::start();
     let exchange = ScriptedExchange::start().await;
     let feed = sim_feed(exchange.port(), "binance", &["BNB-BTC"], &["trade"]);
-    let (_publisher, executor) = publisher_and_executor(&redis, &feed).await;
+    let (ph, pb, eh, eb) = (free_port(), free_port(), free_port(), free_port());
+    let mut _publisher = Proc::role(
+        "publisher",
+        &role_config(&redis.url(), ph, pb, &feed),
+        ph,
+        None,
+    );
+    // The churn is the point here, not the request limit (tests/gateway_limits.rs has
+    // that): lift it for this executor.
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(
+            &redis.url(),
+            eh,
+            eb,
+            "max_requests_per_sec = 1000000.0\nrequest_burst = 1000000",
+        ),
+        eh,
+        Some(eb),
+    );
+    _publisher.wait_healthy().await;
+    executor.wait_healthy().await;
     wait_until("publisher subscribed to the exchange", WAIT, || async {
         exchange.subscribed_clients() > 0
     })
@@ -136,7 +157,17 @@ fn rss_kib(pid: u32) -> u64 {
 async fn churn_figures() {
     let redis = RedisServer::start();
     let (h, b) = (free_port(), free_port());
-    let mut executor = Proc::role("executor", &role_config(&redis.url(), h, b, ""), h, Some(b));
+    let mut executor = Proc::role(
+        "executor",
+        &role_config(
+            &redis.url(),
+            h,
+            b,
+            "max_requests_per_sec = 1000000.0\nrequest_burst = 1000000",
+        ),
+        h,
+        Some(b),
+    );
     executor.wait_healthy().await;
     let pid = executor.child.id();
     let mut steady = Bot::connect(&executor.bots_url()).await;
