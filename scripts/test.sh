@@ -72,7 +72,8 @@ echo "test.sh: using $("$redis" --version | head -n 1) at $redis" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --all-targets "$@" 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.
