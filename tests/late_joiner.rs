@@ -147,14 +147,7 @@ async fn a_book_nobody_publishes_is_reported_once_and_polled_with_backoff() {
     );
     assert_eq!(calls(&redis, "getrange"), 0, "nothing worth transferring");
     assert_eq!(calls(&redis, "get"), 0, "reads are bounded GETRANGEs");
-    let sent = {
-        let mut c = redis.conn();
-        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).expect("INFO");
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("total_net_output_bytes")
-    };
+    let sent = redis.bytes_sent();
     assert!(
         sent < 1024 * 1024,
         "the oversize value was never transferred: {sent} bytes sent"
@@ -397,14 +390,7 @@ async fn a_garbage_booklog_is_not_transferred_and_the_bot_still_gets_the_book() 
     assert_eq!(first["bids"], event["bids"], "{first}");
     assert_eq!(first["asks"], event["asks"], "{first}");
     assert!(calls(&redis, "strlen") >= 1);
-    let sent = {
-        let mut c = redis.conn();
-        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).expect("INFO");
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("total_net_output_bytes")
-    };
+    let sent = redis.bytes_sent();
     assert!(
         sent < 1024 * 1024,
         "the 6 MB log was never transferred: {sent} bytes sent"

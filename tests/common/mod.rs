@@ -132,6 +132,17 @@ impl RedisServer {
             .is_ok()
     }
 
+    /// Bytes this server has sent to its clients so far (`INFO stats`
+    /// `total_net_output_bytes`): shows whether a value was transferred.
+    pub fn bytes_sent(&self) -> u64 {
+        let mut c = self.conn();
+        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("total_net_output_bytes")
+    }
+
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
