@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::bus::signing::{Keyring, SignatureError};
 use crate::bus::validate::{self, Invalid, MAX_FUTURE_MICROS};
 use crate::config::{RedisConfig, DEFAULT_MAX_ENVELOPE_BYTES};
+use crate::durable::{BadStreamId, StreamId};
 use crate::event::{now_micros, Book, Channel, Event, EventType};
 
 /// Why an envelope read from the bus was refused; [`EnvelopeError::reason`] is its label
@@ -45,6 +46,8 @@ pub enum EnvelopeError {
     Signature(#[from] SignatureError),
     #[error("signed envelope published {age_ms} ms ago, over redis.max_envelope_age_ms: a replay")]
     Stale { age_ms: u64 },
+    #[error(transparent)]
+    BadId(#[from] BadStreamId),
 }
 
 impl EnvelopeError {
@@ -56,6 +59,7 @@ impl EnvelopeError {
             EnvelopeError::Invalid(e) => e.reason(),
             EnvelopeError::Signature(_) => "signature",
             EnvelopeError::Stale { .. } => "stale",
+            EnvelopeError::BadId(_) => "id",
         }
     }
 }
@@ -132,6 +136,8 @@ pub struct BusMessage {
     pub ts_recv: u64,
     /// The exact envelope bytes (what Redis carries).
     pub envelope: Bytes,
+    /// Durable channels: the stream entry id, which is also in `envelope`.
+    pub id: Option<StreamId>,
     event_range: Range<usize>,
     /// The parsed book, for book channels only (book caches apply it; others never parse).
     pub book: Option<Arc<Book>>,
@@ -144,10 +150,33 @@ struct EnvelopeRef<'a> {
     seq: u64,
     ts_pub: u64,
     #[serde(default, borrow)]
-    #[allow(dead_code)]
     id: Option<&'a str>,
     #[serde(borrow)]
     event: &'a RawValue,
+}
+
+/// What precedes the event object in an envelope.
+const EVENT_KEY: &[u8] = b"\"event\":";
+
+/// Where `"id":"<id>",` sits in an envelope body written by [`BusMessage::encode`] and the
+/// append script: right after `"ts_pub":T,`. Signatures cover the body without it, since
+/// Redis assigns the id after the publisher signed. `None`: no id field there.
+pub(crate) fn id_field(body: &[u8]) -> Option<Range<usize>> {
+    const TS_PUB: &[u8] = b",\"ts_pub\":";
+    const ID_OPEN: &[u8] = b"\"id\":\"";
+    // `{"src":"<36-char uuid>","seq":N` comes first: ts_pub is within the first ~90 bytes.
+    let window = &body[..body.len().min(96)];
+    let at = window.windows(TS_PUB.len()).position(|w| w == TS_PUB)? + TS_PUB.len();
+    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let start = at + digits + 1;
+    if body.get(at + digits) != Some(&b',') || !body[start..].starts_with(ID_OPEN) {
+        return None;
+    }
+    let value = start + ID_OPEN.len();
+    // A stream id is at most 41 characters (two u64 and a dash).
+    let len = body[value..].iter().take(42).position(|&b| b == b'"')?;
+    let end = value + len + 1;
+    (body.get(end) == Some(&b',')).then_some(start..end + 1)
 }
 
 /// Initial envelope buffer: fits trades, tickers and deltas; big snapshots grow it once.
@@ -211,8 +240,42 @@ impl BusMessage {
             seq,
             ts_recv,
             envelope: buf.freeze(),
+            id: None,
             event_range: start..end,
             book,
+        }
+    }
+
+    /// The envelope cut where a stream id goes: `head` is `{"src":…,"seq":N,"ts_pub":T,`
+    /// and `tail` is `"event":{…}…}`; `head + "\"id\":\"<id>\"," + tail` is the envelope
+    /// of entry `<id>`. The publisher's append script joins them server-side, once it knows
+    /// the id. `None` for a message that already carries an id.
+    pub fn id_split(&self) -> Option<(Bytes, Bytes)> {
+        if self.id.is_some() {
+            return None;
+        }
+        let cut = self.event_range.start.checked_sub(EVENT_KEY.len())?;
+        Some((self.envelope.slice(..cut), self.envelope.slice(cut..)))
+    }
+
+    /// This message as stream entry `id` holds it: the same envelope with `"id":"<id>",`
+    /// before `"event"` (what the append script writes and publishes, built here for the
+    /// in-process path and tests). The signature, if any, stays valid: it does not cover
+    /// the id (see [`id_field`]).
+    pub fn with_id(&self, id: StreamId) -> BusMessage {
+        let Some((head, tail)) = self.id_split() else {
+            return self.clone();
+        };
+        let field = format!("\"id\":\"{id}\",");
+        let mut buf = BytesMut::with_capacity(self.envelope.len() + field.len());
+        buf.put_slice(&head);
+        buf.put_slice(field.as_bytes());
+        buf.put_slice(&tail);
+        BusMessage {
+            id: Some(id),
+            event_range: self.event_range.start + field.len()..self.event_range.end + field.len(),
+            envelope: buf.freeze(),
+            ..self.clone()
         }
     }
 
@@ -250,20 +313,34 @@ impl BusMessage {
         let start = raw.as_ptr() as usize - payload.as_ptr() as usize;
         let event_range = start..start + raw.len();
         let checked = validate::event(&channel, raw, now)?;
+        let id = env.id.map(str::parse::<StreamId>).transpose()?;
         Ok(BusMessage {
             channel,
             src,
             seq: env.seq,
             ts_recv: checked.ts_recv,
             envelope: payload.clone(),
+            id,
             event_range,
             book: checked.book.map(Arc::new),
         })
     }
 
-    /// The event object alone: what a bot receives. Shares the envelope's memory.
+    /// The event object alone: what a bot receives. Shares the envelope's memory; on a
+    /// durable channel it is the event with `"id":"<stream id>"` appended (PROTOCOL §4),
+    /// built once here per message, then shared by every subscriber.
     pub fn event_json(&self) -> Bytes {
-        self.envelope.slice(self.event_range.clone())
+        let event = self.envelope.slice(self.event_range.clone());
+        let Some(id) = self.id else {
+            return event;
+        };
+        // The event is a JSON object: `{…}` with at least one field.
+        let open = &event[..event.len().saturating_sub(1)];
+        let field = format!(",\"id\":\"{id}\"}}");
+        let mut buf = BytesMut::with_capacity(open.len() + field.len());
+        buf.put_slice(open);
+        buf.put_slice(field.as_bytes());
+        buf.freeze()
     }
 
     pub fn kind(&self) -> EventType {
@@ -432,5 +509,63 @@ mod tests {
             Some(ring.as_ref()),
         );
         assert_eq!(reason(&live, chan.as_str(), &fresh.envelope), "ok");
+    }
+
+    #[test]
+    fn a_stream_id_goes_before_the_event_and_onto_the_bot_frame() {
+        let ring = keys(&["k1=0123456789abcdef-one"]);
+        let chan = Channel::parse("trade:binance:BTC-USDT").unwrap();
+        let src = Uuid::new_v4();
+        for signer in [None, Some(ring.as_ref())] {
+            let plain = BusMessage::encode_signed(chan.clone(), src, 3, 4, trade(), signer);
+            let id: StreamId = "1732300000000-7".parse().unwrap();
+            let durable = plain.with_id(id);
+            // What the append script builds from the split is the same envelope.
+            let (head, tail) = plain.id_split().unwrap();
+            let joined = [&head[..], br#""id":"1732300000000-7","#, &tail[..]].concat();
+            assert_eq!(&durable.envelope[..], &joined[..]);
+            let env: serde_json::Value = serde_json::from_slice(&durable.envelope).unwrap();
+            assert_eq!(env["id"], "1732300000000-7");
+            assert_eq!(env["seq"], 3);
+
+            let policy = DecodePolicy {
+                keys: signer.map(|_| ring.clone()),
+                ..DecodePolicy::default()
+            };
+            let back =
+                BusMessage::decode_with(chan.clone(), durable.envelope.clone(), &policy).unwrap();
+            assert_eq!(back.id, Some(id));
+            let bot: serde_json::Value = serde_json::from_slice(&back.event_json()).unwrap();
+            let mut expected: serde_json::Value =
+                serde_json::from_slice(&trade().to_json()).unwrap();
+            expected["id"] = "1732300000000-7".into();
+            assert_eq!(bot, expected);
+            assert_eq!(back.event_json(), durable.event_json());
+            assert!(back.id_split().is_none());
+        }
+        // The id is outside the signature, everything else stays covered.
+        let signed =
+            BusMessage::encode_signed(chan.clone(), src, 3, 4, trade(), Some(ring.as_ref()))
+                .with_id(StreamId::new(1, 1));
+        let strict = DecodePolicy {
+            keys: Some(ring.clone()),
+            ..DecodePolicy::default()
+        };
+        let text = std::str::from_utf8(&signed.envelope).unwrap();
+        assert_eq!(
+            reason(
+                &strict,
+                chan.as_str(),
+                text.replace("\"seq\":3", "\"seq\":4").as_bytes()
+            ),
+            "signature"
+        );
+        let other_id = text.replace("1-1", "2-0");
+        assert_eq!(reason(&strict, chan.as_str(), other_id.as_bytes()), "ok");
+        let bad_id = text.replace("1-1", "x");
+        assert_eq!(
+            reason(&DecodePolicy::default(), chan.as_str(), bad_id.as_bytes()),
+            "id"
+        );
     }
 }

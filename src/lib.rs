@@ -18,7 +18,8 @@
 //! - [`book`]: the L2 book both sides keep from normalized events (leaf).
 //! - [`http`], [`health`], [`metrics`]: the admin listener and what it reports;
 //!   [`fd_limit`]: the descriptor budget they and the bot listener share.
-//! - [`config`]: every setting, one place.
+//! - [`config`]: every setting, one place; [`durable`]: which channels are kept in Redis
+//!   Streams, their caps and key names.
 //! - [`simulator`]: exchange-compatible servers for tests, demo and benchmarks.
 //! - [`app`]: wires the parts for each role and owns shutdown.
 //! - [`bench`]: bot-side tools: the measuring bot behind `mdbridge bench`, and `mdbridge watch`.
@@ -28,6 +29,7 @@ pub mod bench;
 pub mod book;
 pub mod bus;
 pub mod config;
+pub mod durable;
 pub mod envelope;
 pub mod event;
 pub mod exchange;

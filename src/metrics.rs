@@ -35,8 +35,9 @@ pub const ENVELOPE_SEQ_ANOMALIES: &str = "mdbridge_envelope_seq_anomalies_total"
 
 /// Every `reason` label of [`ENVELOPES_INVALID`] (`EnvelopeError::reason`, plus
 /// `channel_name` from the subscriber).
-pub const ENVELOPE_INVALID_REASONS: [&str; 9] = [
+pub const ENVELOPE_INVALID_REASONS: [&str; 10] = [
     "too_large",
+    "id",
     "signature",
     "stale",
     "json",

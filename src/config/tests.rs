@@ -230,17 +230,31 @@ fn redis_sentinels_and_master_name_go_together_and_must_be_urls() {
 }
 
 #[test]
-fn durable_channels_are_refused_not_ignored() {
-    let f = write("[durable]\nchannels = [\"trade:*:*\"]\n");
-    let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("durable.channels: durable channels"),
-        "{err}"
+fn durable_section_is_validated_key_by_key() {
+    let f = write(
+        "[durable]\nchannels = [\"trade:*:*\", \"trade:*\"]\nmaxlen = 0\nmax_deliveries = 0\n\
+         [[durable.limits]]\npattern = \"book\"\nmaxlen = 0\n",
     );
-    let f = write("[durable]\nchannels = [\"trade:*\"]\n");
-    let err = Config::load(Some(f.path()), Role::Executor).unwrap_err();
-    assert!(err.to_string().contains("durable.channels[0]"), "{err}");
+    let err = Config::load(Some(f.path()), Role::Publisher)
+        .unwrap_err()
+        .to_string();
+    for key in [
+        "durable.channels[1]",
+        "durable.maxlen",
+        "durable.max_deliveries",
+        "durable.limits[0].pattern",
+        "durable.limits[0].maxlen",
+    ] {
+        assert!(err.contains(key), "{key} missing in {err}");
+    }
+    assert!(!err.contains("durable.channels[0]"), "{err}");
+
+    let f = write(
+        "[durable]\nchannels = [\"trade:*:*\"]\n[[durable.limits]]\npattern = \"trade:binance:*\"\nmaxlen = 10\napproximate = false\n",
+    );
+    let c = Config::load(Some(f.path()), Role::Executor).unwrap();
+    assert_eq!(c.durable.channels, vec!["trade:*:*".to_string()]);
+    assert_eq!(c.durable.limits[0].approximate, Some(false));
 }
 
 #[test]
