@@ -32,6 +32,7 @@ use super::BusError;
 use crate::config::RedisConfig;
 use crate::event::Channel;
 
+pub mod append;
 pub mod error;
 pub mod interest;
 pub mod publisher;
