@@ -120,8 +120,21 @@ pub async fn run(
         metrics,
         redis: crate::bus::redis::Target::new(&config.redis, "health").ok(),
         limits: crate::http::AdminLimits::from_config(&config.http),
+        streams: crate::http::streams::StreamsAdmin::new(&config).map(Arc::new),
     };
     let http_task = spawn_http(listeners.http, admin, stops.http.clone());
+    // Durable streams: gauges, `degraded` health of this instance's group, group GC.
+    let monitor_task = crate::bus::redis::stream_monitor::MonitorSettings::from_config(&config)
+        .and_then(|settings| {
+            let target = crate::bus::redis::Target::new(&config.redis, "health").ok()?;
+            let health = (role != Role::Publisher).then(|| health.register("streams"));
+            Some(crate::bus::redis::stream_monitor::spawn(
+                target,
+                settings,
+                health,
+                stops.http.clone(),
+            ))
+        });
 
     // Bot side: executor and hybrid.
     let mut gateway_task = None;
@@ -206,6 +219,7 @@ pub async fn run(
     }
     join_by(subscriber_task, deadline, "redis subscriber").await;
     stops.http.cancel();
+    join_by(monitor_task, deadline, "stream monitor").await;
     join_by(Some(http_task), deadline, "admin HTTP").await;
     info!("stopped");
     Ok(())
@@ -269,6 +283,7 @@ pub async fn run_demo(
         metrics,
         redis: None,
         limits: crate::http::AdminLimits::from_config(&config.http),
+        streams: None,
     };
     let bots_addr = bots.local_addr()?;
     let http_addr = http.local_addr()?;

@@ -15,6 +15,10 @@ use crate::event::now_micros;
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ComponentHealth {
     pub healthy: bool,
+    /// Healthy but below par (a consumer group falling behind its stream): `/health` still
+    /// answers 200, with status `degraded`. Only shown when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
     pub detail: Option<String>,
     /// When the state last changed (µs since the epoch).
     pub since: u64,
@@ -41,26 +45,27 @@ impl Health {
     /// Registers `name`, unhealthy until the part says otherwise.
     pub fn register(&self, name: impl Into<String>) -> HealthHandle {
         let name = name.into();
-        self.set(&name, false, Some("starting".to_string()));
+        self.set(&name, false, false, Some("starting".to_string()));
         HealthHandle {
             name,
             registry: self.clone(),
         }
     }
 
-    fn set(&self, name: &str, healthy: bool, detail: Option<String>) {
+    fn set(&self, name: &str, healthy: bool, degraded: bool, detail: Option<String>) {
         let mut map = match self.components.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
         let changed = map
             .get(name)
-            .map(|c| c.healthy != healthy || c.detail != detail);
+            .map(|c| c.healthy != healthy || c.degraded != degraded || c.detail != detail);
         if changed != Some(false) {
             map.insert(
                 name.to_string(),
                 ComponentHealth {
                     healthy,
+                    degraded,
                     detail,
                     since: now_micros(),
                 },
@@ -83,10 +88,16 @@ impl Health {
 
 impl HealthHandle {
     pub fn up(&self, detail: Option<String>) {
-        self.registry.set(&self.name, true, detail);
+        self.registry.set(&self.name, true, false, detail);
     }
     pub fn down(&self, detail: impl Into<String>) {
-        self.registry.set(&self.name, false, Some(detail.into()));
+        self.registry
+            .set(&self.name, false, false, Some(detail.into()));
+    }
+    /// Working, but below par: `detail` says what and by how much.
+    pub fn degraded(&self, detail: impl Into<String>) {
+        self.registry
+            .set(&self.name, true, true, Some(detail.into()));
     }
     pub fn name(&self) -> &str {
         &self.name
@@ -119,5 +130,11 @@ mod tests {
         let r = h.report();
         assert!(!r["redis"].healthy);
         assert_eq!(r["redis"].detail.as_deref(), Some("connection refused"));
+        redis.degraded("lag 500 > 100");
+        let r = h.report();
+        assert!(r["redis"].healthy && r["redis"].degraded);
+        assert!(h.all_healthy());
+        redis.up(None);
+        assert!(!h.report()["redis"].degraded);
     }
 }

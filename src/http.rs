@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics`, `/health`, `/health/redis` (PROTOCOL §6), and the
-//! live status page (`/`, [`crate::status`]).
+//! live status page (`/`, [`crate::status`]), and the durable-stream admin endpoints
+//! (`/api/streams…`, [`streams`]).
 //!
 //! It only reads what `app` hands it: the health registry, the Prometheus render handle and,
 //! for roles that use Redis, a Redis [`Target`] to measure a round trip. It never reaches into
@@ -39,6 +40,8 @@ use crate::bus::redis::{Target, TargetError};
 use crate::config::HttpConfig;
 use crate::health::Health;
 use crate::metrics;
+
+pub mod streams;
 
 /// How long a connection may take to finish its response once shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -83,6 +86,8 @@ pub struct AdminState {
     /// round trip is measured against the current master.
     pub redis: Option<Target>,
     pub limits: AdminLimits,
+    /// `/api/streams…`; `None` for roles without Redis (they answer 404).
+    pub streams: Option<Arc<streams::StreamsAdmin>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -91,6 +96,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/health", get(health))
         .route("/health/redis", get(health_redis))
         .merge(crate::status::routes())
+        .merge(streams::routes())
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -224,7 +230,7 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        metrics::render(&state.metrics),
     )
         .into_response()
 }
@@ -237,8 +243,14 @@ async fn health(State(state): State<AdminState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Degraded (e.g. a consumer group behind its stream) still does its job: 200.
+    let status = match (healthy, components.values().any(|c| c.degraded)) {
+        (false, _) => "unhealthy",
+        (true, true) => "degraded",
+        (true, false) => "ok",
+    };
     let body = json!({
-        "status": if healthy { "ok" } else { "unhealthy" },
+        "status": status,
         "instance": state.instance,
         "role": state.role,
         "components": components,

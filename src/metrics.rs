@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::event::{EventType, Exchange};
 
+pub mod streams;
+
 pub const EXCHANGE_EVENTS: &str = "mdbridge_exchange_events_total";
 pub const EXCHANGE_FRAMES_INVALID: &str = "mdbridge_exchange_frames_invalid_total";
 pub const EXCHANGE_RECONNECTS: &str = "mdbridge_exchange_reconnects_total";
@@ -142,6 +144,7 @@ pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
 pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
 pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 pub const ROUTER_WILDCARD_OVERFLOW: &str = "mdbridge_router_wildcard_overflow_total";
+pub const STREAM_GROUPS_REMOVED: &str = "mdbridge_stream_groups_removed_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -334,6 +337,10 @@ fn describe() {
         ROUTER_WILDCARD_OVERFLOW,
         "Messages on channels only wildcards matched, passed on without router state because the cap on such channels was reached (books: dropped)."
     );
+    describe_counter!(
+        STREAM_GROUPS_REMOVED,
+        "Consumer groups of durable streams destroyed because none of their consumers was seen for durable.group_idle_gc_ms."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -431,6 +438,15 @@ pub fn init() {
     }
     counter!(BUS_DOWN_NOTICES).increment(0);
     counter!(ROUTER_WILDCARD_OVERFLOW).increment(0);
+    counter!(STREAM_GROUPS_REMOVED).increment(0);
+}
+
+/// What `/metrics` serves: the recorder's series, then the per-stream gauges
+/// ([`streams`]), which the recorder cannot remove when a stream disappears.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    streams::render_into(&mut text);
+    text
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -575,4 +591,7 @@ pub fn router_wildcard_overflow() {
 }
 pub fn bus_down_notice() {
     counter!(BUS_DOWN_NOTICES).increment(1);
+}
+pub fn stream_group_removed() {
+    counter!(STREAM_GROUPS_REMOVED).increment(1);
 }

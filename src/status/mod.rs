@@ -187,7 +187,7 @@ async fn take(state: &AdminState, probe: &mut RedisProbe) -> StatusSnapshot {
         Some(target) => probe.rtt(target).await,
         None => None,
     };
-    let mut snap = from_metrics(&state.metrics.render());
+    let mut snap = from_metrics(&crate::metrics::render(&state.metrics));
     snap.instance = state.instance.clone();
     snap.role = state.role;
     snap.components = state.health.report();

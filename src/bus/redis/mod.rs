@@ -37,6 +37,8 @@ pub mod error;
 pub mod interest;
 pub mod publisher;
 pub mod store;
+pub mod stream_admin;
+pub mod stream_monitor;
 pub mod subscriber;
 pub mod target;
 

@@ -1,0 +1,1 @@
+//! Live tests of [`super`] against a real redis-server.

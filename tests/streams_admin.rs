@@ -1,0 +1,540 @@
+//! Operating durable channels, against a real executor process and a real redis-server:
+//! the `/api/streams…` endpoints (exact figures of a prepared stream, dead-letter pages,
+//! requeue with new ids that are published), the stream monitor's gauges and `degraded`
+//! health, and the garbage collection of idle consumer groups.
+//!
+//! Streams are prepared as the protocol has them: entries appended with the real append
+//! script from `BusMessage::encode(…).id_split()`, groups with `XGROUP CREATE`, pending
+//! entries with `XREADGROUP` without ack, dead letters with `XADD {stream}:dead` and the
+//! fields of PROTOCOL §3.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use mdbridge::bus::redis::append::AppendScript;
+use mdbridge::durable::StreamCap;
+use mdbridge::envelope::BusMessage;
+use mdbridge::event::{Event, Exchange, Side, Trade};
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+
+const BTC: &str = "trade:binance:BTC-USDT";
+const ETH: &str = "trade:binance:ETH-USDT";
+
+fn key(channel: &str) -> String {
+    format!("md:stream:{channel}")
+}
+
+fn dead(channel: &str) -> String {
+    format!("md:stream:{channel}:dead")
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+async fn conn(redis: &RedisServer) -> MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// Appends `n` trades to `channel`'s stream with the append script and registers it;
+/// returns the entry ids.
+async fn append(conn: &mut MultiplexedConnection, channel: &str, n: u64) -> Vec<String> {
+    let script = AppendScript::new();
+    let symbol = channel.rsplit(':').next().expect("symbol");
+    let src = uuid::Uuid::new_v4();
+    let mut ids = Vec::new();
+    for seq in 1..=n {
+        let event = Event::Trade(Trade {
+            exchange: Exchange::Binance,
+            symbol: symbol.into(),
+            ts: Some(now_us()),
+            ts_recv: now_us(),
+            trade_id: seq.to_string(),
+            price: "100.5".into(),
+            size: "0.25".into(),
+            side: Some(Side::Buy),
+        });
+        let (head, tail) = BusMessage::encode(src, seq, now_us(), event)
+            .id_split()
+            .expect("no id yet");
+        let cap = StreamCap {
+            maxlen: 1000,
+            approximate: false,
+        };
+        let id = script
+            .append(
+                conn,
+                &key(channel),
+                &format!("md:{channel}"),
+                cap,
+                &head,
+                &tail,
+            )
+            .await
+            .expect("append");
+        ids.push(id);
+    }
+    let _: u64 = redis::cmd("SADD")
+        .arg("md:streams")
+        .arg(channel)
+        .query_async(conn)
+        .await
+        .expect("SADD");
+    ids
+}
+
+async fn cmd<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+type Entries = Vec<(String, Vec<(String, String)>)>;
+
+/// The envelope of stream entry `id`.
+async fn envelope(conn: &mut MultiplexedConnection, channel: &str, id: &str) -> String {
+    let entries: Entries = cmd(conn, &["XRANGE", &key(channel), id, id]).await;
+    assert_eq!(entries.len(), 1, "entry {id}");
+    assert_eq!(entries[0].1[0].0, "envelope");
+    entries[0].1[0].1.clone()
+}
+
+/// A dead letter of entry `source_id`, with every PROTOCOL §3 field; returns its id.
+async fn dead_letter(conn: &mut MultiplexedConnection, channel: &str, source_id: &str) -> String {
+    let env = envelope(conn, channel, source_id).await;
+    cmd(
+        conn,
+        &[
+            "XADD",
+            &dead(channel),
+            "*",
+            "envelope",
+            &env,
+            "error",
+            "handler failed: boom",
+            "group",
+            "g1",
+            "consumer",
+            "c1",
+            "source_id",
+            source_id,
+            "deliveries",
+            "5",
+            "failed_at",
+            "1732300000000000",
+        ],
+    )
+    .await
+}
+
+fn executor_config(redis: &RedisServer, h: u16, b: u16, durable: &str) -> String {
+    role_config(
+        &redis.url(),
+        h,
+        b,
+        &format!("[durable]\nchannels = [\"trade:*:*\"]\nmonitor_interval_ms = 100\n{durable}"),
+    )
+}
+
+async fn get(p: &Proc, path: &str) -> (u16, Value) {
+    let r = reqwest::get(p.http_url(path)).await.expect("GET");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+async fn post(p: &Proc, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(p.http_url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("POST");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+async fn metrics(p: &Proc) -> String {
+    reqwest::get(p.http_url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_endpoints_report_exact_figures_and_requeue_dead_letters() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    let ids = append(&mut c, BTC, 5).await;
+    let eth = append(&mut c, ETH, 2).await;
+    // g1 read three entries and acknowledged the first; g2 starts at the end.
+    let k = key(BTC);
+    let _: () = cmd(&mut c, &["XGROUP", "CREATE", &k, "g1", "0"]).await;
+    let _: redis::Value = cmd(
+        &mut c,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g1",
+            "c1",
+            "COUNT",
+            "3",
+            "STREAMS",
+            &k,
+            ">",
+        ],
+    )
+    .await;
+    let _: u64 = cmd(&mut c, &["XACK", &k, "g1", &ids[0]]).await;
+    let _: () = cmd(&mut c, &["XGROUP", "CREATE", &k, "g2", "$"]).await;
+    let mut dead_ids = Vec::new();
+    for source in &ids[..3] {
+        dead_ids.push(dead_letter(&mut c, BTC, source).await);
+    }
+
+    let (h, b) = (free_port(), free_port());
+    let mut executor = Proc::role("executor", &executor_config(&redis, h, b, ""), h, Some(b));
+    executor.wait_healthy().await;
+
+    let (status, list) = get(&executor, "/api/streams").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        list,
+        json!({"streams": [
+                {"channel": BTC, "length": 5, "dead_letters": 3},
+                {"channel": ETH, "length": 2, "dead_letters": 0}],
+               "total": 2, "next_cursor": null})
+    );
+
+    let (status, mut info) = get(&executor, &format!("/api/streams/{BTC}")).await;
+    assert_eq!(status, 200, "{info}");
+    // How long ago c1 read is the clock's business, not the test's.
+    let idle = info["groups"][0]["consumers"][0]["idle_ms"].take();
+    assert!(idle.is_u64(), "{idle}");
+    let inactive = info["groups"][0]["consumers"][0]["inactive_ms"].take();
+    assert!(inactive.is_null() || inactive.is_i64(), "{inactive}");
+    assert_eq!(
+        info,
+        json!({
+            "channel": BTC, "key": k, "length": 5,
+            "first_id": ids[0], "last_id": ids[4], "last_generated_id": ids[4],
+            "max_deleted_id": "0-0", "entries_added": 5, "group_count": 2,
+            "groups": [
+                {"name": "g1", "consumer_count": 1,
+                 "consumers": [{"name": "c1", "pending": 2, "idle_ms": null, "inactive_ms": null}],
+                 "pending": 2, "last_delivered_id": ids[2], "entries_read": 3, "lag": 2},
+                {"name": "g2", "consumer_count": 0, "consumers": [],
+                 "pending": 0, "last_delivered_id": ids[4], "entries_read": null, "lag": 0}],
+            "dead_letters": 3,
+        })
+    );
+    let (status, body) = get(&executor, "/api/streams/trade:binance:XRP-USDT").await;
+    assert_eq!((status, body["error"].is_string()), (404, true), "{body}");
+    for bad in [
+        "/api/streams/nonsense",
+        "/api/streams?count=0",
+        "/api/streams?cursor=x",
+        &format!("/api/streams/{BTC}/dlq?after=yesterday"),
+        &format!("/api/streams/{BTC}/dlq?count=1000"),
+    ] {
+        let (status, body) = get(&executor, bad).await;
+        assert_eq!(
+            (status, body["error"].is_string()),
+            (400, true),
+            "{bad}: {body}"
+        );
+    }
+
+    // Dead letters, two per page, with every field.
+    let mut expected = Vec::new();
+    for (i, d) in dead_ids.iter().enumerate() {
+        expected.push(json!({
+            "id": d, "envelope": envelope(&mut c, BTC, &ids[i]).await,
+            "error": "handler failed: boom", "group": "g1", "consumer": "c1",
+            "source_id": ids[i], "deliveries": 5, "failed_at": 1732300000000000u64,
+        }));
+    }
+    let (status, page) = get(&executor, &format!("/api/streams/{BTC}/dlq?count=2")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page,
+        json!({"channel": BTC, "dead_letters": expected[..2], "next": dead_ids[1], "total": 3})
+    );
+    let (_, page) = get(
+        &executor,
+        &format!("/api/streams/{BTC}/dlq?count=2&after={}", dead_ids[1]),
+    )
+    .await;
+    assert_eq!(
+        page,
+        json!({"channel": BTC, "dead_letters": expected[2..], "next": null, "total": 3})
+    );
+
+    // Requeue one, then all: new ids, the envelope carries its new id, published, gone
+    // from the dead letters.
+    let mut pubsub = redis::Client::open(redis.url())
+        .expect("client")
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    pubsub
+        .subscribe(format!("md:{BTC}"))
+        .await
+        .expect("SUBSCRIBE");
+    let (status, one) = post(
+        &executor,
+        &format!("/api/streams/{BTC}/dlq/requeue"),
+        json!({"id": dead_ids[0]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["count"], 1, "{one}");
+    assert_eq!(one["requeued"][0]["dead_id"], dead_ids[0]);
+    assert_eq!(one["remaining"], 2);
+    let (status, all) = post(
+        &executor,
+        &format!("/api/streams/{BTC}/dlq/requeue"),
+        json!({"all": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["count"], 2, "{all}");
+    assert_eq!(all["failed"], json!([]));
+    assert_eq!(all["remaining"], 0);
+    let requeued: Vec<(String, String)> = one["requeued"]
+        .as_array()
+        .into_iter()
+        .chain(all["requeued"].as_array())
+        .flatten()
+        .map(|r| {
+            (
+                r["dead_id"].as_str().expect("dead_id").to_string(),
+                r["new_id"].as_str().expect("new_id").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        requeued.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        dead_ids.iter().collect::<Vec<_>>()
+    );
+    let stream_ids: Vec<String> = cmd::<Entries>(&mut c, &["XRANGE", &k, "-", "+"])
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let new_ids: Vec<String> = requeued.iter().map(|r| r.1.clone()).collect();
+    assert_eq!(stream_ids, [ids.clone(), new_ids.clone()].concat());
+    let mut messages = pubsub.on_message();
+    for (i, new_id) in new_ids.iter().enumerate() {
+        let old = envelope(&mut c, BTC, &ids[i]).await;
+        let new = envelope(&mut c, BTC, new_id).await;
+        assert_eq!(
+            new,
+            old.replace(
+                &format!("\"id\":\"{}\"", ids[i]),
+                &format!("\"id\":\"{new_id}\"")
+            ),
+            "the same envelope with its new id"
+        );
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .expect("published in time")
+            .expect("a message");
+        let payload: String = msg.get_payload().expect("payload");
+        assert_eq!(payload, new, "published as appended, in order");
+    }
+    drop(messages);
+    let dead_len: u64 = cmd(&mut c, &["XLEN", &dead(BTC)]).await;
+    assert_eq!(dead_len, 0);
+    let (status, body) = post(
+        &executor,
+        &format!("/api/streams/{BTC}/dlq/requeue"),
+        json!({"id": dead_ids[0]}),
+    )
+    .await;
+    assert_eq!((status, body["error"].is_string()), (404, true), "{body}");
+    let (status, _) = post(
+        &executor,
+        &format!("/api/streams/{BTC}/dlq/requeue"),
+        json!({"id": dead_ids[0], "all": true}),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // The monitor's gauges follow.
+    wait_until(
+        "the stream gauges show the requeued entries",
+        WAIT,
+        || async {
+            let text = metrics(&executor).await;
+            metric_in(
+                &text,
+                &format!("mdbridge_stream_length{{channel=\"{BTC}\"}}"),
+            ) == 8.0
+                && metric_in(
+                    &text,
+                    &format!("mdbridge_stream_dead_letter_length{{channel=\"{BTC}\"}}"),
+                ) == 0.0
+                && text.contains(&format!(
+                    "mdbridge_stream_dead_letter_length{{channel=\"{BTC}\"}} 0"
+                ))
+                && metric_in(
+                    &text,
+                    &format!("mdbridge_stream_pending{{channel=\"{BTC}\",group=\"g1\"}}"),
+                ) == 2.0
+                && metric_in(
+                    &text,
+                    &format!("mdbridge_stream_lag{{channel=\"{BTC}\",group=\"g1\"}}"),
+                ) == 5.0
+                && metric_in(
+                    &text,
+                    &format!("mdbridge_stream_length{{channel=\"{ETH}\"}}"),
+                ) == eth.len() as f64
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_the_own_group_lags_or_holds_pending_entries() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    let ids = append(&mut c, BTC, 5).await;
+    let k = key(BTC);
+    // The executor's own group is its instance name, "test".
+    let _: () = cmd(&mut c, &["XGROUP", "CREATE", &k, "test", "0"]).await;
+    let (h, b) = (free_port(), free_port());
+    let config = executor_config(&redis, h, b, "lag_threshold = 3\npending_threshold = 2");
+    let executor = Proc::role("executor", &config, h, Some(b));
+
+    let health = |want: &'static str, detail: &'static str| {
+        let executor = &executor;
+        async move {
+            wait_until(&format!("/health {want}: {detail}"), WAIT, || async {
+                match reqwest::get(executor.http_url("/health")).await {
+                    Ok(r) if r.status().as_u16() == 200 => {
+                        let text = r.text().await.unwrap_or_default();
+                        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                        v["status"] == want
+                            && v["components"]["streams"]["detail"]
+                                .as_str()
+                                .is_some_and(|d| d == detail)
+                    }
+                    _ => false,
+                }
+            })
+            .await;
+        }
+    };
+    health(
+        "degraded",
+        "stream trade:binance:BTC-USDT (group test): lag 5 > 3",
+    )
+    .await;
+    let _: redis::Value = cmd(
+        &mut c,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "test",
+            "c1",
+            "COUNT",
+            "3",
+            "STREAMS",
+            &k,
+            ">",
+        ],
+    )
+    .await;
+    health(
+        "degraded",
+        "stream trade:binance:BTC-USDT (group test): pending 3 > 2",
+    )
+    .await;
+    let _: u64 = cmd(&mut c, &["XACK", &k, "test", &ids[0], &ids[1], &ids[2]]).await;
+    health("ok", "1 streams watched").await;
+    let text = metrics(&executor).await;
+    assert_eq!(
+        metric_in(
+            &text,
+            &format!("mdbridge_stream_lag{{channel=\"{BTC}\",group=\"test\"}}")
+        ),
+        2.0,
+        "{text}"
+    );
+
+    // A stream that disappears loses its series.
+    let _: u64 = cmd(&mut c, &["DEL", &k]).await;
+    health("ok", "0 streams watched").await;
+    let text = metrics(&executor).await;
+    assert!(!text.contains("mdbridge_stream_length{"), "{text}");
+    assert!(!text.contains("mdbridge_stream_pending{"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_foreign_groups_are_destroyed_and_the_own_group_is_kept() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    append(&mut c, BTC, 3).await;
+    let k = key(BTC);
+    for (group, consumer) in [("test", Some("c1")), ("old", Some("c9")), ("empty", None)] {
+        let _: () = cmd(&mut c, &["XGROUP", "CREATE", &k, group, "0"]).await;
+        if let Some(consumer) = consumer {
+            let _: redis::Value = cmd(
+                &mut c,
+                &[
+                    "XREADGROUP",
+                    "GROUP",
+                    group,
+                    consumer,
+                    "COUNT",
+                    "1",
+                    "STREAMS",
+                    &k,
+                    ">",
+                ],
+            )
+            .await;
+        }
+    }
+    let (h, b) = (free_port(), free_port());
+    let config = executor_config(&redis, h, b, "group_idle_gc_ms = 300");
+    let mut executor = Proc::role("executor", &config, h, Some(b));
+    executor.wait_healthy().await;
+
+    wait_until("the idle foreign groups are destroyed", WAIT, || async {
+        let (status, info) = get(&executor, &format!("/api/streams/{BTC}")).await;
+        status == 200
+            && info["groups"]
+                .as_array()
+                .is_some_and(|g| g.len() == 1 && g[0]["name"] == "test")
+    })
+    .await;
+    assert_eq!(
+        executor
+            .metric("mdbridge_stream_groups_removed_total")
+            .await,
+        2.0
+    );
+    let log = executor.log();
+    assert!(log.contains("destroyed an idle consumer group"), "{log}");
+}
