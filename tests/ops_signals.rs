@@ -74,6 +74,10 @@ fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
 fn check_every_documented_series(role: &str, text: &str) {
     let mut missing = Vec::new();
     for (name, labels, values) in documented_series() {
+        // Per-stream gauges exist once a durable stream does (tests/streams_admin.rs).
+        if mdbridge::metrics::streams::PER_STREAM_SERIES.contains(&name.as_str()) {
+            continue;
+        }
         let found = samples(text, &name);
         if found.is_empty() {
             missing.push(name.clone());
