@@ -470,6 +470,22 @@ async fn health_is_degraded_while_the_own_group_lags_or_holds_pending_entries() 
         "stream trade:binance:BTC-USDT (group test): pending 3 > 2",
     )
     .await;
+    // The status page shows the same figures, and the component as degraded.
+    let (status, snap) = get(&executor, "/api/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        snap["streams"],
+        json!([{"channel": BTC, "length": 5, "dead_letters": 0,
+                "groups": [{"name": "test", "consumers": 1, "pending": 3, "lag": 2}]}])
+    );
+    assert_eq!(snap["components"]["streams"]["degraded"], true, "{snap}");
+    let page = reqwest::get(executor.http_url("/"))
+        .await
+        .expect("GET /")
+        .text()
+        .await
+        .expect("page");
+    assert!(page.contains("Durable streams"));
     let _: u64 = cmd(&mut c, &["XACK", &k, "test", &ids[0], &ids[1], &ids[2]]).await;
     health("ok", "1 streams watched").await;
     let text = metrics(&executor).await;
@@ -537,4 +553,65 @@ async fn idle_foreign_groups_are_destroyed_and_the_own_group_is_kept() {
     );
     let log = executor.log();
     assert!(log.contains("destroyed an idle consumer group"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_endpoints_want_the_admin_token_and_say_503_when_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    append(&mut c, BTC, 1).await;
+    let (h, b) = (free_port(), free_port());
+    let config = executor_config(&redis, h, b, "").replace(
+        &format!("[http]\nlisten = \"127.0.0.1:{h}\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:{h}\"\ntoken = \"s3cret\"\n"),
+    );
+    let executor = Proc::role("executor", &config, h, Some(b));
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: String, token: Option<&'static str>| {
+        let mut req = client
+            .request(method, executor.http_url(&path))
+            .header("content-type", "application/json")
+            .body("{\"all\":true}");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            match req.send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    };
+    wait_until("admin HTTP up", WAIT, || async {
+        send(reqwest::Method::GET, "/api/streams".into(), Some("s3cret")).await == 200
+    })
+    .await;
+    let requeue = format!("/api/streams/{BTC}/dlq/requeue");
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/streams".to_string()),
+        (reqwest::Method::GET, format!("/api/streams/{BTC}")),
+        (reqwest::Method::GET, format!("/api/streams/{BTC}/dlq")),
+        (reqwest::Method::POST, requeue.clone()),
+    ] {
+        assert_eq!(
+            send(method.clone(), path.clone(), None).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            send(method, path.clone(), Some("s3cret")).await,
+            200,
+            "{path}"
+        );
+    }
+    redis.kill();
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            format!("/api/streams/{BTC}"),
+            Some("s3cret")
+        )
+        .await,
+        503
+    );
 }

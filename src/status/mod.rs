@@ -12,7 +12,8 @@
 //! A snapshot is read from the same sources as `/health` and `/metrics`: the health
 //! registry and the Prometheus handle (counters are parsed from its rendering, so the page
 //! can never disagree with what Prometheus scrapes), plus a Redis `PING` round trip for
-//! roles that use Redis. Totals are sent as they are; the page turns two successive
+//! roles that use Redis, and the durable streams as the stream monitor last read them
+//! (`metrics::streams`). Totals are sent as they are; the page turns two successive
 //! snapshots into rates. This module only reads; it never reaches into the roles.
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use crate::bus::redis::target::MasterWatch;
 use crate::bus::redis::Target;
 use crate::health::ComponentHealth;
 use crate::http::AdminState;
+use crate::metrics::streams::StreamFigures;
 
 const PAGE: &str = include_str!("page.html");
 /// One snapshot per this on the stream.
@@ -65,7 +67,12 @@ pub struct StatusSnapshot {
     pub redis: RedisStatus,
     pub bots: BotStatus,
     pub bus: BusStatus,
+    /// Durable streams as the stream monitor last read them (at most [`MAX_STREAMS_SHOWN`]).
+    pub streams: Vec<StreamFigures>,
 }
+
+/// Streams a snapshot carries at most (one is sent every second).
+pub const MAX_STREAMS_SHOWN: usize = 100;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EventCount {
@@ -193,6 +200,11 @@ async fn take(state: &AdminState, probe: &mut RedisProbe) -> StatusSnapshot {
     snap.components = state.health.report();
     snap.redis.used = state.redis.is_some();
     snap.redis.rtt_us = rtt_us;
+    snap.streams = crate::metrics::streams::current()
+        .iter()
+        .take(MAX_STREAMS_SHOWN)
+        .cloned()
+        .collect();
     snap
 }
 
@@ -207,6 +219,7 @@ pub fn from_metrics(text: &str) -> StatusSnapshot {
         redis: RedisStatus::default(),
         bots: BotStatus::default(),
         bus: BusStatus::default(),
+        streams: Vec::new(),
     };
     for sample in text.lines().filter_map(Sample::parse) {
         let v = sample.value.max(0.0) as u64;
