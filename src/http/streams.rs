@@ -12,8 +12,9 @@
 //! `{"error":"…"}`: 400 (bad channel, id, cursor or body), 404 (no such stream or dead
 //! letter; or a role without Redis), 503 (Redis unreachable), 502 (Redis refused). Every
 //! answer is bounded (pages, groups, consumers: see [`stream_admin`]). This module only
-//! translates HTTP; the Redis work is [`stream_admin`]'s. A connection is made per request
-//! (as `/health/redis` does), so with Sentinel it always goes to the current master.
+//! translates HTTP; the Redis work is [`stream_admin`]'s and [`dead_letters`]'. A
+//! connection is made per request (as `/health/redis` does), so with Sentinel it always
+//! goes to the current master.
 
 use std::collections::HashMap;
 
@@ -29,7 +30,8 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::bus::redis::append::AppendScript;
-use crate::bus::redis::stream_admin::{self, AdminError, Which};
+use crate::bus::redis::dead_letters::{self, Which};
+use crate::bus::redis::stream_admin::{self, AdminError};
 use crate::bus::redis::Target;
 use crate::config::Config;
 use crate::durable::{DurablePolicy, StreamCap, StreamId};
@@ -175,7 +177,7 @@ async fn dlq(State(state): State<AdminState>, Path(name): Path<String>, query: P
         Some(a) => Some(a.parse::<StreamId>().map_err(|e| bad(e.to_string()))?),
     };
     let mut conn = admin.conn().await?;
-    let page = stream_admin::dead_letters(&mut conn, &admin.prefix, &channel, after, count).await?;
+    let page = dead_letters::dead_letters(&mut conn, &admin.prefix, &channel, after, count).await?;
     Ok(Json(json!({
         "channel": channel.as_str(),
         "dead_letters": page.dead_letters,
@@ -208,7 +210,7 @@ async fn requeue(State(state): State<AdminState>, Path(name): Path<String>, body
     };
     let cap = admin.policy.cap(&channel).unwrap_or(admin.default_cap);
     let mut conn = admin.conn().await?;
-    let report = stream_admin::requeue(
+    let report = dead_letters::requeue(
         &mut conn,
         &admin.script,
         &admin.prefix,

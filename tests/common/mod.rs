@@ -10,6 +10,7 @@ pub mod book_chain;
 pub mod exchange;
 pub mod redis_extra;
 pub mod sentinel;
+pub mod streams;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

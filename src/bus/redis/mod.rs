@@ -33,6 +33,7 @@ use crate::config::RedisConfig;
 use crate::event::Channel;
 
 pub mod append;
+pub mod dead_letters;
 pub mod error;
 pub mod interest;
 pub mod publisher;
