@@ -14,6 +14,9 @@ async fn health_is_degraded_while_the_own_group_lags_or_holds_pending_entries() 
     let mut c = conn(&redis).await;
     let ids = append(&mut c, BTC, 5).await;
     let k = key(BTC);
+    // A registered channel whose key is not a stream is skipped, not a failed round.
+    let _: () = cmd(&mut c, &["SET", &key(ETH), "not a stream"]).await;
+    let _: u64 = cmd(&mut c, &["SADD", "md:streams", ETH]).await;
     // The executor's own group is its instance name, "test".
     let _: () = cmd(&mut c, &["XGROUP", "CREATE", &k, "test", "0"]).await;
     let (h, b) = (free_port(), free_port());

@@ -94,6 +94,7 @@ pub fn spawn(
         conn: None,
         empty_since: HashMap::new(),
         failures: 0,
+        skipped: 0,
         capped: false,
     };
     tokio::spawn(monitor.run(stop))
@@ -107,6 +108,8 @@ struct Monitor {
     /// Foreign groups seen without consumers, since when (only those of the last round).
     empty_since: HashMap<(String, String), Instant>,
     failures: u64,
+    /// Streams or groups skipped since start (see [`Monitor::tolerate`]).
+    skipped: u64,
     /// Whether the registry held more matching streams than watched (logged once).
     capped: bool,
 }
@@ -129,6 +132,11 @@ impl Monitor {
                 Err(e) => {
                     self.conn = None;
                     self.failures += 1;
+                    // Figures that cannot be read cannot say "degraded" either; the Redis
+                    // components of /health tell about the outage.
+                    if let Some(h) = &self.health {
+                        h.up(Some(format!("streams not read: {e}")));
+                    }
                     if self.failures == 1 || self.failures % WARN_EVERY == 0 {
                         warn!(cause = %e, failures = self.failures, "stream monitor: cannot read the durable streams");
                     }
@@ -162,7 +170,7 @@ impl Monitor {
             .await;
         let mut figures = Vec::with_capacity(read.len());
         for r in read {
-            if let Some(f) = r? {
+            if let Some(Some(f)) = self.tolerate(r)? {
                 figures.push(f);
             }
         }
@@ -246,14 +254,25 @@ impl Monitor {
                     seen_empty.insert(key, since);
                     now.duration_since(since) >= gc
                 } else {
-                    let consumers =
+                    // The group may be gone meanwhile (NOGROUP): skipped, not a failed round.
+                    let consumers = self.tolerate(
                         stream_admin::consumers(conn, &self.settings.prefix, &s.channel, &g.name)
-                            .await?;
-                    !consumers.is_empty() && consumers.iter().all(|c| c.idle_ms >= gc_ms)
+                            .await,
+                    )?;
+                    consumers.is_some_and(|c| !c.is_empty() && c.iter().all(|c| c.idle_ms >= gc_ms))
                 };
                 if idle
-                    && stream_admin::destroy_group(conn, &self.settings.prefix, &s.channel, &g.name)
-                        .await?
+                    && self
+                        .tolerate(
+                            stream_admin::destroy_group(
+                                conn,
+                                &self.settings.prefix,
+                                &s.channel,
+                                &g.name,
+                            )
+                            .await,
+                        )?
+                        .unwrap_or(false)
                 {
                     info!(channel = %s.channel, group = %g.name, idle_ms = gc_ms, "stream monitor: destroyed an idle consumer group");
                     crate::metrics::stream_group_removed();
@@ -269,6 +288,22 @@ impl Monitor {
         });
         self.empty_since = seen_empty;
         Ok(())
+    }
+
+    /// A failure of one stream or group (a key of another type, a group destroyed
+    /// meanwhile, an ACL refusal) skips it; only an unreachable Redis fails the round.
+    fn tolerate<T>(&mut self, r: Result<T, AdminError>) -> Result<Option<T>, AdminError> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e @ AdminError::Unavailable(_)) => Err(e),
+            Err(e) => {
+                self.skipped += 1;
+                if self.skipped == 1 || self.skipped % WARN_EVERY == 0 {
+                    warn!(cause = %e, skipped = self.skipped, "stream monitor: a stream or group could not be read; skipped");
+                }
+                Ok(None)
+            }
+        }
     }
 
     fn report_health(&self, figures: &[StreamFigures]) {
