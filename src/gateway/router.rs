@@ -64,7 +64,7 @@ use crate::event::{Channel, Event, EventType, Exchange, Pattern, StatusState};
 use book_cache::{BookCache, Next};
 use bus_state::next_bus_state;
 pub use replay::Replayed;
-use replay::Replays;
+use replay::{fan_out_except, Replays};
 use store_reads::Fetch;
 pub use store_reads::Fetched;
 
@@ -727,21 +727,6 @@ fn status_text(exchange: Exchange, state: StatusState, detail: String) -> (Utf8B
 
 fn fan_out(subscribers: &[Arc<ClientQueue>], text: &Utf8Bytes, ts_recv: u64) {
     for q in subscribers {
-        q.push_market(text.clone(), ts_recv, None);
-    }
-}
-
-/// [`fan_out`] but for the clients in `skip` (usually empty).
-fn fan_out_except(
-    subscribers: &[Arc<ClientQueue>],
-    skip: &[ClientId],
-    text: &Utf8Bytes,
-    ts_recv: u64,
-) {
-    if skip.is_empty() {
-        return fan_out(subscribers, text, ts_recv);
-    }
-    for q in subscribers.iter().filter(|q| !skip.contains(&q.id())) {
         q.push_market(text.clone(), ts_recv, None);
     }
 }

@@ -9,13 +9,20 @@
 //!   channel (from the stream consumer, `id: Some`, in id order) are not fanned out to this
 //!   client but buffered, at most [`BUFFER_MAX`]; on overflow the buffer is dropped and the
 //!   replay simply reads further pages (the dropped messages are in the stream).
-//! - The **switch** happens once a page reaches the first buffered id, or the stream's end
-//!   (a short page, read after the last overflow): the buffered messages after the cursor
+//! - The **switch** happens once a page reaches the first buffered id, or — with nothing
+//!   buffered — the stream's end (a short page): the buffered messages after the cursor
 //!   are delivered, then `{"type":"recovered","channel":…,"count":N}`, N counting every
 //!   event delivered between `subscribed` and `recovered`.
 //! - **Done**: live messages with an id at or below the last one delivered are duplicates
 //!   of the replay (a stream consumer behind the replay): skipped for this client until the
 //!   first newer one, then the entry is forgotten and the client is an ordinary subscriber.
+//!   After a switch with nothing buffered, that first newer live message is held and the
+//!   stream read up to it first: the live source may have started after the last page was
+//!   read (a subscription taking effect), and what it never delivered is in the stream.
+//!
+//! What this relies on, and nothing more: an entry is in the stream before it is
+//! delivered live, and once the live source delivers a channel it does so in id order
+//! without holes (trim gaps are announced separately, as `gap`).
 //!
 //! Truncation: when entries after `since` were deleted (`max-deleted-entry-id` past it, or
 //! no stream at all for a `since` above `0-0`), or more than `[durable] max_replay` entries
@@ -32,18 +39,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{push_reply, ClientEntry, Command, Router};
-use crate::bus::{BusError, SnapshotStore, StreamBounds, StreamPage, StreamStore};
+use crate::bus::StreamStore;
 use crate::durable::{DurablePolicy, StreamId};
 use crate::envelope::BusMessage;
 use crate::event::{Channel, EventType};
 use crate::gateway::client::{ClientId, ClientQueue};
 use crate::gateway::protocol::{ErrorCode, Reply, ReqId, Since};
+pub(super) use reads::durable_latest;
+pub use reads::Replayed;
+use reads::{spawn_read, start};
 
 /// Live messages buffered per replaying (client, channel) before the buffer is dropped
 /// in favour of further stream pages.
@@ -52,24 +62,6 @@ pub(super) const BUFFER_MAX: usize = 10_000;
 pub(super) const PAGE_MAX: usize = 512;
 /// What a page aims at, in bytes (pages shrink when entries are large).
 pub(super) const PAGE_BYTES: usize = 1 << 20;
-/// One stream read that does not answer within this fails the replay.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a paused replay looks at its client's queue again.
-const PACE_EVERY: Duration = Duration::from_millis(10);
-
-/// What a replay read brought back (errors as text: they go to the bot and the log).
-pub enum Replayed {
-    /// The first read: the truncation verdict and the first page.
-    Start {
-        truncated: Option<String>,
-        page: Option<StreamPage>,
-        /// The newest id the stream ever had (`MIN`: no stream): a `since` past it is
-        /// brought back to it, so live events after it are not taken for duplicates.
-        last: StreamId,
-    },
-    Page(StreamPage),
-    Failed(String),
-}
 
 /// The durable replay side of the router.
 pub(super) struct Replays {
@@ -80,6 +72,8 @@ pub(super) struct Replays {
     pub(super) buffer_max: usize,
     /// Per channel, the clients replaying it or just switched (Done).
     active: HashMap<Channel, Vec<Replay>>,
+    /// Where read answers go (the router's command input).
+    commands: Option<mpsc::Sender<Command>>,
     /// Per book channel, the clients that asked `since` and wait for a live book.
     books: HashMap<Channel, Vec<Arc<ClientQueue>>>,
     next_fetch: u64,
@@ -94,6 +88,12 @@ struct Replay {
     read_to: Option<StreamId>,
     count: u64,
     truncated: bool,
+    /// Switched with no live message seen: the live source may have started after the
+    /// last page was read (a subscription taking effect), so the first live message is
+    /// checked against the stream before it is delivered.
+    verify: bool,
+    /// Reading for that check: its switch sends no second `recovered`.
+    verifying: bool,
     /// `None`: switched (Done).
     fetching: Option<Fetching>,
 }
@@ -101,8 +101,6 @@ struct Replay {
 struct Fetching {
     id: u64,
     task: AbortHandle,
-    /// The buffer overflowed after this read was asked for: a short page proves nothing.
-    stale: bool,
     /// Entries the read asks for.
     asked: usize,
     /// Live messages held back, in id order.
@@ -126,6 +124,7 @@ impl Replays {
             page_max: PAGE_MAX,
             buffer_max: BUFFER_MAX,
             active: HashMap::new(),
+            commands: None,
             books: HashMap::new(),
             next_fetch: 0,
         }
@@ -136,7 +135,9 @@ impl Replays {
         streams: Arc<dyn StreamStore>,
         policy: DurablePolicy,
         max_replay: usize,
+        commands: mpsc::Sender<Command>,
     ) {
+        self.commands = Some(commands);
         self.streams = Some(streams);
         self.policy = policy;
         self.max_replay = max_replay as u64;
@@ -177,7 +178,10 @@ impl Replays {
             return Vec::new();
         };
         let buffer_max = self.buffer_max;
+        let page_max = self.page_max;
         let mut skip = Vec::with_capacity(replays.len());
+        let (streams, commands) = (&self.streams, &self.commands);
+        let next_fetch = &mut self.next_fetch;
         replays.retain_mut(|r| {
             let Some(id) = msg.id else {
                 // Durable channels come from the stream consumer with ids; a message
@@ -193,12 +197,41 @@ impl Replays {
                     if f.buffer.len() >= buffer_max {
                         // The stream holds them: read further pages instead.
                         f.buffer.clear();
-                        f.stale = true;
                     }
                     f.buffer.push_back((id, text.clone(), msg.ts_recv));
                     true
                 }
                 None if id <= r.cursor => {
+                    skip.push(r.queue.id());
+                    true
+                }
+                None if r.verify => {
+                    // Anything between the cursor and this first live message? Read the
+                    // stream up to it first (it waits in the buffer).
+                    r.verify = false;
+                    let (Some(streams), Some(commands), Some(from)) =
+                        (streams.clone(), commands, r.cursor.next())
+                    else {
+                        return false;
+                    };
+                    *next_fetch += 1;
+                    let asked = page_max.min(r.queue.capacity() / 2).max(1);
+                    let task = spawn_read(commands, &r.queue, &msg.channel, *next_fetch, {
+                        move |channel: Channel| async move {
+                            match streams.range(&channel, from, asked).await {
+                                Ok(page) => Replayed::Page(page),
+                                Err(e) => Replayed::Failed(e.to_string()),
+                            }
+                        }
+                    });
+                    r.verifying = true;
+                    r.fetching = Some(Fetching {
+                        id: *next_fetch,
+                        task,
+                        asked,
+                        buffer: VecDeque::from([(id, text.clone(), msg.ts_recv)]),
+                        largest: 0,
+                    });
                     skip.push(r.queue.id());
                     true
                 }
@@ -272,7 +305,8 @@ impl Router {
         policy: DurablePolicy,
         max_replay: usize,
     ) -> Router {
-        self.replay.configure(streams, policy, max_replay);
+        let commands = self.commands.clone();
+        self.replay.configure(streams, policy, max_replay, commands);
         self
     }
 
@@ -307,8 +341,11 @@ impl Router {
         let id = self.next_replay_fetch();
         let max = self.replay.max_replay;
         let asked = self.page_for(queue, 0);
+        let Some(commands) = self.replay.commands.clone() else {
+            return;
+        };
         let task = spawn_read(
-            self,
+            &commands,
             queue,
             channel,
             id,
@@ -327,10 +364,11 @@ impl Router {
                 read_to: None,
                 count: 0,
                 truncated: false,
+                verify: false,
+                verifying: false,
                 fetching: Some(Fetching {
                     id,
                     task,
-                    stale: false,
                     asked,
                     buffer: VecDeque::new(),
                     largest: 0,
@@ -387,7 +425,10 @@ impl Router {
                         req: r.req.clone(),
                     },
                 );
-                crate::metrics::stream_replay("failed");
+                if !r.verifying {
+                    crate::metrics::stream_replay("failed");
+                }
+                r.verifying = false;
                 switch(r, &channel, false);
                 return;
             }
@@ -395,7 +436,8 @@ impl Router {
         let Some(f) = r.fetching.as_mut() else {
             return;
         };
-        let mut covered = true;
+        // No page: nothing after the cursor when the stream was looked at.
+        let mut read = 0;
         if let Some(page) = page {
             let mut delivered = 0u64;
             for msg in page.messages {
@@ -415,25 +457,30 @@ impl Router {
                 r.read_to = Some(r.read_to.map_or(last, |t| t.max(last)));
             }
             f.largest = f.largest.max(page.largest);
-            let short = page.read < f.asked && !f.stale;
-            let reached = match (f.buffer.front(), r.read_to) {
-                (Some((first, _, _)), Some(read_to)) => read_to >= *first,
-                _ => false,
-            };
-            covered = short || reached;
+            read = page.read;
         }
-        if covered {
-            let outcome = if r.truncated {
-                "truncated"
-            } else {
-                "recovered"
-            };
-            crate::metrics::stream_replay(outcome);
-            switch(r, &channel, true);
-            return;
-        }
-        let Some(from) = r.read_to.unwrap_or(r.cursor).next() else {
-            switch(r, &channel, true);
+        // With live messages held, the pages must reach the first of them (the live
+        // source may have started late, after the stream's end was read); without, the
+        // stream's end will do, and the first live message is checked later.
+        let from = r.read_to.unwrap_or(r.cursor).next();
+        let covered = match (f.buffer.front(), r.read_to) {
+            (Some((first, _, _)), Some(read_to)) => read_to >= *first,
+            (Some(_), None) => false,
+            (None, _) => read < f.asked,
+        };
+        let Some(from) = from.filter(|_| !covered) else {
+            if !r.verifying {
+                let outcome = if r.truncated {
+                    "truncated"
+                } else {
+                    "recovered"
+                };
+                crate::metrics::stream_replay(outcome);
+            }
+            let first = !r.verifying;
+            r.verify = first && f.buffer.is_empty();
+            r.verifying = false;
+            switch(r, &channel, first);
             return;
         };
         let largest = f.largest;
@@ -443,8 +490,11 @@ impl Router {
         };
         let asked = self.page_for(&queue, largest);
         let id = self.next_replay_fetch();
+        let Some(commands) = self.replay.commands.clone() else {
+            return;
+        };
         let task = spawn_read(
-            self,
+            &commands,
             &queue,
             &channel,
             id,
@@ -465,7 +515,6 @@ impl Router {
             // Replacing the handle of the finished read: aborting it is a no-op.
             f.id = id;
             f.task = task;
-            f.stale = false;
             f.asked = asked;
         }
     }
@@ -517,6 +566,20 @@ fn switch(r: &mut Replay, channel: &Channel, ok: bool) {
     }
 }
 
+/// [`super::fan_out`] but for the clients in `skip` (those replaying: usually none).
+pub(super) fn fan_out_except(
+    subscribers: &[Arc<ClientQueue>],
+    skip: &[ClientId],
+    text: &Utf8Bytes,
+    ts_recv: u64,
+) {
+    for q in subscribers {
+        if skip.is_empty() || !skip.contains(&q.id()) {
+            q.push_market(text.clone(), ts_recv, None);
+        }
+    }
+}
+
 fn recovered(queue: &ClientQueue, channel: &Channel, count: u64) {
     push_reply(
         queue,
@@ -527,146 +590,6 @@ fn recovered(queue: &ClientQueue, channel: &Channel, count: u64) {
     );
 }
 
-/// Spawns one replay read: it waits until `queue` is at most half full (backpressure),
-/// runs `read` bounded by [`READ_TIMEOUT`] and sends the answer as [`Command::Replayed`].
-fn spawn_read<F>(
-    router: &Router,
-    queue: &Arc<ClientQueue>,
-    channel: &Channel,
-    fetch: u64,
-    read: impl FnOnce(Channel) -> F + Send + 'static,
-) -> AbortHandle
-where
-    F: std::future::Future<Output = Replayed> + Send,
-{
-    let commands = router.commands.clone();
-    let queue = queue.clone();
-    let channel = channel.clone();
-    let task = tokio::spawn(async move {
-        while queue.market_len() > queue.capacity() / 2 {
-            if queue.is_closing() {
-                return;
-            }
-            tokio::time::sleep(PACE_EVERY).await;
-        }
-        let client = queue.id();
-        drop(queue);
-        let result = match tokio::time::timeout(READ_TIMEOUT, read(channel.clone())).await {
-            Ok(r) => r,
-            Err(_) => Replayed::Failed(format!("no answer within {} s", READ_TIMEOUT.as_secs())),
-        };
-        // The router is gone only during shutdown; nobody needs the answer then.
-        let _ = commands
-            .send(Command::Replayed {
-                client,
-                channel,
-                fetch,
-                result,
-            })
-            .await;
-    });
-    task.abort_handle()
-}
-
-/// The first read of a replay: bounds, the truncation verdict, where to start, and the
-/// first page.
-async fn start(
-    streams: &dyn StreamStore,
-    channel: &Channel,
-    since: StreamId,
-    max_replay: u64,
-    asked: usize,
-) -> Replayed {
-    match start_inner(streams, channel, since, max_replay, asked).await {
-        Ok(r) => r,
-        Err(e) => Replayed::Failed(e.to_string()),
-    }
-}
-
-async fn start_inner(
-    streams: &dyn StreamStore,
-    channel: &Channel,
-    since: StreamId,
-    max_replay: u64,
-    asked: usize,
-) -> Result<Replayed, BusError> {
-    let Some(bounds) = streams.bounds(channel).await? else {
-        // No stream: nothing to replay; lost history unless the bot had nothing yet.
-        let truncated = (since > StreamId::MIN).then(|| {
-            format!("no stream holds {channel} any more: entries after {since} may be lost")
-        });
-        return Ok(Replayed::Start {
-            truncated,
-            page: None,
-            last: StreamId::MIN,
-        });
-    };
-    let mut truncated =
-        lost_after(&bounds, since).then(|| {
-            format!(
-            "entries after {since} were trimmed from the stream; replaying what it still holds{}",
-            bounds.first.map(|f| format!(" (from {f})")).unwrap_or_default()
-        )
-        });
-    let Some(mut from) = since.next().filter(|_| since < bounds.last) else {
-        return Ok(Replayed::Start {
-            truncated,
-            page: None,
-            last: bounds.last,
-        });
-    };
-    if bounds.len > max_replay {
-        // More entries than the budget may follow `since`: start at the newest ones.
-        let (walked, oldest) = streams
-            .count_back(channel, since, max_replay.saturating_add(1))
-            .await?;
-        if walked > max_replay {
-            if let Some(next) = oldest.and_then(StreamId::next) {
-                from = next;
-                truncated = Some(format!(
-                    "more than {max_replay} entries follow {since} (durable.max_replay): replaying the newest {max_replay}"
-                ));
-            }
-        }
-    }
-    let page = streams.range(channel, from, asked).await?;
-    Ok(Replayed::Start {
-        truncated,
-        page: Some(page),
-        last: bounds.last,
-    })
-}
-
-/// Whether entries after `since` may have been deleted: an `XDEL` past it, or `since`
-/// older than the oldest entry held while the stream has lost entries. Redis does not
-/// record which ids trimming removed, so a `since` just before the oldest held entry counts
-/// too (the replay then still delivers everything held: nothing is lost by the caution).
-fn lost_after(bounds: &StreamBounds, since: StreamId) -> bool {
-    if bounds.added == Some(bounds.len) {
-        // Nothing was ever trimmed or deleted.
-        return false;
-    }
-    if bounds.max_deleted.is_some_and(|d| d > since) {
-        return true;
-    }
-    match bounds.first {
-        Some(first) => since < first,
-        None => since < bounds.last,
-    }
-}
-
-/// A durable channel's latest value: the stream's newest entry (it carries its id), else
-/// the `last:` key.
-pub(super) async fn durable_latest(
-    streams: Arc<dyn StreamStore>,
-    store: Arc<dyn SnapshotStore>,
-    channel: Channel,
-) -> Result<Option<BusMessage>, BusError> {
-    match streams.newest(&channel).await? {
-        Some(msg) => Ok(Some(msg)),
-        None => store.latest(&channel).await,
-    }
-}
-
+mod reads;
 #[cfg(test)]
 mod tests;

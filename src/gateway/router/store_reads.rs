@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{book_cache, fan_out_except, replay, Cache, ChannelState, Command, Next, Router};
+use super::{book_cache, replay, Cache, ChannelState, Command, Next, Router};
 use crate::bus::StoredBook;
 use crate::envelope::BusMessage;
 use crate::event::Channel;
+use replay::fan_out_except;
 
 /// A store that does not answer within this is treated as failed (and read again later).
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);

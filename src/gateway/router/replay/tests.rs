@@ -249,6 +249,36 @@ async fn since_with_the_consumer_ahead_and_an_overflowing_buffer_has_no_gap_or_d
 }
 
 #[tokio::test]
+async fn a_live_source_that_starts_after_the_switch_leaves_no_gap() {
+    let mut h = harness(None, &["trade:*:*"], 1_000).await;
+    let mut all = h.append_trades(1, 3, 1_000).await;
+    let bot = h.client(1);
+    h.subscribe(1, BTC, Some(all[0].id.unwrap()), 1);
+    h.answer().await; // 2 3, the end: recovered with no live message seen yet
+                      // Appended while the live source was not delivering yet (a subscription taking
+                      // effect): only 6 comes live.
+    all.extend(h.append_trades(4, 6, 1_000).await);
+    h.router.on_message(all[5].clone(), false);
+    h.answer().await; // 4 5 6 from the stream
+    all.extend(h.append_trades(7, 7, 1_000).await);
+    h.router.on_message(all[6].clone(), false);
+    assert_eq!(
+        frames(&bot, &ids(&all)),
+        strs(&[
+            "subscribed",
+            "t2@1",
+            "t3@2",
+            "recovered:2",
+            "t4@3",
+            "t5@4",
+            "t6@5",
+            "t7@6"
+        ])
+    );
+    assert!(h.router.replay.active.is_empty());
+}
+
+#[tokio::test]
 async fn since_past_the_end_recovers_nothing_and_live_follows() {
     let mut h = harness(None, &["trade:*:*"], 1_000).await;
     let mut all = h.append_trades(1, 3, 1_000).await;
@@ -257,7 +287,8 @@ async fn since_past_the_end_recovers_nothing_and_live_follows() {
     h.answer().await;
     all.extend(h.append_trades(4, 4, 1_000).await);
     h.router.on_message(all[3].clone(), false);
-    // A `since` past the stream's last id counts from that id: the next event is live.
+    h.answer().await; // the first live message is checked against the stream
+                      // A `since` past the stream's last id counts from that id: the next event is live.
     assert_eq!(
         frames(&bot, &ids(&all)),
         strs(&["subscribed", "recovered:0", "t4@3"])
@@ -271,6 +302,7 @@ async fn since_past_the_end_recovers_nothing_and_live_follows() {
     for m in &more {
         h.router.on_message(m.clone(), false);
     }
+    h.answer().await;
     let ids: Vec<StreamId> = ids(&all).into_iter().chain(ids(&more)).collect();
     assert_eq!(
         frames(&bot, &ids),
@@ -289,6 +321,7 @@ async fn since_older_than_the_stream_is_truncated_then_what_is_held_then_live() 
     h.answer().await;
     all.extend(h.append_trades(7, 7, 4).await);
     h.router.on_message(all[6].clone(), false);
+    h.answer().await;
     let mut out = Vec::new();
     bot.take_batch(&mut out, 2);
     let Outbound::Control(err) = &out[1] else {
