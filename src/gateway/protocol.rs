@@ -7,7 +7,10 @@
 //!
 //! Client → server: `{"op":"subscribe","channels":[..],"since":{..}?,"req":..?}`,
 //! `{"op":"unsubscribe","channels":[..],"req":..?}`, `{"op":"ping","req":..?}`.
-//! Server → client: `subscribed`, `unsubscribed`, `pong`, `error` (see [`Reply`]).
+//! Server → client: `subscribed`, `unsubscribed`, `pong`, `error` (with `channel` for
+//! `history_truncated` / `replay_failed`), `recovered` (see [`Reply`]). `since` is checked
+//! here for shape (exact channels of the request, stream ids); whether each channel is
+//! durable is the router's check.
 
 use serde::Serialize;
 use serde_json::{Map, Value};

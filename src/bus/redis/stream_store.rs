@@ -35,9 +35,10 @@ if n == 0 then return {0, ''} end
 return {n, r[n][1]}
 "#;
 
-/// Entries one `count_back` call walks at most: keeps each script call short (Redis is
-/// single-threaded) while a 100 000-entry walk stays a handful of round trips.
-const COUNT_BACK_CHUNK: u64 = 10_000;
+/// Entries one `count_back` call walks at most: the script holds them in Lua memory for
+/// the call and Redis is single-threaded, so each call stays small and short (a
+/// 100 000-entry walk is 100 round trips of about a millisecond).
+const COUNT_BACK_CHUNK: u64 = 1_000;
 
 /// One `XRANGE` entry: its id and its field/value pairs.
 type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);

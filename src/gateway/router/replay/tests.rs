@@ -35,7 +35,7 @@ fn policy(patterns: &[&str]) -> DurablePolicy {
 struct Harness {
     router: Router,
     commands: mpsc::Receiver<Command>,
-    _server: RedisTestServer,
+    server: RedisTestServer,
     conn: MultiplexedConnection,
 }
 
@@ -64,7 +64,7 @@ async fn harness(
         router,
         commands,
         conn: admin(&url).await,
-        _server: server,
+        server,
     }
 }
 
@@ -413,6 +413,29 @@ async fn a_client_leaving_mid_replay_cancels_it() {
     h.router.on_command(Command::Disconnect { id: 1 });
     assert!(h.router.replay.active.is_empty());
     assert_eq!(h.router.channel_count(), 0);
+}
+
+#[tokio::test]
+async fn an_unreadable_stream_is_replay_failed_then_live() {
+    let mut h = harness(None, &["trade:*:*"], 1_000).await;
+    let all = h.append_trades(1, 3, 1_000).await;
+    let bot = h.client(1);
+    h.server.kill();
+    h.subscribe(1, BTC, Some(all[0].id.unwrap()), 6);
+    h.answer().await;
+    // The live source goes on (here: fed directly).
+    h.router.on_message(all[2].clone(), false);
+    let mut out = Vec::new();
+    bot.take_batch(&mut out, 2);
+    let Outbound::Control(err) = &out[1] else {
+        panic!("{out:?}")
+    };
+    let err: Value = serde_json::from_str(err.as_str()).unwrap();
+    assert_eq!(
+        (&err["code"], &err["channel"], &err["req"]),
+        (&json!("replay_failed"), &json!(BTC), &json!(6))
+    );
+    assert_eq!(frames(&bot, &ids(&all)), strs(&["t3@2"]), "no recovered");
 }
 
 fn ticker(bid: &str) -> BusMessage {
