@@ -153,16 +153,21 @@ pub async fn run(
             bus_state_tx,
             stops.gateway.clone(),
         ));
-        let store = RedisStore::connect(&config.redis).await?;
-        let store: Arc<dyn SnapshotStore> = Arc::new(store);
+        let store = Arc::new(RedisStore::connect(&config.redis).await?);
+        let snapshots: Arc<dyn SnapshotStore> = store.clone();
         let gateway = Gateway::new(
             config.bots.clone(),
             rx,
             interest_tx,
-            Some(store),
+            Some(snapshots),
             health.register("bot_server"),
         )
-        .with_bus_state(bus_state_rx);
+        .with_bus_state(bus_state_rx)
+        .with_streams(
+            store,
+            crate::durable::DurablePolicy::from_config(&config.durable),
+            config.durable.max_replay,
+        );
         let gateway = if role == Role::Hybrid {
             let (local_tx, local_rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
             local_delivery = Some(local_tx);

@@ -145,6 +145,10 @@ pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
 pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 pub const ROUTER_WILDCARD_OVERFLOW: &str = "mdbridge_router_wildcard_overflow_total";
 pub const STREAM_GROUPS_REMOVED: &str = "mdbridge_stream_groups_removed_total";
+pub const STREAM_REPLAYED: &str = "mdbridge_stream_replayed_total";
+pub const STREAM_REPLAYS: &str = "mdbridge_stream_replays_total";
+/// Every `outcome` label of [`STREAM_REPLAYS`].
+pub const STREAM_REPLAY_OUTCOMES: [&str; 3] = ["recovered", "truncated", "failed"];
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -341,6 +345,14 @@ fn describe() {
         STREAM_GROUPS_REMOVED,
         "Consumer groups of durable streams destroyed because none of their consumers was seen for durable.group_idle_gc_ms."
     );
+    describe_counter!(
+        STREAM_REPLAYED,
+        "Stream entries replayed to bots that subscribed with `since`."
+    );
+    describe_counter!(
+        STREAM_REPLAYS,
+        "`since` replays finished, by outcome: recovered, truncated (history_truncated, then what the stream held), failed (replay_failed)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -439,6 +451,10 @@ pub fn init() {
     counter!(BUS_DOWN_NOTICES).increment(0);
     counter!(ROUTER_WILDCARD_OVERFLOW).increment(0);
     counter!(STREAM_GROUPS_REMOVED).increment(0);
+    counter!(STREAM_REPLAYED).increment(0);
+    for outcome in STREAM_REPLAY_OUTCOMES {
+        counter!(STREAM_REPLAYS, "outcome" => outcome).increment(0);
+    }
 }
 
 /// What `/metrics` serves: the recorder's series, then the per-stream gauges
@@ -594,4 +610,11 @@ pub fn bus_down_notice() {
 }
 pub fn stream_group_removed() {
     counter!(STREAM_GROUPS_REMOVED).increment(1);
+}
+pub fn stream_replayed(n: u64) {
+    counter!(STREAM_REPLAYED).increment(n);
+}
+/// `outcome` is one of [`STREAM_REPLAY_OUTCOMES`].
+pub fn stream_replay(outcome: &'static str) {
+    counter!(STREAM_REPLAYS, "outcome" => outcome).increment(1);
 }

@@ -269,20 +269,31 @@ async fn bad_requests_get_their_code_and_the_connection_survives() {
         assert_eq!(next_json(&mut bot).await, json!({"type":"pong","req":0}));
     }
 
-    // `since` is refused as not supported, but the subscription happens.
+    // `since` on a channel that is not durable refuses the whole request.
     send(
         &mut bot,
         json!({"op":"subscribe","channels":["status:binance"],"since":{"status:binance":"1-0"},"req":8}),
     )
     .await;
-    assert_eq!(
-        next_json(&mut bot).await,
-        json!({"type":"subscribed","channels":["status:binance"],"req":8})
-    );
     let err = next_json(&mut bot).await;
     assert_eq!(
         (err["code"].clone(), err["req"].clone()),
-        (json!("not_supported"), json!(8))
+        (json!("bad_request"), json!(8))
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not durable")),
+        "{err}"
+    );
+    send(
+        &mut bot,
+        json!({"op":"subscribe","channels":["status:binance"],"req":9}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut bot).await,
+        json!({"type":"subscribed","channels":["status:binance"],"req":9})
     );
     let mut h = h;
     let end = h.publish(status()).await;

@@ -14,6 +14,8 @@
 //!   channel (`{p}last:` / `{p}snapshot:` keys) when a bot subscribes; for books also the
 //!   short log of book messages published since that snapshot (`{p}booklog:`), read in
 //!   the same atomic step, so the gateway can catch up to the live chain exactly.
+//! - [`StreamStore`] lets the gateway read a durable channel's stream (`{p}stream:`):
+//!   its bounds and pages of entries, for a bot's `since` replay, and its newest entry.
 //! - [`BusState`]: whether the receiving side currently has the bus (the Redis subscriber
 //!   sets it, the gateway tells bots).
 //!
@@ -26,6 +28,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::durable::StreamId;
 use crate::envelope::BusMessage;
 use crate::event::{now_micros, Channel, Event, Pattern};
 
@@ -110,6 +113,69 @@ pub trait SnapshotStore: Send + Sync + 'static {
             }))
         })
     }
+}
+
+/// What a durable channel's stream holds now (`XINFO STREAM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamBounds {
+    /// Entries held.
+    pub len: u64,
+    /// The oldest entry held (`None`: empty).
+    pub first: Option<StreamId>,
+    /// The newest id ever added (`last-generated-id`; also with the entry deleted since).
+    pub last: StreamId,
+    /// The newest id ever deleted by `XDEL` (Redis 7 does not move it when trimming):
+    /// an entry after a bot's `since` was lost when this is past it. `None`: the server
+    /// does not say (Redis < 7).
+    pub max_deleted: Option<StreamId>,
+    /// Entries ever added (`entries-added`, Redis 7): equal to `len` when nothing was ever
+    /// trimmed or deleted.
+    pub added: Option<u64>,
+}
+
+/// Entries read from a stream, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct StreamPage {
+    /// The valid entries, decoded, each with its `id`.
+    pub messages: Vec<BusMessage>,
+    /// Entries read, valid or not: fewer than asked means the end of the stream.
+    pub read: usize,
+    /// The id of the last entry read (valid or not): the next page starts after it.
+    pub last: Option<StreamId>,
+    /// Entries refused (not an envelope of the channel, bad signature, id mismatch).
+    pub skipped: usize,
+    /// The largest entry read, in bytes (to size the next page).
+    pub largest: usize,
+}
+
+/// Boxed future of a [`StreamStore`] read.
+pub type StreamFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BusError>> + Send + 'a>>;
+
+/// Reads durable channels' streams (object safe, so the gateway can hold a `dyn`).
+pub trait StreamStore: Send + Sync + 'static {
+    /// The stream's bounds; `None` when there is no stream.
+    fn bounds(&self, channel: &Channel) -> StreamFuture<'_, Option<StreamBounds>>;
+
+    /// At most `count` entries with ids from `from` (inclusive), oldest first.
+    fn range(
+        &self,
+        channel: &Channel,
+        from: StreamId,
+        count: usize,
+    ) -> StreamFuture<'_, StreamPage>;
+
+    /// Walks back from the newest entry over the entries with ids after `after`, at most
+    /// `max` of them: how many it walked and the oldest id it reached (no entry is
+    /// transferred).
+    fn count_back(
+        &self,
+        channel: &Channel,
+        after: StreamId,
+        max: u64,
+    ) -> StreamFuture<'_, (u64, Option<StreamId>)>;
+
+    /// The newest valid entry (a durable ticker's latest value, with its id).
+    fn newest(&self, channel: &Channel) -> StoreFuture<'_>;
 }
 
 /// Whether the receiving side of the bus is connected: the Redis subscriber sets it, the

@@ -215,6 +215,16 @@ impl ClientQueue {
         &self.kill
     }
 
+    /// Market frames queued now (a `since` replay reads its next page only below half).
+    pub fn market_len(&self) -> usize {
+        self.lock().market
+    }
+
+    /// `queue_size`: market frames held at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn is_closing(&self) -> bool {
         self.lock().closing.is_some()
     }

@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{BusState, Interest, SnapshotStore};
+use crate::bus::{BusState, Interest, SnapshotStore, StreamStore};
 use crate::config::BotsConfig;
+use crate::durable::DurablePolicy;
 use crate::envelope::BusMessage;
 use crate::health::HealthHandle;
 
@@ -100,6 +101,8 @@ pub struct Gateway {
     health: HealthHandle,
     stats: Arc<StatsInner>,
     bus_state: Option<watch::Receiver<BusState>>,
+    /// Durable channels' streams, which are durable, and `max_replay` (`since`).
+    streams: Option<(Arc<dyn StreamStore>, DurablePolicy, usize)>,
 }
 
 impl Gateway {
@@ -122,7 +125,21 @@ impl Gateway {
             health,
             stats: Arc::new(StatsInner::default()),
             bus_state: None,
+            streams: None,
         }
+    }
+
+    /// Durable channels (executor, hybrid): `since` replays read `streams` for the channels
+    /// `policy` names, at most `max_replay` entries each; their latest values come from
+    /// the streams too (with ids).
+    pub fn with_streams(
+        mut self,
+        streams: Arc<dyn StreamStore>,
+        policy: DurablePolicy,
+        max_replay: usize,
+    ) -> Gateway {
+        self.streams = Some((streams, policy, max_replay));
+        self
     }
 
     /// The bus state to follow (executor, hybrid): bots are told when it goes down or
@@ -161,6 +178,7 @@ impl Gateway {
             health,
             stats,
             bus_state,
+            streams,
         } = self;
         // Everything that can fail at start comes before the router and the listener.
         let tls = match listener::tls_acceptor(&config) {
@@ -183,6 +201,10 @@ impl Gateway {
         );
         let router = match bus_state {
             Some(state) => router.with_bus_state(state),
+            None => router,
+        };
+        let router = match streams {
+            Some((streams, policy, max_replay)) => router.with_streams(streams, policy, max_replay),
             None => router,
         };
         let router_stop = CancellationToken::new();

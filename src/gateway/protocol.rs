@@ -7,12 +7,16 @@
 //!
 //! Client → server: `{"op":"subscribe","channels":[..],"since":{..}?,"req":..?}`,
 //! `{"op":"unsubscribe","channels":[..],"req":..?}`, `{"op":"ping","req":..?}`.
-//! Server → client: `subscribed`, `unsubscribed`, `pong`, `error` (see [`Reply`]).
+//! Server → client: `subscribed`, `unsubscribed`, `pong`, `error` (with `channel` for
+//! `history_truncated` / `replay_failed`), `recovered` (see [`Reply`]). `since` is checked
+//! here for shape (exact channels of the request, stream ids); whether each channel is
+//! durable is the router's check.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::event::Pattern;
+use crate::durable::StreamId;
+use crate::event::{Channel, Pattern};
 
 /// Every reason the server refuses a request; the `code` field of an `error` reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,6 +41,12 @@ pub enum ErrorCode {
     RateLimited,
     /// The request is valid but asks for something this server does not do (yet).
     NotSupported,
+    /// `since` is older than what the durable channel's stream still holds: entries after
+    /// it were trimmed or deleted (not a refusal: the subscription stands).
+    HistoryTruncated,
+    /// The stream could not be read for a `since` replay (not a refusal: live events
+    /// follow, without `recovered`).
+    ReplayFailed,
 }
 
 impl ErrorCode {
@@ -52,6 +62,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::HistoryTruncated => "history_truncated",
+            ErrorCode::ReplayFailed => "replay_failed",
         }
     }
 }
@@ -65,14 +77,18 @@ pub type ReqId = Option<Value>;
 pub enum Op {
     Subscribe {
         patterns: Vec<Pattern>,
-        /// `since` was given: durable replay was asked for (not implemented yet).
-        since: bool,
+        /// `since`: per exact channel of `patterns`, the last stream id the bot has; the
+        /// router replays what follows (durable channels only, checked by the router).
+        since: Since,
     },
     Unsubscribe {
         patterns: Vec<Pattern>,
     },
     Ping,
 }
+
+/// The `since` map of a `subscribe`, in the order the bot wrote it.
+pub type Since = Vec<(Channel, StreamId)>;
 
 /// A validated request.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,17 +167,7 @@ pub fn parse_request(text: &str) -> Result<Request, RequestError> {
     let op = match op {
         "subscribe" => {
             let patterns = patterns(&map, &req)?;
-            let since = match map.get("since") {
-                None | Some(Value::Null) => false,
-                Some(Value::Object(_)) => true,
-                Some(_) => {
-                    return Err(RequestError::new(
-                        ErrorCode::BadRequest,
-                        "`since` must be an object mapping channel to stream id",
-                        req,
-                    ))
-                }
-            };
+            let since = since(&map, &patterns, &req)?;
             Op::Subscribe { patterns, since }
         }
         "unsubscribe" => Op::Unsubscribe {
@@ -209,6 +215,54 @@ fn patterns(map: &Map<String, Value>, req: &ReqId) -> Result<Vec<Pattern>, Reque
     Ok(out)
 }
 
+/// The `since` field: an object mapping exact channels of the request's `channels` to
+/// stream ids. Whether each channel is durable is the router's check (it knows the policy).
+fn since(
+    map: &Map<String, Value>,
+    patterns: &[Pattern],
+    req: &ReqId,
+) -> Result<Since, RequestError> {
+    let bad = |msg: String| RequestError::new(ErrorCode::BadRequest, msg, req.clone());
+    let entries = match map.get("since") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(entries)) => entries,
+        Some(_) => {
+            return Err(bad(
+                "`since` must be an object mapping channel to stream id".into(),
+            ))
+        }
+    };
+    let mut out: Since = Vec::with_capacity(entries.len());
+    for (name, id) in entries {
+        // Names are echoed back: cut what a bot could make arbitrarily long.
+        let shown: String = name.chars().take(128).collect();
+        let pattern = Pattern::parse(name)
+            .map_err(|e| bad(format!("`since` names `{shown}`, not a channel: {e}")))?;
+        if pattern.is_wildcard() {
+            return Err(bad(format!(
+                "`since` needs an exact channel, not the wildcard `{shown}`"
+            )));
+        }
+        if !patterns.contains(&pattern) {
+            return Err(bad(format!(
+                "`since` names `{shown}`, which `channels` does not"
+            )));
+        }
+        let channel = Channel::parse(name)
+            .map_err(|e| bad(format!("`since` names `{shown}`, not a channel: {e}")))?;
+        let Value::String(text) = id else {
+            return Err(bad(format!(
+                "`since` of `{shown}` must be a stream id string like \"1732300000000-0\""
+            )));
+        };
+        let id: StreamId = text
+            .parse()
+            .map_err(|e| bad(format!("`since` of `{shown}`: {e}")))?;
+        out.push((channel, id));
+    }
+    Ok(out)
+}
+
 /// A control reply from the server. Market events are not `Reply`s: they travel as the
 /// exact bytes the bus carried.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -234,6 +288,18 @@ pub enum Reply {
         #[serde(skip_serializing_if = "Option::is_none")]
         req: ReqId,
     },
+    /// An `error` about one channel of a request (`history_truncated`, `replay_failed`).
+    #[serde(rename = "error")]
+    ChannelError {
+        code: ErrorCode,
+        channel: String,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        req: ReqId,
+    },
+    /// A `since` replay of `channel` is complete: `count` events were replayed; live
+    /// events follow.
+    Recovered { channel: String, count: u64 },
 }
 
 impl Reply {
@@ -264,12 +330,21 @@ mod tests {
         match r.op {
             Op::Subscribe { patterns, since } => {
                 assert_eq!(patterns.len(), 2, "duplicates collapse");
-                assert!(!since);
+                assert!(since.is_empty());
             }
             other => panic!("{other:?}"),
         }
         let r = parse_request(r#"{"op":"subscribe","channels":["trade:binance:BTC-USDT"],"since":{"trade:binance:BTC-USDT":"1-0"}}"#).unwrap();
-        assert!(matches!(r.op, Op::Subscribe { since: true, .. }));
+        match r.op {
+            Op::Subscribe { since, .. } => assert_eq!(
+                since,
+                vec![(
+                    Channel::parse("trade:binance:BTC-USDT").unwrap(),
+                    StreamId::new(1, 0)
+                )]
+            ),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(r.req, None);
         let r = parse_request(r#"{"op":"ping","req":"abc"}"#).unwrap();
         assert_eq!((r.op, r.req), (Op::Ping, Some(json!("abc"))));
@@ -309,6 +384,23 @@ mod tests {
             code(r#"{"op":"subscribe","channels":["trade:binance:BTC-USDT"],"since":3}"#),
             ErrorCode::BadRequest
         );
+        for bad_since in [
+            r#"{"trade:binance:BTC-USDT":"x-1"}"#,
+            r#"{"trade:binance:BTC-USDT":5}"#,
+            r#"{"trade:*:BTC-USDT":"1-0"}"#,
+            r#"{"trade:binance:ETH-USDT":"1-0"}"#,
+            r#"{"nope":"1-0"}"#,
+        ] {
+            let text = format!(
+                r#"{{"op":"subscribe","channels":["trade:binance:BTC-USDT","trade:*:BTC-USDT"],"since":{bad_since},"req":3}}"#
+            );
+            let e = parse_request(&text).unwrap_err();
+            assert_eq!(
+                (e.code, e.req),
+                (ErrorCode::BadRequest, Some(json!(3))),
+                "{text}"
+            );
+        }
         let e = parse_request(r#"{"op":"subscribe","channels":["trade:nyse:BTC-USDT"],"req":7}"#)
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::BadChannel);
@@ -336,6 +428,24 @@ mod tests {
         assert_eq!(
             e.to_json(),
             r#"{"type":"error","code":"too_many_subscriptions","message":"limit 2","req":"x"}"#
+        );
+        let t = Reply::ChannelError {
+            code: ErrorCode::HistoryTruncated,
+            channel: "trade:binance:BTC-USDT".into(),
+            message: "gone".into(),
+            req: Some(json!(2)),
+        };
+        assert_eq!(
+            t.to_json(),
+            r#"{"type":"error","code":"history_truncated","channel":"trade:binance:BTC-USDT","message":"gone","req":2}"#
+        );
+        let r = Reply::Recovered {
+            channel: "trade:binance:BTC-USDT".into(),
+            count: 3,
+        };
+        assert_eq!(
+            r.to_json(),
+            r#"{"type":"recovered","channel":"trade:binance:BTC-USDT","count":3}"#
         );
     }
 }

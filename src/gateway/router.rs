@@ -31,7 +31,8 @@
 //! messages on new names pass without state (books: dropped), so made-up names published
 //! into Redis cannot grow the router's memory.
 //! Store reads (one task each, cancellable, answers matched by id) live in
-//! [`store_reads`].
+//! [`store_reads`]; `since` replays of durable channels (stream reads, the live buffer and
+//! the switch to live) in [`replay`].
 //!
 //! Bus state ([`bus_state`]): when the Redis subscriber reports the bus down, every client holding a
 //! channel that comes through it gets one `status` `disconnected` per exchange (detail
@@ -40,6 +41,7 @@
 
 mod book_cache;
 mod bus_state;
+mod replay;
 mod store_reads;
 #[cfg(test)]
 mod tests;
@@ -54,13 +56,15 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{ClientId, ClientQueue};
-use super::protocol::{ErrorCode, Op, Reply, ReqId, Request, RequestError};
+use super::protocol::{ErrorCode, Op, Reply, ReqId, Request, RequestError, Since};
 use super::StatsInner;
 use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::envelope::BusMessage;
 use crate::event::{Channel, Event, EventType, Exchange, Pattern, StatusState};
 use book_cache::{BookCache, Next};
 use bus_state::next_bus_state;
+pub use replay::Replayed;
+use replay::{fan_out_except, Replays};
 use store_reads::Fetch;
 pub use store_reads::Fetched;
 
@@ -87,6 +91,13 @@ pub enum Command {
         channel: Channel,
         fetch: u64,
         result: Fetched,
+    },
+    /// Answer of replay read number `fetch` of `client`'s `since` on `channel`.
+    Replayed {
+        client: ClientId,
+        channel: Channel,
+        fetch: u64,
+        result: Replayed,
     },
 }
 
@@ -178,6 +189,8 @@ pub struct Router {
     /// Channels held with `by_wildcard`, and their cap ([`WILDCARD_CHANNELS_MAX`]).
     wildcard_channels: usize,
     wildcard_cap: usize,
+    /// `since` replays of durable channels ([`replay`]).
+    replay: Replays,
 }
 
 impl Router {
@@ -205,6 +218,7 @@ impl Router {
             store_warned: None,
             wildcard_channels: 0,
             wildcard_cap: WILDCARD_CHANNELS_MAX,
+            replay: Replays::new(),
         }
     }
 
@@ -282,6 +296,12 @@ impl Router {
                 fetch,
                 result,
             } => self.on_stored(channel, fetch, result),
+            Command::Replayed {
+                client,
+                channel,
+                fetch,
+                result,
+            } => self.on_replayed(client, channel, fetch, result),
         }
         crate::metrics::router_channels(self.channels.len());
     }
@@ -304,12 +324,19 @@ impl Router {
         id: ClientId,
         queue: &Arc<ClientQueue>,
         patterns: Vec<Pattern>,
-        since: bool,
+        since: Since,
         req: ReqId,
     ) {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
+        if let Err(message) = self.replay.check(client, &since) {
+            send_error(
+                queue,
+                &RequestError::new(ErrorCode::BadRequest, message, req),
+            );
+            return;
+        }
         let mut fresh: Vec<Pattern> = Vec::new();
         for p in &patterns {
             if !client.patterns.contains(p) && !fresh.contains(p) {
@@ -338,14 +365,6 @@ impl Router {
                 req: req.clone(),
             },
         );
-        if since {
-            let error = RequestError::new(
-                ErrorCode::NotSupported,
-                "durable replay (`since`) is not supported yet; subscribed to live events only",
-                req,
-            );
-            send_error(queue, &error);
-        }
         let mut interest_changed = false;
         for pattern in &fresh {
             let holders = self.patterns.entry(pattern.clone()).or_default();
@@ -354,7 +373,10 @@ impl Router {
             if pattern.is_wildcard() {
                 self.wildcards.insert(pattern.clone());
             }
-            self.add_to_channels(pattern, queue);
+            match since.iter().find(|(c, _)| c.as_str() == pattern.as_str()) {
+                Some((channel, from)) => self.start_since(queue, channel, *from, &req),
+                None => self.add_to_channels(pattern, queue, false),
+            }
         }
         self.count_subscriptions(fresh.len() as i64);
         if interest_changed {
@@ -363,9 +385,11 @@ impl Router {
     }
 
     /// Adds `queue` to the channels `pattern` matches (creating the channel of an exact
-    /// pattern), delivering each channel's latest value or snapshot first.
-    fn add_to_channels(&mut self, pattern: &Pattern, queue: &Arc<ClientQueue>) {
+    /// pattern), delivering each channel's latest value or snapshot first (not when
+    /// `quiet`: a `since` replay brings the history instead).
+    fn add_to_channels(&mut self, pattern: &Pattern, queue: &Arc<ClientQueue>, quiet: bool) {
         let mut join = Joining {
+            quiet,
             has_store: self.store.is_some(),
             bus_down: self.bus_down.as_deref(),
             told_down: &mut self.told_down,
@@ -441,6 +465,7 @@ impl Router {
         let patterns: Vec<Pattern> = client.patterns.iter().cloned().collect();
         self.remove_patterns(id, &patterns);
         self.clients.remove(&id);
+        self.replay.forget_client(id);
         if !self.told_down.is_empty() {
             self.told_down.retain(|(c, _)| *c != id);
         }
@@ -481,6 +506,7 @@ impl Router {
                 continue;
             }
             client.queue.clear_broken(&channel);
+            self.replay.forget(id, &channel);
             if state.subscribers.is_empty() && !(state.seen && (keep_seen || state.local)) {
                 // Dropping the state cancels a store read under way.
                 if let Some(gone) = self.channels.remove(&channel) {
@@ -572,14 +598,16 @@ impl Router {
             tracing::warn!(channel = %msg.channel, "event is not UTF-8; skipped");
             return;
         };
+        // Clients replaying this channel (`since`) get it through their replay.
+        let skip = self.replay.on_live(&msg, &text);
         let next = match &mut state.cache {
             Cache::Nothing => {
-                fan_out(&state.subscribers, &text, msg.ts_recv);
+                fan_out_except(&state.subscribers, &skip, &text, msg.ts_recv);
                 return;
             }
             Cache::Latest { value, .. } => {
                 *value = Some((text.clone(), msg.ts_recv));
-                fan_out(&state.subscribers, &text, msg.ts_recv);
+                fan_out_except(&state.subscribers, &skip, &text, msg.ts_recv);
                 return;
             }
             Cache::Book(cache) => {
@@ -589,9 +617,7 @@ impl Router {
                 (channel, next)
             }
         };
-        if next.1 != Next::Idle {
-            self.apply(&next.0, next.1);
-        }
+        self.apply(&next.0, next.1);
     }
 
     /// Subscribers of a channel seen for the first time: every client with a matching
@@ -616,8 +642,9 @@ impl Router {
             .collect()
     }
 
-    /// Carries out what a book cache asked for.
+    /// Carries out what a book cache asked for (after any event of a book cache).
     fn apply(&mut self, channel: &Channel, next: Next) {
+        self.replay_book_check(channel);
         if let Next::Fetch { delay, replace } = next {
             let busy = self
                 .channels
@@ -632,6 +659,8 @@ impl Router {
 
 /// A new subscriber joining channels, with what it needs from the router.
 struct Joining<'a> {
+    /// Join without the latest value / snapshot (a `since` replay of a non-book channel).
+    quiet: bool,
     has_store: bool,
     bus_down: Option<&'a str>,
     told_down: &'a mut HashSet<(ClientId, Exchange)>,
@@ -656,6 +685,9 @@ impl Joining<'_> {
                 );
                 queue.push_market(text, ts, None);
             }
+        }
+        if self.quiet {
+            return;
         }
         let idle = state.fetch.is_none();
         let fetch = match &mut state.cache {

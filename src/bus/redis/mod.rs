@@ -9,6 +9,7 @@
 //!   gateway's [`Interest`](super::Interest), self-filters, counts lost and duplicate
 //!   envelopes, and proves the subscription alive with a probe.
 //! - [`RedisStore`] ([`store`]): `GET` of the latest-value keys for late joiners.
+//! - [`stream_store`]: the same store reading durable channels' streams (`since` replay).
 //! - [`check_connection`]: one `PING` at start, so an unreachable Redis is a clear error.
 //! - [`client`]: the one place a [`Client`] is built from the config (URL with optional
 //!   ACL user and password, `rediss://` with `tls_ca_file` / `tls_cert_file` /
@@ -40,6 +41,7 @@ pub mod publisher;
 pub mod store;
 pub mod stream_admin;
 pub mod stream_monitor;
+pub mod stream_store;
 pub mod subscriber;
 pub mod target;
 

@@ -57,7 +57,7 @@ pub fn booklog_key(prefix: &str, channel: &Channel) -> String {
 pub struct RedisStore {
     /// Asked on every (re)connect: with Sentinel, the current master.
     target: Target,
-    prefix: String,
+    pub(super) prefix: String,
     max_bytes: u64,
     max_log: usize,
     /// Largest booklog (whole list, `MEMORY USAGE`) read.
@@ -68,7 +68,7 @@ pub struct RedisStore {
     /// When the last refusal was logged (one line per 10 s).
     refused_log: Mutex<Option<Instant>>,
     /// Values are checked like pub/sub envelopes: size, signature, event vs channel.
-    policy: DecodePolicy,
+    pub(super) policy: DecodePolicy,
 }
 
 /// `STRLEN`, bounded `GETRANGE`, and the log entries when asked for.
@@ -112,7 +112,7 @@ impl RedisStore {
         }
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection, BusError> {
+    pub(super) async fn conn(&self) -> Result<MultiplexedConnection, BusError> {
         // The multiplexed connection is shared by cloning. The lock only guards the slot and
         // is never held across an await: while Redis is down each caller tries (and times
         // out) on its own instead of queueing behind one another's connect attempts.
@@ -276,7 +276,11 @@ impl RedisStore {
     /// A reply, or `None` (refused, counted) when something that is not ours sits under
     /// our key, or the error (the connection is dropped: a fresh one next time is the
     /// cheap safe choice).
-    fn check<T>(&self, key: &str, reply: ::redis::RedisResult<T>) -> Result<Option<T>, BusError> {
+    pub(super) fn check<T>(
+        &self,
+        key: &str,
+        reply: ::redis::RedisResult<T>,
+    ) -> Result<Option<T>, BusError> {
         match reply {
             Ok(r) => Ok(Some(r)),
             Err(e) if e.code() == Some("WRONGTYPE") => {

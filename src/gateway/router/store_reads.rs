@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{book_cache, fan_out, Cache, ChannelState, Command, Next, Router};
+use super::{book_cache, replay, Cache, ChannelState, Command, Next, Router};
 use crate::bus::StoredBook;
 use crate::envelope::BusMessage;
 use crate::event::Channel;
+use replay::fan_out_except;
 
 /// A store that does not answer within this is treated as failed (and read again later).
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +55,8 @@ impl Router {
         self.next_fetch += 1;
         let id = self.next_fetch;
         let commands = self.commands.clone();
+        // A durable channel's latest value comes from its stream (it carries its id).
+        let streams = self.replay.durable_streams(channel);
         let channel = channel.clone();
         let key = channel.clone();
         let task = tokio::spawn(async move {
@@ -62,6 +65,9 @@ impl Router {
             }
             let result = if book {
                 Fetched::Book(bounded(&channel, store.book(&channel)).await)
+            } else if let Some(streams) = streams {
+                let read = replay::durable_latest(streams, store, channel.clone());
+                Fetched::Latest(bounded(&channel, read).await)
             } else {
                 Fetched::Latest(bounded(&channel, store.latest(&channel)).await)
             };
@@ -84,6 +90,8 @@ impl Router {
     }
 
     pub(super) fn on_stored(&mut self, channel: Channel, fetch: u64, result: Fetched) {
+        // Clients replaying it (`since`) have that history already, or get it live.
+        let skip = self.replay.skip_stored(&channel);
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
@@ -109,7 +117,7 @@ impl Router {
                         if value.is_none() && watched && msg.channel == channel {
                             if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
                                 *value = Some((text.clone(), msg.ts_recv));
-                                fan_out(subscribers, &text, msg.ts_recv);
+                                fan_out_except(subscribers, &skip, &text, msg.ts_recv);
                             }
                         }
                         Next::Idle

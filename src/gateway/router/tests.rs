@@ -100,7 +100,7 @@ async fn churned_names_leave_no_state_behind_and_a_steady_bot_gets_every_event()
         1,
         Op::Subscribe {
             patterns: patterns(&["trade:binance:BTC-USDT".into()]),
-            since: false,
+            since: Vec::new(),
         },
     );
     let mut sent = 0u64;
@@ -118,7 +118,7 @@ async fn churned_names_leave_no_state_behind_and_a_steady_bot_gets_every_event()
             2,
             Op::Subscribe {
                 patterns: patterns(&names),
-                since: false,
+                since: Vec::new(),
             },
         );
         if i % 10 == 0 {
@@ -153,7 +153,7 @@ async fn churned_names_leave_no_state_behind_and_a_steady_bot_gets_every_event()
         2,
         Op::Subscribe {
             patterns: patterns(&["book:*:*".into(), "ticker:binance:X-USDT".into()]),
-            since: false,
+            since: Vec::new(),
         },
     );
     r.on_command(Command::Disconnect { id: 2 });
@@ -174,7 +174,7 @@ async fn without_a_store_channels_that_carry_messages_are_kept_and_wished_ones_a
             1,
             Op::Subscribe {
                 patterns: patterns(&names),
-                since: false,
+                since: Vec::new(),
             },
         );
         request(
@@ -284,7 +284,7 @@ fn subscribe(r: &mut Router, id: u64, name: &str) {
         id,
         Op::Subscribe {
             patterns: patterns(&[name.into()]),
-            since: false,
+            since: Vec::new(),
         },
     );
 }
