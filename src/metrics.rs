@@ -105,9 +105,9 @@ pub const REDIS_FAILURE_REASONS: &[&str] = &[
     "redis_down",
     "redis_error",
 ];
-pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+pub const REDIS_ROLES: &[&str] = &["publish", "subscribe", "consume"];
 /// Connections that follow a Sentinel failover (`bus::redis::target`).
-pub const REDIS_FAILOVER_ROLES: [&str; 4] = ["publish", "subscribe", "store", "health"];
+pub const REDIS_FAILOVER_ROLES: [&str; 5] = ["publish", "subscribe", "store", "health", "consume"];
 pub const ADMIN_TIMEOUT_KINDS: &[&str] = &["header", "lifetime"];
 pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
 pub const BOT_DISCONNECT_REASONS: &[&str] = &[
@@ -142,6 +142,13 @@ pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
 pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
 pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 pub const ROUTER_WILDCARD_OVERFLOW: &str = "mdbridge_router_wildcard_overflow_total";
+pub const STREAM_DELIVERED: &str = "mdbridge_stream_delivered_total";
+pub const STREAM_ACKED: &str = "mdbridge_stream_acked_total";
+pub const STREAM_RETRIES: &str = "mdbridge_stream_retries_total";
+pub const STREAM_CLAIMED: &str = "mdbridge_stream_claimed_total";
+pub const STREAM_DEAD_LETTERS: &str = "mdbridge_stream_dead_letters_total";
+pub const STREAM_TRIMMED: &str = "mdbridge_stream_trimmed_total";
+pub const STREAM_REDELIVERIES_DROPPED: &str = "mdbridge_stream_redeliveries_dropped_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -334,6 +341,34 @@ fn describe() {
         ROUTER_WILDCARD_OVERFLOW,
         "Messages on channels only wildcards matched, passed on without router state because the cap on such channels was reached (books: dropped)."
     );
+    describe_counter!(
+        STREAM_DELIVERED,
+        "Durable stream entries handed to the bot router (read, pending after a restart, claimed or retried)."
+    );
+    describe_counter!(
+        STREAM_ACKED,
+        "Durable stream entries acknowledged (XACK) after the router fanned them out."
+    );
+    describe_counter!(
+        STREAM_RETRIES,
+        "Durable stream entries that could not be handled, scheduled for another delivery."
+    );
+    describe_counter!(
+        STREAM_CLAIMED,
+        "Durable stream entries taken over from other consumers of the group (idle over claim_idle_ms)."
+    );
+    describe_counter!(
+        STREAM_DEAD_LETTERS,
+        "Durable stream entries moved to the dead-letter stream after max_deliveries."
+    );
+    describe_counter!(
+        STREAM_TRIMMED,
+        "Durable stream entries lost to trimming before this group read or acked them (detected)."
+    );
+    describe_counter!(
+        STREAM_REDELIVERIES_DROPPED,
+        "Durable stream entries the router had already delivered, dropped (and acked)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -431,6 +466,17 @@ pub fn init() {
     }
     counter!(BUS_DOWN_NOTICES).increment(0);
     counter!(ROUTER_WILDCARD_OVERFLOW).increment(0);
+    for name in [
+        STREAM_DELIVERED,
+        STREAM_ACKED,
+        STREAM_RETRIES,
+        STREAM_CLAIMED,
+        STREAM_DEAD_LETTERS,
+        STREAM_TRIMMED,
+        STREAM_REDELIVERIES_DROPPED,
+    ] {
+        counter!(name).increment(0);
+    }
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -575,4 +621,25 @@ pub fn router_wildcard_overflow() {
 }
 pub fn bus_down_notice() {
     counter!(BUS_DOWN_NOTICES).increment(1);
+}
+pub fn stream_delivered(n: u64) {
+    counter!(STREAM_DELIVERED).increment(n);
+}
+pub fn stream_acked(n: u64) {
+    counter!(STREAM_ACKED).increment(n);
+}
+pub fn stream_retry() {
+    counter!(STREAM_RETRIES).increment(1);
+}
+pub fn stream_claimed(n: u64) {
+    counter!(STREAM_CLAIMED).increment(n);
+}
+pub fn stream_dead_letter() {
+    counter!(STREAM_DEAD_LETTERS).increment(1);
+}
+pub fn stream_trimmed(n: u64) {
+    counter!(STREAM_TRIMMED).increment(n);
+}
+pub fn stream_redelivery_dropped() {
+    counter!(STREAM_REDELIVERIES_DROPPED).increment(1);
 }

@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::envelope::BusMessage;
 use crate::event::{now_micros, Channel, Event, Pattern};
 
+pub mod delivery;
 pub mod memory;
 pub mod redis;
 #[cfg(test)]

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::delivery::{Acked, StreamNotice};
 use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::config::BotsConfig;
 use crate::envelope::BusMessage;
@@ -100,6 +101,7 @@ pub struct Gateway {
     health: HealthHandle,
     stats: Arc<StatsInner>,
     bus_state: Option<watch::Receiver<BusState>>,
+    durable: Option<(mpsc::Sender<Acked>, mpsc::Receiver<StreamNotice>)>,
 }
 
 impl Gateway {
@@ -122,7 +124,19 @@ impl Gateway {
             health,
             stats: Arc::new(StatsInner::default()),
             bus_state: None,
+            durable: None,
         }
+    }
+
+    /// Durable channels (executor, hybrid): the router acks stream entries on `acks` and
+    /// reads gaps and claimed entries from `notices` (see `bus::redis::streams`).
+    pub fn with_durable(
+        mut self,
+        acks: mpsc::Sender<Acked>,
+        notices: mpsc::Receiver<StreamNotice>,
+    ) -> Gateway {
+        self.durable = Some((acks, notices));
+        self
     }
 
     /// The bus state to follow (executor, hybrid): bots are told when it goes down or
@@ -161,6 +175,7 @@ impl Gateway {
             health,
             stats,
             bus_state,
+            durable,
         } = self;
         // Everything that can fail at start comes before the router and the listener.
         let tls = match listener::tls_acceptor(&config) {
@@ -183,6 +198,10 @@ impl Gateway {
         );
         let router = match bus_state {
             Some(state) => router.with_bus_state(state),
+            None => router,
+        };
+        let router = match durable {
+            Some((acks, notices)) => router.with_acks(acks).with_notices(notices),
             None => router,
         };
         let router_stop = CancellationToken::new();

@@ -37,6 +37,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The request is valid but asks for something this server does not do (yet).
     NotSupported,
+    /// Not a refusal: a durable channel lost entries (trimmed before delivery).
+    Gap,
 }
 
 impl ErrorCode {
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::Gap => "gap",
         }
     }
 }

@@ -17,6 +17,9 @@
 //!   Sentinel names, resolved afresh on every (re)connect so failovers are followed.
 //! - [`error`]: what a Redis failure means ([`RedisFailure`]) and the policy for it.
 //! - [`interest`]: the bots' interest as Redis subscriptions, bounded by `max_patterns`.
+//! - [`StreamConsumer`] ([`streams`]): durable channels read from Redis Streams with a
+//!   consumer group on a dedicated connection; acked after fan-out, retried,
+//!   dead-lettered, claimed from idle peers, trim gaps announced.
 //!
 //! Every connection here reconnects by itself with exponential backoff and jitter between
 //! `reconnect_min_ms` and `reconnect_max_ms`; the details are listed in each submodule.
@@ -37,12 +40,14 @@ pub mod error;
 pub mod interest;
 pub mod publisher;
 pub mod store;
+pub mod streams;
 pub mod subscriber;
 pub mod target;
 
 pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
+pub use streams::StreamConsumer;
 pub use subscriber::RedisSubscriber;
 pub use target::{MasterAddr, Target, TargetError};
 

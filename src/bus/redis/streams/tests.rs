@@ -1,0 +1,1 @@
+//! Live tests of the stream consumer against a real redis-server.
