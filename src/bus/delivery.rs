@@ -106,10 +106,20 @@ mod tests {
             policy,
         };
         let status = |ex| Event::status(ex, StatusState::Connected, None);
-        bus.publish(BusMessage::encode(Uuid::new_v4(), 1, 1, status(Exchange::Kraken)))
-            .await;
-        bus.publish(BusMessage::encode(Uuid::new_v4(), 1, 1, status(Exchange::Binance)))
-            .await;
+        bus.publish(BusMessage::encode(
+            Uuid::new_v4(),
+            1,
+            1,
+            status(Exchange::Kraken),
+        ))
+        .await;
+        bus.publish(BusMessage::encode(
+            Uuid::new_v4(),
+            1,
+            1,
+            status(Exchange::Binance),
+        ))
+        .await;
         let got = rx.recv().await.map(|m| m.channel.to_string());
         assert_eq!(got.as_deref(), Some("status:binance"));
         assert!(rx.try_recv().is_err());

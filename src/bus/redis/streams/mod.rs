@@ -182,6 +182,8 @@ struct Consumer {
     refresh_now: bool,
     /// Acks from the router not yet sent as `XACK`.
     unacked: HashMap<Channel, Vec<StreamId>>,
+    /// Per channel, entries handed to the router and not acked by it yet.
+    outstanding: HashMap<Channel, u64>,
     retries: retry::Retries,
     claim_at: tokio::time::Instant,
     invalid_log: RateLimit,
@@ -216,6 +218,7 @@ impl Consumer {
             registry_at: None,
             refresh_now: true,
             unacked: HashMap::new(),
+            outstanding: HashMap::new(),
             retries: retry::Retries::default(),
             claim_at: tokio::time::Instant::now(),
             invalid_log: RateLimit::new(Duration::from_secs(10)),

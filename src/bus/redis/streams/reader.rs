@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{targets, Consumer, Cursor, End, StreamState};
-use crate::bus::delivery::StreamNotice;
+use crate::bus::delivery::{Acked, StreamNotice};
 use crate::bus::redis::io_timeout;
 use crate::bus::BusState;
 use crate::durable::{stream_key, StreamId};
@@ -125,8 +125,19 @@ impl Consumer {
 
     pub(super) fn drain_acks(&mut self) {
         while let Ok(a) = self.acks.try_recv() {
-            self.note_ack(a.channel, a.id);
+            self.router_acked(a);
         }
+    }
+
+    /// The router is done with an entry this consumer handed over.
+    pub(super) fn router_acked(&mut self, a: Acked) {
+        if let Some(n) = self.outstanding.get_mut(&a.channel) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.outstanding.remove(&a.channel);
+            }
+        }
+        self.note_ack(a.channel, a.id);
     }
 
     fn note_ack(&mut self, channel: Channel, id: StreamId) {
@@ -170,8 +181,7 @@ impl Consumer {
         let interest = self.interest.borrow_and_update().clone();
         let wildcards = interest.iter().any(|p| p.is_wildcard());
         let every = Duration::from_millis(self.durable.block_ms.max(100));
-        let registry_due =
-            wildcards && self.registry_at.is_none_or(|at| at.elapsed() >= every);
+        let registry_due = wildcards && self.registry_at.is_none_or(|at| at.elapsed() >= every);
         if !changed && !registry_due && !self.refresh_now {
             return Ok(());
         }
@@ -209,19 +219,24 @@ impl Consumer {
         let wanted = targets::wanted(&interest, &self.policy, &self.registry, &self.wild_since);
         if wanted.len() >= super::MAX_STREAMS {
             if let Some(suppressed) = self.error_log.allow() {
-                warn!(streams = wanted.len(), suppressed, "durable streams to read capped");
+                warn!(
+                    streams = wanted.len(),
+                    suppressed, "durable streams to read capped"
+                );
             }
         }
         self.streams.retain(|c, _| wanted.contains_key(c));
         self.retries.retain(|c| wanted.contains_key(c));
         for (channel, start) in wanted {
-            self.streams.entry(channel.clone()).or_insert_with(|| StreamState {
-                key: stream_key(&self.redis.key_prefix, channel.as_str()),
-                start,
-                created: false,
-                cursor: Cursor::Pending(StreamId::MIN),
-                trim: Default::default(),
-            });
+            self.streams
+                .entry(channel.clone())
+                .or_insert_with(|| StreamState {
+                    key: stream_key(&self.redis.key_prefix, channel.as_str()),
+                    start,
+                    created: false,
+                    cursor: Cursor::Pending(StreamId::MIN),
+                    trim: Default::default(),
+                });
         }
         Ok(())
     }
@@ -297,7 +312,8 @@ impl Consumer {
         cmd.arg("GROUP").arg(&self.group).arg(&self.name);
         cmd.arg("COUNT").arg(count);
         if !history {
-            cmd.arg("BLOCK").arg(self.block_for().as_millis().max(1) as u64);
+            cmd.arg("BLOCK")
+                .arg(self.block_for().as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS");
         for (k, _) in &reads {
@@ -367,12 +383,14 @@ impl Consumer {
         tokio::select! {
             _ = shutdown.cancelled() => return Err(End::Stop),
             r = self.interest.changed(), if self.interest_open => {
+                // `changed` marks the value seen: remember to recompute.
+                self.refresh_now = true;
                 if r.is_err() {
                     self.interest_open = false;
                 }
             }
             a = self.acks.recv(), if self.acks_open => match a {
-                Some(a) => self.note_ack(a.channel, a.id),
+                Some(a) => self.router_acked(a),
                 None => self.acks_open = false,
             },
             _ = tokio::time::sleep(wait) => {}
@@ -381,7 +399,9 @@ impl Consumer {
     }
 
     pub(super) fn channel_of(&self, key: &str) -> Option<Channel> {
-        let name = key.strip_prefix(&self.redis.key_prefix)?.strip_prefix("stream:")?;
+        let name = key
+            .strip_prefix(&self.redis.key_prefix)?
+            .strip_prefix("stream:")?;
         Channel::parse(name).ok()
     }
 
@@ -413,23 +433,25 @@ impl Consumer {
             .map(|(_, v)| Bytes::from(v));
         let decoded = match &raw {
             None => Err(("id", "stream entry has no `envelope` field".to_string())),
-            Some(raw) => match BusMessage::decode_with(channel.clone(), raw.clone(), &self.decode)
-            {
-                Ok(m) if m.id == Some(id) => Ok(m),
-                Ok(m) => Err((
-                    "id",
-                    format!(
-                        "envelope id {} is not the entry id {id}",
-                        m.id.map_or_else(|| "(none)".to_string(), |i| i.to_string())
-                    ),
-                )),
-                Err(e) => Err((e.reason(), e.to_string())),
-            },
+            Some(raw) => {
+                match BusMessage::decode_with(channel.clone(), raw.clone(), &self.decode) {
+                    Ok(m) if m.id == Some(id) => Ok(m),
+                    Ok(m) => Err((
+                        "id",
+                        format!(
+                            "envelope id {} is not the entry id {id}",
+                            m.id.map_or_else(|| "(none)".to_string(), |i| i.to_string())
+                        ),
+                    )),
+                    Err(e) => Err((e.reason(), e.to_string())),
+                }
+            }
         };
         match decoded {
             Ok(msg) => {
                 self.retries.forget(channel, id);
-                self.deliver(conn, channel, key, msg, source, shutdown).await
+                self.deliver(conn, channel, key, msg, source, shutdown)
+                    .await
             }
             Err((reason, cause)) => {
                 let raw = raw.unwrap_or_default();
@@ -464,7 +486,7 @@ impl Consumer {
                         biased;
                         _ = shutdown.cancelled() => return Err(End::Stop),
                         a = self.acks.recv(), if self.acks_open => match a {
-                            Some(a) => self.note_ack(a.channel, a.id),
+                            Some(a) => self.router_acked(a),
                             None => self.acks_open = false,
                         },
                         p = out.reserve() => match p {
@@ -484,6 +506,7 @@ impl Consumer {
                 }
             }
         }
+        *self.outstanding.entry(channel.clone()).or_default() += 1;
         metrics::stream_delivered(1);
         Ok(())
     }

@@ -215,10 +215,9 @@ impl Consumer {
             return Ok(());
         }
         let idle = self.durable.claim_idle_ms.max(1);
-        self.claim_at = now + Duration::from_millis(idle / 2).clamp(
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-        );
+        self.claim_at = now
+            + Duration::from_millis(idle / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(10));
         let streams: Vec<(Channel, String)> = self
             .streams
             .iter()
@@ -263,8 +262,7 @@ impl Consumer {
             }
             metrics::stream_claimed(entries.len() as u64);
             debug!(channel = %channel, claimed = entries.len(), deleted, "claimed idle entries from other consumers");
-            let counts: HashMap<String, u64> =
-                theirs.iter().map(|r| (r.0.clone(), r.3)).collect();
+            let counts: HashMap<String, u64> = theirs.iter().map(|r| (r.0.clone(), r.3)).collect();
             for entry in entries {
                 let deliveries = counts.get(&entry.id.to_string()).copied().unwrap_or(0) + 1;
                 self.handle(

@@ -33,6 +33,9 @@ use crate::metrics;
 
 /// Publishers followed per stream before the table starts over (one is normal).
 const MAX_SOURCES: usize = 64;
+/// Longest wait for the router to finish what preceded a gap (acks are never lost in
+/// practice; this only bounds a stuck router).
+const GAP_ORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A larger jump is counted as this many (a forged `seq` must not overflow a counter).
 const MAX_GAP: u64 = 100_000_000;
 
@@ -95,6 +98,20 @@ impl Consumer {
         if let Some(suppressed) = self.trim_log.allow() {
             warn!(channel = %channel, lost, group = %self.group, suppressed, "durable entries trimmed before this group read them");
         }
+        // The bots must see the gap after the entries before it and before those after:
+        // wait until the router has acked everything handed to it on this channel (the
+        // notice then goes out before the next entry, and the router reads notices first).
+        let deadline = tokio::time::Instant::now() + GAP_ORDER_WAIT;
+        while self.outstanding.get(channel).is_some_and(|&n| n > 0) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(End::Stop),
+                a = self.acks.recv(), if self.acks_open => match a {
+                    Some(a) => self.router_acked(a),
+                    None => self.acks_open = false,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
         let notice = StreamNotice::Gap {
             channel: channel.clone(),
             lost,
@@ -120,7 +137,11 @@ mod tests {
         assert_eq!(t.observe(b, 7, id(3)), None, "first of another publisher");
         assert_eq!(t.observe(a, 6, id(9)), Some((3, id(3))));
         assert_eq!(t.observe(a, 4, id(10)), None, "a step back is no gap");
-        assert_eq!(t.observe(a, 7, id(11)), None, "the baseline stays at the highest");
+        assert_eq!(
+            t.observe(a, 7, id(11)),
+            None,
+            "the baseline stays at the highest"
+        );
         assert_eq!(t.observe(b, 9, id(12)), Some((1, id(11))));
     }
 }
