@@ -123,3 +123,121 @@ pub(super) async fn recv_notice(
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::{mpsc, watch};
+    use uuid::Uuid;
+
+    use super::super::{Command, Router};
+    use crate::bus::delivery::{Acked, StreamNotice};
+    use crate::bus::Interest;
+    use crate::config::SlowClientPolicy;
+    use crate::durable::StreamId;
+    use crate::envelope::BusMessage;
+    use crate::event::{Event, Exchange, Pattern, Side, Trade};
+    use crate::gateway::client::{ClientQueue, Outbound};
+    use crate::gateway::protocol::{Op, Request};
+    use crate::gateway::StatsInner;
+
+    fn durable_trade(n: u64) -> BusMessage {
+        BusMessage::encode(
+            Uuid::nil(),
+            n,
+            1,
+            Event::Trade(Trade {
+                exchange: Exchange::Binance,
+                symbol: "BTC-USDT".into(),
+                ts: None,
+                ts_recv: 1,
+                trade_id: n.to_string(),
+                price: "1".into(),
+                size: "1".into(),
+                side: Some(Side::Buy),
+            }),
+        )
+        .with_id(StreamId::new(n, 0))
+    }
+
+    /// (trade ids, other frames) the queue holds.
+    fn frames(queue: &ClientQueue) -> (Vec<String>, Vec<serde_json::Value>) {
+        let mut out = Vec::new();
+        queue.take_batch(&mut out, usize::MAX);
+        let mut trades = Vec::new();
+        let mut other = Vec::new();
+        for f in out {
+            let text = match f {
+                Outbound::Market { text, .. } => text,
+                Outbound::Control(text) => text,
+            };
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            match v["type"].as_str() {
+                Some("trade") => trades.push(v["trade_id"].as_str().unwrap().to_string()),
+                _ => other.push(v),
+            }
+        }
+        (trades, other)
+    }
+
+    #[tokio::test]
+    async fn redeliveries_are_dropped_every_message_is_acked_and_claims_pass() {
+        let (interest, _rx) = watch::channel(Interest::default());
+        let (commands, _) = mpsc::channel(16);
+        let (acks, mut acked) = mpsc::channel(64);
+        let stats = Arc::new(StatsInner::default());
+        let mut router = Router::new(interest, None, commands, stats.clone(), 100).with_acks(acks);
+        let queue = Arc::new(ClientQueue::new(
+            1,
+            1_000_000,
+            SlowClientPolicy::DropOldest,
+            stats,
+        ));
+        router.on_command(Command::Connect {
+            id: 1,
+            queue: queue.clone(),
+        });
+        router.on_command(Command::Request {
+            id: 1,
+            request: Request {
+                op: Op::Subscribe {
+                    patterns: vec![Pattern::parse("trade:binance:BTC-USDT").unwrap()],
+                    since: false,
+                },
+                req: None,
+            },
+        });
+        let _ = frames(&queue);
+        for n in [1, 2, 3, 2, 3, 4] {
+            router.on_message(durable_trade(n), false);
+        }
+        // An entry claimed from another consumer is older than what was delivered.
+        router.on_notice(StreamNotice::Claimed(durable_trade(0)));
+        router.on_notice(StreamNotice::Gap {
+            channel: durable_trade(0).channel,
+            lost: 7,
+        });
+        let (trades, other) = frames(&queue);
+        assert_eq!(trades, ["1", "2", "3", "4", "0"]);
+        assert_eq!(
+            other,
+            vec![serde_json::json!({
+                "type": "error",
+                "code": "gap",
+                "channel": "trade:binance:BTC-USDT",
+                "message": "7 entries of trade:binance:BTC-USDT were trimmed from the stream before delivery"
+            })]
+        );
+        let mut ids = Vec::new();
+        while let Ok(Acked { id, .. }) = acked.try_recv() {
+            ids.push(id.ms);
+        }
+        // Every one acked once routed; the redeliveries (2 and 3 again) too.
+        assert_eq!(ids, [1, 2, 3, 2, 3, 4, 0]);
+        assert_eq!(
+            router.durable.last.get(&durable_trade(0).channel),
+            Some(&StreamId::new(4, 0))
+        );
+    }
+}
