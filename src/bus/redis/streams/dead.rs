@@ -38,7 +38,7 @@ pub(super) async fn dead_letter(
         .arg("envelope")
         .arg(d.envelope)
         .arg("error")
-        .arg(d.error)
+        .arg(d.error.chars().take(1_000).collect::<String>())
         .arg("group")
         .arg(d.group)
         .arg("consumer")

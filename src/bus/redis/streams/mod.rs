@@ -14,9 +14,12 @@
 //! - Streams read = the durable channels the local bots hold: exact patterns that are
 //!   durable, and wildcards expanded against the registry SET `{p}streams`, re-read every
 //!   `block_ms` (at least 100 ms) while a wildcard is held, so a wildcard reaches streams
-//!   created after the subscription (the group is created at the Redis time the wildcard
-//!   was first held, less `block_ms` + 1 s, not at `$`, so entries appended before the
-//!   registry was re-read are not skipped). At most [`MAX_STREAMS`] streams.
+//!   created after the subscription. At most [`MAX_STREAMS`] streams.
+//! - A group this consumer creates starts at the Redis time the pattern was first held,
+//!   less `block_ms` + 1 s (not at `$`): entries appended between the bot's `subscribed`
+//!   reply and the consumer noticing it (or re-reading the registry) are not skipped. An
+//!   existing group goes on from its own cursor: a channel held again after a pause gets
+//!   what was appended meanwhile (up to `MAXLEN`; a `gap` beyond).
 //! - Group `DurableConfig::group_name`, consumer = the instance name; `XGROUP CREATE key
 //!   group $|<ms>-0 MKSTREAM`, `BUSYGROUP` ignored. After every (re)connect each stream's
 //!   own pending entries are read first (id `0`, then after the last id returned), then
@@ -141,9 +144,9 @@ enum Cursor {
 /// Where a group created by this consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Start {
-    /// `$`: entries appended from now on (an exact subscription).
+    /// `$`: entries appended from now on (no time known for the pattern).
     Latest,
-    /// `<ms>-0`: a wildcard first held at Redis time `ms`.
+    /// `<ms>-0`: the pattern was first held at Redis time `ms` (back-dated).
     At(u64),
 }
 
@@ -173,8 +176,8 @@ struct Consumer {
     health: HealthHandle,
     bus_state: watch::Sender<BusState>,
     streams: BTreeMap<Channel, StreamState>,
-    /// Redis time (ms) at which each held wildcard was first seen.
-    wild_since: HashMap<Pattern, u64>,
+    /// Redis time (ms, back-dated) at which each held pattern was first seen.
+    held_since: HashMap<Pattern, u64>,
     /// Channels of the registry SET, as last read.
     registry: Vec<Channel>,
     registry_at: Option<tokio::time::Instant>,
@@ -190,6 +193,10 @@ struct Consumer {
     trim_log: RateLimit,
     error_log: RateLimit,
     session_was_up: bool,
+    /// Health went down for an error reply: up again after the next good turn.
+    degraded: bool,
+    /// Error replies so far (a turn without one restores health).
+    failures: u64,
 }
 
 impl Consumer {
@@ -213,7 +220,7 @@ impl Consumer {
             health: links.health,
             bus_state: links.bus_state,
             streams: BTreeMap::new(),
-            wild_since: HashMap::new(),
+            held_since: HashMap::new(),
             registry: Vec::new(),
             registry_at: None,
             refresh_now: true,
@@ -225,6 +232,8 @@ impl Consumer {
             trim_log: RateLimit::new(Duration::from_secs(10)),
             error_log: RateLimit::new(Duration::from_secs(10)),
             session_was_up: false,
+            degraded: false,
+            failures: 0,
         }
     }
 
@@ -273,6 +282,9 @@ impl Consumer {
             }
         };
         metrics::redis_error_reply("consume", failure.reason());
+        self.health.down(format!("{what}: {failure}"));
+        self.degraded = true;
+        self.failures += 1;
         if let Some(suppressed) = self.error_log.allow() {
             warn!(cause = %failure, what, suppressed, "redis refused a stream command; retrying later");
         }

@@ -114,13 +114,20 @@ impl Consumer {
         if shutdown.is_cancelled() {
             return Err(End::Stop);
         }
+        let failures = self.failures;
         self.drain_acks();
         self.flush_acks(conn).await?;
         self.refresh(conn).await?;
         self.create_groups(conn).await?;
         self.run_retries(conn, shutdown).await?;
         self.claim(conn, shutdown).await?;
-        self.read(conn, shutdown).await
+        self.read(conn, shutdown).await?;
+        if self.degraded && self.failures == failures {
+            // A whole turn without an error reply: what was refused works again.
+            self.degraded = false;
+            self.health.up(None);
+        }
+        Ok(())
     }
 
     pub(super) fn drain_acks(&mut self) {
@@ -186,10 +193,7 @@ impl Consumer {
             return Ok(());
         }
         self.refresh_now = false;
-        if interest
-            .iter()
-            .any(|p| p.is_wildcard() && !self.wild_since.contains_key(p))
-        {
+        if interest.iter().any(|p| !self.held_since.contains_key(p)) {
             // Back-dated by the time this consumer may take to notice a new interest (one
             // blocking read, plus a second): entries appended right after the bot's
             // `subscribed` reply are not skipped.
@@ -201,11 +205,11 @@ impl Consumer {
                     return self.on_error(e, "TIME").await;
                 }
             };
-            for p in interest.iter().filter(|p| p.is_wildcard()) {
-                self.wild_since.entry(p.clone()).or_insert(now);
+            for p in interest.iter() {
+                self.held_since.entry(p.clone()).or_insert(now);
             }
         }
-        self.wild_since.retain(|p, _| interest.contains(p));
+        self.held_since.retain(|p, _| interest.contains(p));
         if registry_due {
             match targets::read_registry(conn, &self.redis.key_prefix).await {
                 Ok(channels) => self.registry = channels,
@@ -216,7 +220,7 @@ impl Consumer {
             self.registry.clear();
             self.registry_at = None;
         }
-        let wanted = targets::wanted(&interest, &self.policy, &self.registry, &self.wild_since);
+        let wanted = targets::wanted(&interest, &self.policy, &self.registry, &self.held_since);
         if wanted.len() >= super::MAX_STREAMS {
             if let Some(suppressed) = self.error_log.allow() {
                 warn!(
@@ -282,7 +286,9 @@ impl Consumer {
         conn: &mut MultiplexedConnection,
         shutdown: &CancellationToken,
     ) -> Result<(), End> {
-        let count = self.durable.read_count.max(1);
+        // `COUNT` applies per stream: shared out so one reply holds at most
+        // max(read_count, streams) entries, however many streams are read.
+        let count = (self.durable.read_count / self.streams.len().max(1)).max(1);
         let pending: Vec<(String, StreamId)> = self
             .streams
             .values()

@@ -16,13 +16,13 @@ use crate::event::{Channel, Pattern};
 /// Registry members read at most (names from Redis must not grow memory without bound).
 const MAX_REGISTRY: usize = 100_000;
 
-/// The streams to read, with where a group created now starts: `$` for exact patterns,
-/// the Redis time a wildcard was first held for channels only wildcards reach.
+/// The streams to read, with where a group created now starts: the (earliest) Redis time
+/// a pattern reaching the channel was first held (`held_since`), else `$`.
 pub(super) fn wanted(
     interest: &Interest,
     policy: &DurablePolicy,
     registry: &[Channel],
-    wild_since: &HashMap<Pattern, u64>,
+    held_since: &HashMap<Pattern, u64>,
 ) -> BTreeMap<Channel, Start> {
     let mut out = BTreeMap::new();
     if policy.is_empty() {
@@ -31,7 +31,8 @@ pub(super) fn wanted(
     for p in interest.iter().filter(|p| !p.is_wildcard()) {
         if let Ok(c) = Channel::parse(p.as_str()) {
             if policy.is_durable(&c) && out.len() < MAX_STREAMS {
-                out.insert(c, Start::Latest);
+                let start = held_since.get(p).map_or(Start::Latest, |&ms| Start::At(ms));
+                out.insert(c, start);
             }
         }
     }
@@ -45,7 +46,7 @@ pub(super) fn wanted(
         let since = interest
             .iter()
             .filter(|p| p.is_wildcard() && p.matches(c))
-            .filter_map(|p| wild_since.get(p).copied())
+            .filter_map(|p| held_since.get(p).copied())
             .min();
         if let Some(ms) = since {
             out.insert(c.clone(), Start::At(ms));
@@ -106,15 +107,18 @@ mod tests {
             c("trade:binance:ETH-USDT"),
             c("trade:binance:BTC-USDT"),
         ];
-        let since = HashMap::from([(p("trade:kraken:*"), 42)]);
+        let since = HashMap::from([(p("trade:kraken:*"), 42), (p("trade:binance:BTC-USDT"), 7)]);
         let w = wanted(&interest, &policy, &registry, &since);
         assert_eq!(
             w.into_iter().collect::<Vec<_>>(),
             vec![
-                (c("trade:binance:BTC-USDT"), Start::Latest),
+                (c("trade:binance:BTC-USDT"), Start::At(7)),
                 (c("trade:kraken:BTC-USD"), Start::At(42)),
             ]
         );
+        let w = wanted(&interest, &policy, &registry, &HashMap::new());
+        assert_eq!(w.get(&c("trade:binance:BTC-USDT")), Some(&Start::Latest));
+        assert_eq!(w.get(&c("trade:kraken:BTC-USD")), None, "no time: not yet");
         let none = DurablePolicy::default();
         assert!(wanted(&interest, &none, &registry, &since).is_empty());
     }
