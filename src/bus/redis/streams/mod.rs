@@ -187,6 +187,8 @@ struct Consumer {
     unacked: HashMap<Channel, Vec<StreamId>>,
     /// Per channel, entries handed to the router and not acked by it yet.
     outstanding: HashMap<Channel, u64>,
+    /// First entry each stream held, asked after the current read ([`trim`]).
+    first_held: HashMap<Channel, Option<StreamId>>,
     retries: retry::Retries,
     claim_at: tokio::time::Instant,
     invalid_log: RateLimit,
@@ -226,6 +228,7 @@ impl Consumer {
             refresh_now: true,
             unacked: HashMap::new(),
             outstanding: HashMap::new(),
+            first_held: HashMap::new(),
             retries: retry::Retries::default(),
             claim_at: tokio::time::Instant::now(),
             invalid_log: RateLimit::new(Duration::from_secs(10)),

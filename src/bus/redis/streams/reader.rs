@@ -332,6 +332,7 @@ impl Consumer {
             Ok(v) => v,
             Err(e) => return self.on_error(e, "XREADGROUP").await,
         };
+        self.first_held.clear();
         let streams = match parse_streams(reply) {
             Ok(s) => s,
             Err(cause) => return Err(End::Reconnect(format!("XREADGROUP reply: {cause}"))),

@@ -78,17 +78,27 @@ impl Consumer {
         before: StreamId,
         shutdown: &CancellationToken,
     ) -> Result<(), End> {
-        let first: ::redis::RedisResult<Vec<(String, ::redis::Value)>> = ::redis::cmd("XRANGE")
-            .arg(key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(conn)
-            .await;
-        let first = match first {
-            Ok(rows) => rows.first().and_then(|(id, _)| id.parse::<StreamId>().ok()),
-            Err(e) => return self.on_error(e, "XRANGE").await,
+        // Asked once per stream per read: any answer after the read will do (the first
+        // entry only moves forward), and a work-sharing group jumps on most entries.
+        let first = match self.first_held.get(channel) {
+            Some(first) => *first,
+            None => {
+                let rows: ::redis::RedisResult<Vec<(String, ::redis::Value)>> =
+                    ::redis::cmd("XRANGE")
+                        .arg(key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(conn)
+                        .await;
+                let first = match rows {
+                    Ok(rows) => rows.first().and_then(|(id, _)| id.parse::<StreamId>().ok()),
+                    Err(e) => return self.on_error(e, "XRANGE").await,
+                };
+                self.first_held.insert(channel.clone(), first);
+                first
+            }
         };
         if first.is_none_or(|f| f <= before) {
             // The stream still holds what followed: a peer's share or a publisher's drop.
