@@ -47,6 +47,7 @@
 
 mod dead;
 mod reader;
+mod reply;
 mod retry;
 mod targets;
 mod trim;

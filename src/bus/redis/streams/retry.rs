@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::dead::{dead_letter, DeadLetter};
-use super::reader::{parse_entries, Source};
+use super::reader::Source;
+use super::reply::parse_entries;
 use super::{retry_delay, Consumer, End};
 use crate::durable::StreamId;
 use crate::event::Channel;

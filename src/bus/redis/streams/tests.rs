@@ -5,7 +5,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::Value;
 
 use super::dead::{dead_letter, DeadLetter};
-use super::reader::parse_streams;
+use super::reply::parse_streams;
 use crate::bus::redis_test_server::RedisTestServer;
 use crate::durable::StreamId;
 
@@ -88,7 +88,8 @@ async fn pending_reads_show_deleted_entries_and_dead_letters_ack_atomically() {
         deliveries: 5,
     };
     dead_letter(&mut c, &letter).await.unwrap();
-    let dead: Vec<(String, Vec<(String, Vec<u8>)>)> = ::redis::cmd("XRANGE")
+    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+    let dead: Entries = ::redis::cmd("XRANGE")
         .arg("s:dead")
         .arg("-")
         .arg("+")
