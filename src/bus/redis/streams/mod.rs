@@ -186,8 +186,12 @@ struct Consumer {
     refresh_now: bool,
     /// Acks from the router not yet sent as `XACK`.
     unacked: HashMap<Channel, Vec<StreamId>>,
-    /// Per channel, entries handed to the router and not acked by it yet.
+    /// Ids in `unacked`.
+    unacked_total: usize,
+    /// Per channel, entries handed to the router and not acked by it yet...
     outstanding: HashMap<Channel, u64>,
+    /// ...and their sum.
+    in_flight: u64,
     /// First entry each stream held, asked after the current read ([`trim`]).
     first_held: HashMap<Channel, Option<StreamId>>,
     retries: retry::Retries,
@@ -228,7 +232,9 @@ impl Consumer {
             registry_at: None,
             refresh_now: true,
             unacked: HashMap::new(),
+            unacked_total: 0,
             outstanding: HashMap::new(),
+            in_flight: 0,
             first_held: HashMap::new(),
             retries: retry::Retries::default(),
             claim_at: tokio::time::Instant::now(),

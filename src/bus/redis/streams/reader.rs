@@ -37,6 +37,12 @@ pub(super) enum Source {
     Retry,
 }
 
+/// Entries handed to the router and not acked yet, at most (then the consumer waits for
+/// acks): a share of the router's input, which pub/sub uses too.
+const MAX_IN_FLIGHT: u64 = 4_096;
+/// Longest wait for that (acks are not lost in practice; this only bounds a stuck router).
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(5);
+
 /// Acks buffered before they are dropped (the entries then stay pending and are dropped as
 /// redeliveries later): only reached while every `XACK` keeps failing.
 const MAX_UNACKED: usize = 1_000_000;
@@ -134,8 +140,14 @@ impl Consumer {
 
     /// The router is done with an entry this consumer handed over.
     pub(super) fn router_acked(&mut self, a: Acked) {
+        if !self.policy.is_durable(&a.channel) {
+            // An id-carrying envelope pub/sub delivered on a channel this executor does not
+            // consume (its publisher lists more durable channels): no group to ack in.
+            return;
+        }
         if let Some(n) = self.outstanding.get_mut(&a.channel) {
             *n = n.saturating_sub(1);
+            self.in_flight = self.in_flight.saturating_sub(1);
             if *n == 0 {
                 self.outstanding.remove(&a.channel);
             }
@@ -144,10 +156,10 @@ impl Consumer {
     }
 
     fn note_ack(&mut self, channel: Channel, id: StreamId) {
-        let total: usize = self.unacked.values().map(Vec::len).sum();
-        if total >= MAX_UNACKED {
+        if self.unacked_total >= MAX_UNACKED {
             return;
         }
+        self.unacked_total += 1;
         self.unacked.entry(channel).or_default().push(id);
     }
 
@@ -172,6 +184,7 @@ impl Consumer {
             Ok(_) => {
                 metrics::stream_acked(n);
                 self.unacked.clear();
+                self.unacked_total = 0;
                 Ok(())
             }
             Err(e) => self.on_error(e, "XACK").await,
@@ -483,6 +496,20 @@ impl Consumer {
                     self.confirm_gap(conn, channel, key, lost, before, shutdown)
                         .await?;
                 }
+                // The router's input is shared with pub/sub (which drops when it is full):
+                // keep at most MAX_IN_FLIGHT entries in it, so a backlog never crowds it.
+                let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
+                while self.in_flight >= MAX_IN_FLIGHT {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(End::Stop),
+                        a = self.acks.recv(), if self.acks_open => match a {
+                            Some(a) => self.router_acked(a),
+                            None => self.acks_open = false,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
                 let out = self.out.clone();
                 let permit = loop {
                     tokio::select! {
@@ -510,6 +537,7 @@ impl Consumer {
             }
         }
         *self.outstanding.entry(channel.clone()).or_default() += 1;
+        self.in_flight += 1;
         metrics::stream_delivered(1);
         Ok(())
     }
