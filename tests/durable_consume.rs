@@ -26,8 +26,10 @@ fn executor(redis: &RedisServer, name: &str, group: Option<&str>, durable: &str)
     let group = group.map_or(String::new(), |g| format!("group = \"{g}\"\n"));
     let extra =
         format!("[durable]\nchannels = [\"trade:*:*\"]\nblock_ms = 200\n{group}{durable}\n");
+    // Bots' queues hold every test's burst: no frame is dropped for a slow test bot.
     let config = role_config(&redis.url(), h, b, &extra)
-        .replace("name = \"test\"", &format!("name = \"{name}\""));
+        .replace("name = \"test\"", &format!("name = \"{name}\""))
+        .replace("[bots]\n", "[bots]\nqueue_size = 65536\n");
     Proc::role("executor", &config, h, Some(b))
 }
 
@@ -548,4 +550,60 @@ async fn a_wildcard_reaches_a_stream_created_after_it() {
     let (got, _) = trades(&mut bot, 1).await;
     assert_eq!(trade_ids(&got), vec![4]);
     nothing_more(&mut bot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_arrives_complete_and_in_order() {
+    let redis = RedisServer::start();
+    let mut exec = executor(&redis, "e1", None, "read_count = 1000\n");
+    exec.wait_healthy().await;
+    let mut bot = Bot::connect(&exec.bots_url()).await;
+    bot.subscribe(&[CHANNEL]).await;
+    wait_group(&redis, &key(), "e1").await;
+    let mut app = Appender::new(&redis, 100_000).await;
+    app.script.load(&mut app.conn).await.expect("SCRIPT LOAD");
+    // 10 000 entries appended while the executor is stopped: a backlog larger than what
+    // the consumer may have in the router's queue at once.
+    signal(&exec, "-STOP");
+    for _ in 0..10 {
+        let mut pipe = redis::pipe();
+        for _ in 0..1_000 {
+            app.seq += 1;
+            let msg = BusMessage::encode(
+                app.src,
+                app.seq,
+                now_micros(),
+                Event::Trade(Trade {
+                    exchange: Exchange::Binance,
+                    symbol: "BTC-USDT".into(),
+                    ts: Some(1),
+                    ts_recv: now_micros(),
+                    trade_id: app.seq.to_string(),
+                    price: "1".into(),
+                    size: "1".into(),
+                    side: None,
+                }),
+            );
+            let (head, tail) = msg.id_split().expect("no id yet");
+            app.script.add_to(
+                &mut pipe,
+                &key(),
+                &format!("md:{CHANNEL}"),
+                app.cap,
+                &head,
+                &tail,
+            );
+        }
+        let _: Vec<String> = pipe.query_async(&mut app.conn).await.expect("appends");
+    }
+    signal(&exec, "-CONT");
+    let (got, other) = trades(&mut bot, 10_000).await;
+    assert!(other.is_empty(), "{:?}", &other[..other.len().min(3)]);
+    assert_eq!(trade_ids(&got), (1..=10_000).collect::<Vec<_>>());
+    nothing_more(&mut bot).await;
+    wait_until("all acked", WAIT, || async {
+        pending(&redis, &key(), "e1") == 0
+    })
+    .await;
+    assert_eq!(exec.metric("mdbridge_stream_trimmed_total").await, 0.0);
 }
