@@ -513,9 +513,13 @@ async fn a_group_starved_past_maxlen_reports_the_gap() {
         .and_then(|m| m.split(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("N entries …");
-    let (after, other) = trades(&mut bot, 10).await;
-    assert!(other.is_empty(), "{other:?}");
+    let (after, _) = trades(&mut bot, 10).await;
     assert_eq!(trade_ids(&after), (26..=35).collect::<Vec<_>>());
+    // (A stop longer than the reply timeout would add a reconnect's status events.)
+    let before: Vec<Value> = before
+        .into_iter()
+        .filter(|v| v["type"] == "trade")
+        .collect();
     let before = trade_ids(&before);
     assert!(before.iter().all(|&n| n == 6), "{before:?}");
     assert_eq!(
