@@ -195,6 +195,8 @@ struct Consumer {
     /// First entry each stream held, asked after the current read ([`trim`]).
     first_held: HashMap<Channel, Option<StreamId>>,
     retries: retry::Retries,
+    /// Entries claimed (from a peer, or back for a retry) and not handed over yet.
+    unhanded: std::collections::HashSet<(Channel, StreamId)>,
     claim_at: tokio::time::Instant,
     invalid_log: RateLimit,
     trim_log: RateLimit,
@@ -237,6 +239,7 @@ impl Consumer {
             in_flight: 0,
             first_held: HashMap::new(),
             retries: retry::Retries::default(),
+            unhanded: Default::default(),
             claim_at: tokio::time::Instant::now(),
             invalid_log: RateLimit::new(Duration::from_secs(10)),
             trim_log: RateLimit::new(Duration::from_secs(10)),

@@ -90,9 +90,14 @@ impl Consumer {
         let mut master_watch = self.target.watch(&resolved);
         info!(redis = %resolved.shown(&self.target), group = %self.group, consumer = %self.name, "redis stream consumer connected");
         loop {
+            // A turn is never cut short by the master watch: an entry claimed but not yet
+            // handed over would look like a redelivery when re-read. It is checked between
+            // turns (each lasts about one blocking read) and fails the commands anyway.
+            if master_watch.has_moved() {
+                return End::Reconnect(master_watch.moved().await);
+            }
             tokio::select! {
                 biased;
-                reason = master_watch.moved() => return End::Reconnect(reason),
                 _ = shutdown.cancelled() => break,
                 turn = self.turn(&mut conn, shutdown) => match turn {
                     Ok(()) => {}
@@ -240,6 +245,7 @@ impl Consumer {
         }
         self.streams.retain(|c, _| wanted.contains_key(c));
         self.retries.retain(|c| wanted.contains_key(c));
+        self.unhanded.retain(|(c, _)| wanted.contains_key(c));
         for (channel, start) in wanted {
             self.streams
                 .entry(channel.clone())
@@ -423,6 +429,28 @@ impl Consumer {
 
     /// Decodes one entry and hands it over, or schedules its retry / dead-letters it.
     pub(super) async fn handle(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        channel: &Channel,
+        key: &str,
+        entry: Entry,
+        source: Source,
+        shutdown: &CancellationToken,
+    ) -> Result<(), End> {
+        let id = entry.id;
+        // Claimed (or claimed back for a retry) but never handed over before a session
+        // ended: older than what the router delivered, so it must go the claimed way.
+        let source = match source {
+            Source::Pending if self.unhanded.contains(&(channel.clone(), id)) => Source::Retry,
+            other => other,
+        };
+        self.handle_entry(conn, channel, key, entry, source, shutdown)
+            .await?;
+        self.unhanded.remove(&(channel.clone(), id));
+        Ok(())
+    }
+
+    async fn handle_entry(
         &mut self,
         conn: &mut MultiplexedConnection,
         channel: &Channel,

@@ -93,6 +93,16 @@ impl Retries {
 type PendingRow = (String, String, u64, u64);
 
 impl Consumer {
+    /// Claimed entries not handed over yet (see [`Consumer::handle`]); bounded.
+    fn note_unhanded(&mut self, channel: &Channel, ids: impl Iterator<Item = StreamId>) {
+        for id in ids {
+            if self.unhanded.len() >= MAX_SCHEDULED {
+                return;
+            }
+            self.unhanded.insert((channel.clone(), id));
+        }
+    }
+
     /// Entry `id` could not be handled (`reason`, `cause`): retry later or dead-letter.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn failed(
@@ -192,6 +202,7 @@ impl Consumer {
             };
             let entries = parse_entries(reply)
                 .map_err(|cause| End::Reconnect(format!("XCLAIM reply: {cause}")))?;
+            self.note_unhanded(&channel, entries.iter().map(|e| e.id));
             if entries.is_empty() {
                 // Deleted (trimmed) while it waited; Redis 7 removed it from the PEL.
                 metrics::stream_trimmed(1);
@@ -262,6 +273,7 @@ impl Consumer {
                 metrics::stream_trimmed(deleted);
             }
             metrics::stream_claimed(entries.len() as u64);
+            self.note_unhanded(&channel, entries.iter().map(|e| e.id));
             debug!(channel = %channel, claimed = entries.len(), deleted, "claimed idle entries from other consumers");
             let counts: HashMap<String, u64> = theirs.iter().map(|r| (r.0.clone(), r.3)).collect();
             for entry in entries {
