@@ -187,6 +187,26 @@ async fn every_entry_reaches_the_bots_once_in_order_with_its_id() {
     let mut wild = Bot::connect(&exec.bots_url()).await;
     wild.subscribe(&["trade:binance:*"]).await;
     wait_group(&redis, &key(), "e1").await;
+    // On pub/sub only the wildcard: the exact durable channel is not subscribed there.
+    wait_until("the wildcard on pub/sub", WAIT, || async {
+        let mut c = redis.conn();
+        redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query::<u64>(&mut c)
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    let mut c = redis.conn();
+    let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("md:{CHANNEL}"))
+        .query(&mut c)
+        .expect("NUMSUB");
+    assert_eq!(
+        numsub[0].1, 0,
+        "exact durable channel subscribed on pub/sub"
+    );
 
     let mut app = Appender::new(&redis, 10_000).await;
     let mut appended = Vec::new();
