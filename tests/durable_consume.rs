@@ -226,6 +226,8 @@ async fn every_entry_reaches_the_bots_once_in_order_with_its_id() {
     })
     .await;
     assert_eq!(exec.metric("mdbridge_stream_delivered_total").await, 50.0);
+    // The wildcard's pub/sub copies were dropped unread (durable: they carry an id).
+    assert_eq!(exec.metric("mdbridge_envelopes_received_total").await, 0.0);
     assert_eq!(
         exec.metric("mdbridge_stream_redeliveries_dropped_total")
             .await,
