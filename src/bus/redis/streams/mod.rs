@@ -3,9 +3,9 @@
 //! fan-out, retried, dead-lettered, and checked for entries lost to trimming.
 //!
 //! Owns: one task ([`StreamConsumer`]) with its own connection (blocking reads never share
-//! the multiplexed one), which streams to read ([`targets`]), the read/deliver loop
-//! ([`reader`]), retries and claims ([`retry`]), dead letters ([`dead`]) and trim-gap
-//! detection ([`trim`]). Does not own: which channels are durable and the key names
+//! the multiplexed one), which streams to read (`targets`), the read/deliver loop
+//! (`reader`), retries and claims (`retry`), dead letters (`dead`) and trim-gap
+//! detection (`trim`). Does not own: which channels are durable and the key names
 //! ([`crate::durable`]), the append (publisher side), `since` replay (router), the admin
 //! API and lag metrics (monitor), redelivery dedup and the bots' `gap` error (router,
 //! `gateway::router::durable`).
@@ -38,7 +38,7 @@
 //!   this consumer's own entries, which may still sit in the router's queue and would be
 //!   delivered twice). Entries deleted meanwhile are skipped (Redis 7 drops them from the
 //!   pending list) and counted as trimmed.
-//! - Trim gaps ([`trim`]): per (`src`, stream) `seq` jumps, confirmed by the first id the
+//! - Trim gaps (`trim`): per (`src`, stream) `seq` jumps, confirmed by the first id the
 //!   stream still holds being past the last entry this consumer read; the router tells
 //!   the channel's bots (`gap`).
 //! - Reconnects like the subscriber: exponential backoff with jitter, a fresh [`Target`]
@@ -192,7 +192,7 @@ struct Consumer {
     outstanding: HashMap<Channel, u64>,
     /// ...and their sum.
     in_flight: u64,
-    /// First entry each stream held, asked after the current read ([`trim`]).
+    /// First entry each stream held, asked after the current read (`trim`).
     first_held: HashMap<Channel, Option<StreamId>>,
     retries: retry::Retries,
     /// Entries claimed (from a peer, or back for a retry) and not handed over yet.
