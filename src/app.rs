@@ -21,11 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::bus::delivery::{merge_states, SkipDurable};
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::{check_connection, RedisPublisher, RedisStore, RedisSubscriber};
+use crate::bus::redis::streams::{ConsumerLinks, ConsumerSetup};
+use crate::bus::redis::{
+    check_connection, RedisPublisher, RedisStore, RedisSubscriber, StreamConsumer,
+};
 use crate::bus::signing::Keyring;
 use crate::bus::{run_publisher, Bus, BusState, Interest, SnapshotStore, Tee};
 use crate::config::{Config, FeedChannel, FeedConfig, Role};
+use crate::durable::DurablePolicy;
 use crate::envelope::BusMessage;
 use crate::event::{Event, Exchange};
 use crate::gateway::Gateway;
@@ -36,6 +41,8 @@ use crate::http::AdminState;
 const EVENT_QUEUE: usize = 65_536;
 /// Capacity of the queue between the bus (local or Redis) and the bot router.
 const DELIVERY_QUEUE: usize = 65_536;
+/// Capacity of the queue of stream notices (gaps, claimed entries) to the router.
+const NOTICE_QUEUE: usize = 1_024;
 
 /// Errors that stop an instance from starting.
 #[derive(Debug, thiserror::Error)]
@@ -140,19 +147,50 @@ pub async fn run(
     let mut gateway_task = None;
     let mut local_delivery = None;
     let mut subscriber_task = None;
+    let mut consumer_task = None;
+    let durable = DurablePolicy::from_config(&config.durable);
     if role != Role::Publisher {
         let (tx, rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
         let (interest_tx, interest_rx) = watch::channel::<Interest>(Interest::default());
-        let (bus_state_tx, bus_state_rx) = watch::channel(BusState::Up);
-        subscriber_task = Some(RedisSubscriber::spawn_with_state(
+        let (bus_state_tx, mut bus_state_rx) = watch::channel(BusState::Up);
+        subscriber_task = Some(RedisSubscriber::spawn_durable(
             config.redis.clone(),
             src,
-            interest_rx,
+            durable.clone(),
+            interest_rx.clone(),
             tx.clone(),
             health.register("redis_subscriber"),
             bus_state_tx,
             stops.gateway.clone(),
         ));
+        // Durable channels: read from their streams with the consumer group, acked by the
+        // router after fan-out (bus::redis::streams).
+        let mut durable_links = None;
+        if !durable.is_empty() {
+            // Acks never outnumber the messages the router can hold: none is lost.
+            let (ack_tx, ack_rx) = mpsc::channel(DELIVERY_QUEUE);
+            let (notice_tx, notice_rx) = mpsc::channel(NOTICE_QUEUE);
+            let (streams_state_tx, streams_state_rx) = watch::channel(BusState::Up);
+            consumer_task = Some(StreamConsumer::spawn(
+                ConsumerSetup {
+                    redis: config.redis.clone(),
+                    durable: config.durable.clone(),
+                    group: config.durable.group_name(&config.instance).to_string(),
+                    consumer: config.instance.name.clone(),
+                },
+                ConsumerLinks {
+                    interest: interest_rx,
+                    out: tx.clone(),
+                    acks: ack_rx,
+                    notices: notice_tx,
+                    health: health.register("redis_streams"),
+                    bus_state: streams_state_tx,
+                },
+                stops.gateway.clone(),
+            ));
+            bus_state_rx = merge_states(bus_state_rx, streams_state_rx);
+            durable_links = Some((ack_tx, notice_rx));
+        }
         let store = Arc::new(RedisStore::connect(&config.redis).await?);
         let snapshots: Arc<dyn SnapshotStore> = store.clone();
         let gateway = Gateway::new(
@@ -168,6 +206,10 @@ pub async fn run(
             crate::durable::DurablePolicy::from_config(&config.durable),
             config.durable.max_replay,
         );
+        let gateway = match durable_links {
+            Some((acks, notices)) => gateway.with_durable(acks, notices),
+            None => gateway,
+        };
         let gateway = if role == Role::Hybrid {
             let (local_tx, local_rx) = mpsc::channel::<BusMessage>(DELIVERY_QUEUE);
             local_delivery = Some(local_tx);
@@ -199,7 +241,15 @@ pub async fn run(
         redis_pub_task = Some(task);
         let keys = Keyring::from_config(&config.redis);
         pipeline = Some(match local_delivery.take() {
-            Some(tx) => spawn_pipeline(events_rx, src, keys, Tee(publisher, MemoryBus::new(tx))),
+            // Durable channels are not delivered in-process: they come back through the
+            // stream consumer with their ids, like on an executor.
+            Some(tx) => {
+                let local = SkipDurable {
+                    inner: MemoryBus::new(tx),
+                    policy: durable.clone(),
+                };
+                spawn_pipeline(events_rx, src, keys, Tee(publisher, local))
+            }
             None => spawn_pipeline(events_rx, src, keys, publisher),
         });
     }
@@ -223,6 +273,7 @@ pub async fn run(
         }
     }
     join_by(subscriber_task, deadline, "redis subscriber").await;
+    join_by(consumer_task, deadline, "redis stream consumer").await;
     stops.http.cancel();
     join_by(monitor_task, deadline, "stream monitor").await;
     join_by(Some(http_task), deadline, "admin HTTP").await;

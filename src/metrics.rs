@@ -107,9 +107,9 @@ pub const REDIS_FAILURE_REASONS: &[&str] = &[
     "redis_down",
     "redis_error",
 ];
-pub const REDIS_ROLES: &[&str] = &["publish", "subscribe"];
+pub const REDIS_ROLES: &[&str] = &["publish", "subscribe", "consume"];
 /// Connections that follow a Sentinel failover (`bus::redis::target`).
-pub const REDIS_FAILOVER_ROLES: [&str; 4] = ["publish", "subscribe", "store", "health"];
+pub const REDIS_FAILOVER_ROLES: [&str; 5] = ["publish", "subscribe", "store", "health", "consume"];
 pub const ADMIN_TIMEOUT_KINDS: &[&str] = &["header", "lifetime"];
 pub const BOT_FRAMES_DROPPED_REASONS: &[&str] = &["queue_full"];
 pub const BOT_DISCONNECT_REASONS: &[&str] = &[
@@ -149,6 +149,13 @@ pub const STREAM_REPLAYED: &str = "mdbridge_stream_replayed_total";
 pub const STREAM_REPLAYS: &str = "mdbridge_stream_replays_total";
 /// Every `outcome` label of [`STREAM_REPLAYS`].
 pub const STREAM_REPLAY_OUTCOMES: [&str; 3] = ["recovered", "truncated", "failed"];
+pub const STREAM_DELIVERED: &str = "mdbridge_stream_delivered_total";
+pub const STREAM_ACKED: &str = "mdbridge_stream_acked_total";
+pub const STREAM_RETRIES: &str = "mdbridge_stream_retries_total";
+pub const STREAM_CLAIMED: &str = "mdbridge_stream_claimed_total";
+pub const STREAM_DEAD_LETTERS: &str = "mdbridge_stream_dead_letters_total";
+pub const STREAM_TRIMMED: &str = "mdbridge_stream_trimmed_total";
+pub const STREAM_REDELIVERIES_DROPPED: &str = "mdbridge_stream_redeliveries_dropped_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -353,6 +360,34 @@ fn describe() {
         STREAM_REPLAYS,
         "`since` replays finished, by outcome: recovered, truncated (history_truncated, then what the stream held), failed (replay_failed)."
     );
+    describe_counter!(
+        STREAM_DELIVERED,
+        "Durable stream entries handed to the bot router (read, pending after a restart, claimed or retried)."
+    );
+    describe_counter!(
+        STREAM_ACKED,
+        "Durable stream entries acknowledged (XACK) after the router fanned them out."
+    );
+    describe_counter!(
+        STREAM_RETRIES,
+        "Durable stream entries that could not be handled, scheduled for another delivery."
+    );
+    describe_counter!(
+        STREAM_CLAIMED,
+        "Durable stream entries taken over from other consumers of the group (idle over claim_idle_ms)."
+    );
+    describe_counter!(
+        STREAM_DEAD_LETTERS,
+        "Durable stream entries moved to the dead-letter stream after max_deliveries."
+    );
+    describe_counter!(
+        STREAM_TRIMMED,
+        "Durable stream entries lost to trimming before this group read or acked them (detected)."
+    );
+    describe_counter!(
+        STREAM_REDELIVERIES_DROPPED,
+        "Durable stream entries the router had already delivered, dropped (and acked)."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -454,6 +489,17 @@ pub fn init() {
     counter!(STREAM_REPLAYED).increment(0);
     for outcome in STREAM_REPLAY_OUTCOMES {
         counter!(STREAM_REPLAYS, "outcome" => outcome).increment(0);
+    }
+    for name in [
+        STREAM_DELIVERED,
+        STREAM_ACKED,
+        STREAM_RETRIES,
+        STREAM_CLAIMED,
+        STREAM_DEAD_LETTERS,
+        STREAM_TRIMMED,
+        STREAM_REDELIVERIES_DROPPED,
+    ] {
+        counter!(name).increment(0);
     }
 }
 
@@ -617,4 +663,25 @@ pub fn stream_replayed(n: u64) {
 /// `outcome` is one of [`STREAM_REPLAY_OUTCOMES`].
 pub fn stream_replay(outcome: &'static str) {
     counter!(STREAM_REPLAYS, "outcome" => outcome).increment(1);
+}
+pub fn stream_delivered(n: u64) {
+    counter!(STREAM_DELIVERED).increment(n);
+}
+pub fn stream_acked(n: u64) {
+    counter!(STREAM_ACKED).increment(n);
+}
+pub fn stream_retry() {
+    counter!(STREAM_RETRIES).increment(1);
+}
+pub fn stream_claimed(n: u64) {
+    counter!(STREAM_CLAIMED).increment(n);
+}
+pub fn stream_dead_letter() {
+    counter!(STREAM_DEAD_LETTERS).increment(1);
+}
+pub fn stream_trimmed(n: u64) {
+    counter!(STREAM_TRIMMED).increment(n);
+}
+pub fn stream_redelivery_dropped() {
+    counter!(STREAM_REDELIVERIES_DROPPED).increment(1);
 }

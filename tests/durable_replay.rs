@@ -114,17 +114,16 @@ async fn since_replays_then_continues_live_exactly_and_reports_truncation() {
         json!({"type":"recovered","channel":BTC,"count":3})
     );
 
-    // Live from here: wait until the executor's bus subscription is in place.
-    wait_until("the executor subscribed", WAIT, || async {
+    // Live from here: wait until the executor's consumer group reads the stream (durable
+    // channels come from the stream, not from pub/sub).
+    wait_until("the executor's consumer group exists", WAIT, || async {
         let mut c = redis.conn();
-        let (_, n): (String, u64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("md:trade:binance:BTC-USDT")
-            .query::<Vec<(String, u64)>>(&mut c)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .unwrap_or_default();
-        n >= 1
+        redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(KEY)
+            .query::<Vec<redis::Value>>(&mut c)
+            .map(|groups| !groups.is_empty())
+            .unwrap_or(false)
     })
     .await;
     ids.push(append(&mut conn, src, 6).await);

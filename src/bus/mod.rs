@@ -32,6 +32,7 @@ use crate::durable::StreamId;
 use crate::envelope::BusMessage;
 use crate::event::{now_micros, Channel, Event, Pattern};
 
+pub mod delivery;
 pub mod memory;
 pub mod redis;
 #[cfg(test)]

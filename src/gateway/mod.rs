@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::delivery::{Acked, StreamNotice};
 use crate::bus::{BusState, Interest, SnapshotStore, StreamStore};
 use crate::config::BotsConfig;
 use crate::durable::DurablePolicy;
@@ -103,6 +104,7 @@ pub struct Gateway {
     bus_state: Option<watch::Receiver<BusState>>,
     /// Durable channels' streams, which are durable, and `max_replay` (`since`).
     streams: Option<(Arc<dyn StreamStore>, DurablePolicy, usize)>,
+    durable: Option<(mpsc::Sender<Acked>, mpsc::Receiver<StreamNotice>)>,
 }
 
 impl Gateway {
@@ -126,6 +128,7 @@ impl Gateway {
             stats: Arc::new(StatsInner::default()),
             bus_state: None,
             streams: None,
+            durable: None,
         }
     }
 
@@ -139,6 +142,17 @@ impl Gateway {
         max_replay: usize,
     ) -> Gateway {
         self.streams = Some((streams, policy, max_replay));
+        self
+    }
+
+    /// Durable channels (executor, hybrid): the router acks stream entries on `acks` and
+    /// reads gaps and claimed entries from `notices` (see `bus::redis::streams`).
+    pub fn with_durable(
+        mut self,
+        acks: mpsc::Sender<Acked>,
+        notices: mpsc::Receiver<StreamNotice>,
+    ) -> Gateway {
+        self.durable = Some((acks, notices));
         self
     }
 
@@ -179,6 +193,7 @@ impl Gateway {
             stats,
             bus_state,
             streams,
+            durable,
         } = self;
         // Everything that can fail at start comes before the router and the listener.
         let tls = match listener::tls_acceptor(&config) {
@@ -205,6 +220,10 @@ impl Gateway {
         };
         let router = match streams {
             Some((streams, policy, max_replay)) => router.with_streams(streams, policy, max_replay),
+            None => router,
+        };
+        let router = match durable {
+            Some((acks, notices)) => router.with_acks(acks).with_notices(notices),
             None => router,
         };
         let router_stop = CancellationToken::new();

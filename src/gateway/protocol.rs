@@ -47,6 +47,8 @@ pub enum ErrorCode {
     /// The stream could not be read for a `since` replay (not a refusal: live events
     /// follow, without `recovered`).
     ReplayFailed,
+    /// Not a refusal: a durable channel lost entries (trimmed before delivery).
+    Gap,
 }
 
 impl ErrorCode {
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::HistoryTruncated => "history_truncated",
             ErrorCode::ReplayFailed => "replay_failed",
+            ErrorCode::Gap => "gap",
         }
     }
 }

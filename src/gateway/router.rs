@@ -41,6 +41,7 @@
 
 mod book_cache;
 mod bus_state;
+mod durable;
 mod replay;
 mod store_reads;
 #[cfg(test)]
@@ -58,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{ClientId, ClientQueue};
 use super::protocol::{ErrorCode, Op, Reply, ReqId, Request, RequestError, Since};
 use super::StatsInner;
+use crate::bus::delivery::{Acked, StreamNotice};
 use crate::bus::{BusState, Interest, SnapshotStore};
 use crate::envelope::BusMessage;
 use crate::event::{Channel, Event, EventType, Exchange, Pattern, StatusState};
@@ -191,6 +193,8 @@ pub struct Router {
     wildcard_cap: usize,
     /// `since` replays of durable channels ([`replay`]).
     replay: Replays,
+    /// Durable channels: acks, redelivery dedup, gap notices ([`durable`]).
+    durable: durable::Durable,
 }
 
 impl Router {
@@ -219,7 +223,20 @@ impl Router {
             wildcard_channels: 0,
             wildcard_cap: WILDCARD_CHANNELS_MAX,
             replay: Replays::new(),
+            durable: durable::Durable::default(),
         }
+    }
+
+    /// Acks every durable message (one with a stream id) on `acks` once routed.
+    pub fn with_acks(mut self, acks: mpsc::Sender<Acked>) -> Router {
+        self.durable.acks = Some(acks);
+        self
+    }
+
+    /// Gaps and claimed entries from the stream consumer, read before bus messages.
+    pub fn with_notices(mut self, notices: mpsc::Receiver<StreamNotice>) -> Router {
+        self.durable.notices = Some(notices);
+        self
     }
 
     /// Follows the bus state (the Redis subscriber's) to tell bots when it is down or back.
@@ -244,6 +261,7 @@ impl Router {
     ) {
         let mut bus_open = true;
         let mut bus_state = self.bus_state.take();
+        let mut notices = self.durable.notices.take();
         loop {
             tokio::select! {
                 biased;
@@ -257,6 +275,10 @@ impl Router {
                 state = next_bus_state(&mut bus_state) => match state {
                     Some(state) => self.on_bus_state(state),
                     None => bus_state = None,
+                },
+                notice = durable::recv_notice(&mut notices) => match notice {
+                    Some(notice) => self.on_notice(notice),
+                    None => notices = None,
                 },
                 msg = recv_local(&mut local) => match msg {
                     Some(msg) => self.on_message(msg, true),
@@ -559,6 +581,10 @@ impl Router {
     /// delivers every message of its channels, so their caches are kept exact even while
     /// nobody subscribes — a bot that joins gets a snapshot at once, with no store lookup.
     fn on_message(&mut self, msg: BusMessage, local: bool) {
+        // Durable: a redelivery is dropped; otherwise acked when this returns.
+        let Some(_ack) = self.durable.admit(&msg) else {
+            return;
+        };
         if !self.channels.contains_key(&msg.channel) {
             let subscribers = self.resolve(&msg.channel);
             if subscribers.is_empty() && self.store.is_some() && !local {
@@ -618,6 +644,27 @@ impl Router {
             }
         };
         self.apply(&next.0, next.1);
+    }
+
+    /// A stream consumer's notice: a trim gap for the channel's bots, or a claimed entry.
+    fn on_notice(&mut self, notice: StreamNotice) {
+        match notice {
+            StreamNotice::Gap { channel, lost } => {
+                let frame = durable::gap_frame(&channel, lost);
+                let subscribers = match self.channels.get(&channel) {
+                    Some(state) => state.subscribers.clone(),
+                    None => self.resolve(&channel),
+                };
+                for q in &subscribers {
+                    q.push_control(frame.clone());
+                }
+            }
+            StreamNotice::Claimed(msg) => {
+                self.durable.set_claimed(true);
+                self.on_message(msg, false);
+                self.durable.set_claimed(false);
+            }
+        }
     }
 
     /// Subscribers of a channel seen for the first time: every client with a matching

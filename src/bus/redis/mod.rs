@@ -18,6 +18,9 @@
 //!   Sentinel names, resolved afresh on every (re)connect so failovers are followed.
 //! - [`error`]: what a Redis failure means ([`RedisFailure`]) and the policy for it.
 //! - [`interest`]: the bots' interest as Redis subscriptions, bounded by `max_patterns`.
+//! - [`StreamConsumer`] ([`streams`]): durable channels read from Redis Streams with a
+//!   consumer group on a dedicated connection; acked after fan-out, retried,
+//!   dead-lettered, claimed from idle peers, trim gaps announced.
 //!
 //! Every connection here reconnects by itself with exponential backoff and jitter between
 //! `reconnect_min_ms` and `reconnect_max_ms`; the details are listed in each submodule.
@@ -42,12 +45,14 @@ pub mod store;
 pub mod stream_admin;
 pub mod stream_monitor;
 pub mod stream_store;
+pub mod streams;
 pub mod subscriber;
 pub mod target;
 
 pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
+pub use streams::StreamConsumer;
 pub use subscriber::RedisSubscriber;
 pub use target::{MasterAddr, Target, TargetError};
 

@@ -15,6 +15,10 @@
 //!   refusal shows only in Redis's `ACL LOG`; see docs/operations.md.)
 //! - Envelopes whose `src` is this instance's are dropped (hybrid: delivered locally),
 //!   recognised by their first bytes before any parse.
+//! - Durable channels (`[durable] channels`) come from their streams
+//!   ([`streams`](super::streams)), not from here: exact durable patterns are not
+//!   subscribed, and an envelope carrying a stream `id` on a durable channel (a wildcard
+//!   delivered it) is dropped before decoding, its `seq` not counted.
 //! - Every payload is decoded under the [`DecodePolicy`] of `[redis]` (size bound,
 //!   signature when keys are configured, event valid for its channel); what fails is
 //!   counted by reason, logged (rate-limited) and skipped.
@@ -70,6 +74,7 @@ use super::{backoff, io_timeout, Recovery, RedisFailure};
 use crate::bus::seq::{Seen, SeqTracker};
 use crate::bus::{BusState, Interest};
 use crate::config::RedisConfig;
+use crate::durable::DurablePolicy;
 use crate::envelope::{BusMessage, DecodePolicy};
 use crate::event::Channel;
 use crate::health::HealthHandle;
@@ -97,6 +102,31 @@ impl RedisSubscriber {
     pub fn spawn_with_state(
         config: RedisConfig,
         src: Uuid,
+        interest: watch::Receiver<Interest>,
+        out: mpsc::Sender<BusMessage>,
+        health: HealthHandle,
+        bus_state: watch::Sender<BusState>,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
+        Self::spawn_durable(
+            config,
+            src,
+            DurablePolicy::default(),
+            interest,
+            out,
+            health,
+            bus_state,
+            shutdown,
+        )
+    }
+
+    /// [`RedisSubscriber::spawn_with_state`] leaving the `durable` channels to the stream
+    /// consumer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_durable(
+        config: RedisConfig,
+        src: Uuid,
+        durable: DurablePolicy,
         interest: watch::Receiver<Interest>,
         out: mpsc::Sender<BusMessage>,
         health: HealthHandle,
@@ -131,6 +161,7 @@ impl RedisSubscriber {
                 session_was_up: false,
                 refused_log: RateLimit::new(Duration::from_secs(10)),
                 bus_state,
+                durable,
             };
             sub.run(shutdown).await;
         })
@@ -169,6 +200,8 @@ struct Subscriber {
     /// Subscriptions refused with an error reply (ACL, loading): logged at most this often.
     refused_log: RateLimit,
     bus_state: watch::Sender<BusState>,
+    /// Durable channels: read from their streams, not from pub/sub.
+    durable: DurablePolicy,
 }
 
 impl Subscriber {
@@ -327,7 +360,21 @@ impl Subscriber {
     }
 
     fn plan(&self, interest: &Interest) -> Plan {
-        Plan::new(interest, &self.config.key_prefix, self.config.max_patterns)
+        if self.durable.is_empty() {
+            return Plan::new(interest, &self.config.key_prefix, self.config.max_patterns);
+        }
+        // Exact durable channels come from their streams only.
+        let live: Interest = std::sync::Arc::new(
+            interest
+                .iter()
+                .filter(|p| {
+                    p.is_wildcard()
+                        || Channel::parse(p.as_str()).map_or(true, |c| !self.durable.is_durable(&c))
+                })
+                .cloned()
+                .collect(),
+        );
+        Plan::new(&live, &self.config.key_prefix, self.config.max_patterns)
     }
 
     /// Applies `target`; a failure is handled by its class: a connection failure or a
@@ -381,6 +428,13 @@ impl Subscriber {
             return None;
         }
         let raw = msg.get_payload_bytes();
+        // A durable envelope (it carries its stream id): the stream consumer delivers it.
+        if !self.durable.is_empty()
+            && crate::envelope::id_field(raw).is_some()
+            && self.durable.is_durable(&channel)
+        {
+            return None;
+        }
         // Our own echo (hybrid) is recognised by its first bytes, before any copy or parse;
         // envelopes written by other encoders still get the full check below.
         if raw.starts_with(&self.own_prefix) {

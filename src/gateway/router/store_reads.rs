@@ -118,6 +118,12 @@ impl Router {
                             if let Ok(text) = Utf8Bytes::try_from(msg.event_json()) {
                                 *value = Some((text.clone(), msg.ts_recv));
                                 fan_out_except(subscribers, &skip, &text, msg.ts_recv);
+                                // A durable value (with its id) from the stream: the
+                                // consumer may still be behind it; what it brings up to
+                                // that id would reach these bots twice, or out of order.
+                                if let Some(id) = msg.id {
+                                    self.durable.advance(&channel, id);
+                                }
                             }
                         }
                         Next::Idle
