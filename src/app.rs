@@ -22,7 +22,9 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::{check_connection, RedisPublisher, RedisStore, RedisSubscriber};
+use crate::bus::redis::{
+    check_connection, RedisPublisher, RedisStore, RedisSubscriber, StreamSetup,
+};
 use crate::bus::signing::Keyring;
 use crate::bus::{run_publisher, Bus, BusState, Interest, SnapshotStore, Tee};
 use crate::config::{Config, FeedChannel, FeedConfig, Role};
@@ -171,10 +173,13 @@ pub async fn run(
     if role != Role::Executor {
         let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
         feeds = spawn_feeds(&config.feeds, &events_tx, &health, &stops.feeds);
+        // Durable channels; the buffer's overflow notices join the feeds' events (weakly).
+        let streams = StreamSetup::from_config(&config.durable).with_notices(&events_tx);
         drop(events_tx);
-        let (publisher, task) = RedisPublisher::spawn(
+        let (publisher, task) = RedisPublisher::spawn_with_streams(
             config.redis.clone(),
             src,
+            streams,
             health.register("redis_publisher"),
             stops.publisher.clone(),
         );

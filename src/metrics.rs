@@ -142,6 +142,9 @@ pub const STORE_VALUES_REFUSED: &str = "mdbridge_store_values_refused_total";
 pub const STORE_FETCHES: &str = "mdbridge_store_fetches_total";
 pub const BUS_DOWN_NOTICES: &str = "mdbridge_bus_down_total";
 pub const ROUTER_WILDCARD_OVERFLOW: &str = "mdbridge_router_wildcard_overflow_total";
+pub const STREAM_APPENDED: &str = "mdbridge_stream_appended_total";
+pub const STREAM_BUFFERED_BYTES: &str = "mdbridge_stream_buffered_bytes";
+pub const STREAM_BUFFER_DROPPED: &str = "mdbridge_stream_buffer_dropped_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -334,6 +337,18 @@ fn describe() {
         ROUTER_WILDCARD_OVERFLOW,
         "Messages on channels only wildcards matched, passed on without router state because the cap on such channels was reached (books: dropped)."
     );
+    describe_counter!(
+        STREAM_APPENDED,
+        "Durable envelopes appended to their Redis stream (and published) by this publisher."
+    );
+    describe_gauge!(
+        STREAM_BUFFERED_BYTES,
+        "Bytes of durable envelopes the publisher holds while Redis is unreachable (bounded by durable.buffer_bytes)."
+    );
+    describe_counter!(
+        STREAM_BUFFER_DROPPED,
+        "Durable envelopes dropped because the publisher's buffer was full (oldest first); announced as an error status."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -431,6 +446,9 @@ pub fn init() {
     }
     counter!(BUS_DOWN_NOTICES).increment(0);
     counter!(ROUTER_WILDCARD_OVERFLOW).increment(0);
+    counter!(STREAM_APPENDED).increment(0);
+    gauge!(STREAM_BUFFERED_BYTES).set(0.0);
+    counter!(STREAM_BUFFER_DROPPED).increment(0);
 }
 
 pub fn exchange_event(exchange: Exchange, kind: EventType) {
@@ -575,4 +593,13 @@ pub fn router_wildcard_overflow() {
 }
 pub fn bus_down_notice() {
     counter!(BUS_DOWN_NOTICES).increment(1);
+}
+pub fn stream_appended(n: u64) {
+    counter!(STREAM_APPENDED).increment(n);
+}
+pub fn stream_buffered_bytes(bytes: u64) {
+    gauge!(STREAM_BUFFERED_BYTES).set(bytes as f64);
+}
+pub fn stream_buffer_dropped(n: u64) {
+    counter!(STREAM_BUFFER_DROPPED).increment(n);
 }

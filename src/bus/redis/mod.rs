@@ -37,12 +37,14 @@ pub mod error;
 pub mod interest;
 pub mod publisher;
 pub mod store;
+pub mod stream_writer;
 pub mod subscriber;
 pub mod target;
 
 pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
+pub use stream_writer::StreamSetup;
 pub use subscriber::RedisSubscriber;
 pub use target::{MasterAddr, Target, TargetError};
 

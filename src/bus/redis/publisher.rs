@@ -33,6 +33,12 @@
 //!
 //! Pub/sub is fire-and-forget: what is lost shows as a `seq` gap at the subscribers.
 //!
+//! Durable channels (`[durable] channels`) differ in two ways, both owned by
+//! [`stream_writer`](super::stream_writer): their envelopes are appended to their stream
+//! and published by one script call in place of the `PUBLISH`, and while Redis is
+//! unreachable they are kept in a bounded buffer (not dropped) and appended, in order,
+//! first thing after the reconnect.
+//!
 //! Reconnect behaviour:
 //!
 //! - The first connection is made in the background at spawn; until it is up, envelopes
@@ -51,7 +57,7 @@
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
-//!   connection returns. Each attempt asks the [`Target`] afresh (with Sentinel: the
+//!   connection returns (durable envelopes: see above). Each attempt asks the [`Target`] afresh (with Sentinel: the
 //!   current master, `ROLE`-checked), and with Sentinel a watch ends the connection when
 //!   the sentinels name another master (see [`target`](super::target)).
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
@@ -66,7 +72,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::Pipeline;
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -77,6 +83,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::store::booklog_key;
+use super::stream_writer::{StreamSetup, StreamWriter};
 use super::subscriber::RateLimit;
 use super::target::{MasterWatch, Resolved, Target, TargetError};
 use super::{backoff, Recovery, RedisFailure};
@@ -114,13 +121,25 @@ impl RedisPublisher {
         health: HealthHandle,
         shutdown: CancellationToken,
     ) -> (RedisPublisher, JoinHandle<()>) {
+        RedisPublisher::spawn_with_streams(config, src, StreamSetup::default(), health, shutdown)
+    }
+
+    /// [`RedisPublisher::spawn`] with durable channels (`streams`, see
+    /// [`stream_writer`](super::stream_writer)).
+    pub fn spawn_with_streams(
+        config: RedisConfig,
+        src: Uuid,
+        streams: StreamSetup,
+        health: HealthHandle,
+        shutdown: CancellationToken,
+    ) -> (RedisPublisher, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
         let books = SharedBooks::default();
         let writer_books = books.clone();
         let task = tokio::spawn(async move {
             match Target::new(&config, "publish") {
                 Ok(target) => {
-                    Writer::new(config, src, target, health, writer_books)
+                    Writer::new(config, src, target, health, writer_books, streams)
                         .run(rx, shutdown)
                         .await
                 }
@@ -223,6 +242,8 @@ struct Writer {
     rewrite_latest: bool,
     /// Signs the refreshed snapshot envelopes (`[redis] signing_keys`), like the Sequencer.
     keys: Option<Arc<crate::bus::signing::Keyring>>,
+    /// Durable channels: appends, and their buffer while Redis is unreachable.
+    streams: StreamWriter,
 }
 
 impl Writer {
@@ -232,10 +253,12 @@ impl Writer {
         target: Target,
         health: HealthHandle,
         books: SharedBooks,
+        streams: StreamSetup,
     ) -> Writer {
         let delays = Box::new(backoff(&config));
         let keys = crate::bus::signing::Keyring::from_config(&config);
         Writer {
+            streams: StreamWriter::new(streams, &config.key_prefix, src),
             keys,
             config,
             src,
@@ -268,7 +291,10 @@ impl Writer {
                 // Shutdown first: a busy queue must not hold off the flush deadline.
                 biased;
                 _ = shutdown.cancelled() => break,
-                done = wait_connecting(&mut self.connecting) => self.connected(done),
+                done = wait_connecting(&mut self.connecting) => {
+                    self.connected(done);
+                    self.send_backlog().await;
+                }
                 reason = self.watch.moved() => self.lost_connection(&reason),
                 // Before the queue: under sustained load the queue is always ready and would
                 // starve the refresh; the tick is ready only once per period.
@@ -276,6 +302,8 @@ impl Writer {
                     if !std::mem::replace(&mut self.sent_since_tick, false) {
                         self.ping().await;
                     }
+                    // Idle after an outage or a LOADING pause: the buffer still goes out.
+                    self.send_backlog().await;
                     self.refresh_snapshots(None).await;
                 }
                 // Before the very first connection the queue holds what arrives (up to its
@@ -320,7 +348,17 @@ impl Writer {
                 break;
             }
         }
-        let mut left = batch.len() as u64;
+        if Instant::now() < deadline && self.streams.has_backlog() {
+            let _ = tokio::time::timeout_at(deadline, self.send_backlog()).await;
+        }
+        let unsent = self.streams.abandon();
+        if unsent > 0 {
+            warn!(
+                dropped = unsent,
+                "durable envelopes still buffered at shutdown (Redis unreachable or flush deadline passed); not appended"
+            );
+        }
+        let mut left = batch.len() as u64 + unsent;
         while rx.try_recv().is_ok() {
             left += 1;
         }
@@ -357,6 +395,7 @@ impl Writer {
         match done {
             Ok(Ok((conn, resolved))) => {
                 self.conn = Some(conn);
+                self.streams.connected();
                 self.watch = self.target.watch(&resolved);
                 if self.was_connected {
                     metrics::redis_reconnect("publish");
@@ -403,7 +442,7 @@ impl Writer {
         let pause = match failure.recovery() {
             Recovery::Reconnect => return self.lost_connection(&failure),
             Recovery::WaitAndRetry(pause) => Some(pause),
-            // No scripts are sent today: a NOSCRIPT can only be dropped like any reply.
+            // The append script's NOSCRIPT is handled where it is sent (stream_writer).
             Recovery::Drop | Recovery::ReloadScript | Recovery::Fatal => None,
         };
         metrics::redis_error_reply("publish", failure.reason());
@@ -440,24 +479,76 @@ impl Writer {
         self.start_connecting(delay);
     }
 
-    /// Tracks the books, then sends the batch as one pipeline (or counts it as failed).
+    /// Sends `batch`, after the durable envelopes buffered during an outage (which go
+    /// first, in order); while those cannot go, the batch's durable envelopes queue
+    /// behind them.
     async fn send_batch(&mut self, batch: &mut Vec<BusMessage>) {
+        if self.streams.has_backlog() {
+            self.send_backlog().await;
+            if self.streams.has_backlog() {
+                let reason = if self.conn.is_some() {
+                    "redis_loading"
+                } else {
+                    "redis_down"
+                };
+                let dropped = self.streams.stash(batch);
+                metrics::envelopes_publish_failed(dropped, reason);
+                return;
+            }
+        }
+        self.send_one(batch).await;
+    }
+
+    /// Appends the buffered durable envelopes, oldest first, while the connection takes
+    /// them; then announces what the buffer had to drop.
+    async fn send_backlog(&mut self) {
+        let batch_max = self.config.publish_batch_max.max(1);
+        while self.streams.has_backlog() && !self.paused() {
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            // Before taking a chunk: it may skip envelopes a lost reply already appended.
+            if let Err(failure) = self.streams.prepare(conn).await {
+                return self.failed(failure);
+            }
+            let mut chunk = self.streams.take_chunk(batch_max);
+            self.send_one(&mut chunk).await;
+        }
+        if self.conn.is_some() {
+            self.streams.announce_gaps();
+        }
+    }
+
+    /// `LOADING`: nothing is sent until the pause is over.
+    fn paused(&self) -> bool {
+        self.paused_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Tracks the books, then sends the batch as one pipeline (or counts it as failed;
+    /// durable envelopes are buffered instead, see `stream_writer`).
+    async fn send_one(&mut self, batch: &mut Vec<BusMessage>) {
         let n = batch.len();
         if n == 0 {
             return;
         }
         let Some(conn) = self.conn.as_mut() else {
-            metrics::envelopes_publish_failed(n as u64, "redis_down");
-            batch.clear();
+            let dropped = self.streams.stash(batch);
+            metrics::envelopes_publish_failed(dropped, "redis_down");
             return;
         };
         if let Some(until) = self.paused_until {
             if Instant::now() < until {
-                metrics::envelopes_publish_failed(n as u64, "redis_loading");
-                batch.clear();
+                let dropped = self.streams.stash(batch);
+                metrics::envelopes_publish_failed(dropped, "redis_loading");
                 return;
             }
             self.paused_until = None;
+        }
+        if let Err(failure) = self.streams.prepare(conn).await {
+            let dropped = self.streams.stash(batch);
+            metrics::envelopes_publish_failed(dropped, failure.reason());
+            return self.failed(failure);
         }
         let prefix = &self.config.key_prefix;
         let ttl = self.config.latest_ttl_ms;
@@ -469,7 +560,7 @@ impl Writer {
         let mut full: Vec<Channel> = Vec::new();
         {
             let mut books = lock(&self.books);
-            for msg in batch.iter() {
+            for (i, msg) in batch.iter().enumerate() {
                 let payload: &[u8] = &msg.envelope;
                 match msg.kind() {
                     EventType::Ticker | EventType::Candle | EventType::Status => {
@@ -501,10 +592,12 @@ impl Writer {
                             if !logs.contains(&msg.channel) {
                                 logs.push(msg.channel.clone());
                             }
-                            pipe.cmd("PUBLISH")
-                                .arg(super::channel_key(prefix, &msg.channel))
-                                .arg(payload)
-                                .ignore();
+                            if !self.streams.add(&mut pipe, msg, i) {
+                                pipe.cmd("PUBLISH")
+                                    .arg(super::channel_key(prefix, &msg.channel))
+                                    .arg(payload)
+                                    .ignore();
+                            }
                             continue;
                         };
                         if state.log_key.is_empty() {
@@ -540,6 +633,10 @@ impl Writer {
                     }
                     EventType::Trade => {}
                 }
+                // A durable envelope: the append script publishes it (stream_writer).
+                if self.streams.add(&mut pipe, msg, i) {
+                    continue;
+                }
                 pipe.cmd("PUBLISH")
                     .arg(super::channel_key(prefix, &msg.channel))
                     .arg(payload)
@@ -557,9 +654,31 @@ impl Writer {
                 pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
             }
         }
-        batch.clear();
         self.sent_since_tick = true;
         metrics::publish_batch(n);
+        if self.streams.has_appends() {
+            // Replies read one by one: each append's outcome matters (stream_writer).
+            let reply = conn.req_packed_commands(&pipe, 0, pipe.len()).await;
+            let settled = self.streams.settle(conn, reply, batch).await;
+            batch.clear();
+            let plain = n as u64 - settled.durable;
+            match &settled.plain_failure {
+                Some(failure) => metrics::envelopes_publish_failed(plain, failure.reason()),
+                None => metrics::envelopes_published(plain),
+            }
+            metrics::envelopes_published(settled.appended);
+            match settled.failure {
+                Some(failure) => self.failed(failure),
+                None => {
+                    self.succeeded();
+                    if !full.is_empty() {
+                        self.refresh_snapshots(Some(&full)).await;
+                    }
+                }
+            }
+            return;
+        }
+        batch.clear();
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
                 metrics::envelopes_published(n as u64);
