@@ -514,7 +514,8 @@ impl Writer {
             let mut chunk = self.streams.take_chunk(batch_max);
             self.send_one(&mut chunk).await;
         }
-        if self.conn.is_some() {
+        // Once the buffer is through: the count of what it dropped is final.
+        if self.conn.is_some() && !self.streams.has_backlog() {
             self.streams.announce_gaps();
         }
     }
