@@ -103,9 +103,12 @@ impl Drop for AofRedis {
     }
 }
 
+/// Stream entries as `XRANGE` returns them: id and field/value pairs.
+type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
 /// `seq` of every entry of the stream, oldest first.
 fn stream_seqs(conn: &mut redis::Connection) -> Vec<u64> {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Entries = redis::cmd("XRANGE")
         .arg(KEY)
         .arg("-")
         .arg("+")
@@ -123,7 +126,7 @@ fn stream_seqs(conn: &mut redis::Connection) -> Vec<u64> {
 
 fn newest_seq(redis: &AofRedis) -> u64 {
     let Some(mut c) = redis.conn() else { return 0 };
-    let newest: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XREVRANGE")
+    let newest: Entries = redis::cmd("XREVRANGE")
         .arg(KEY)
         .arg("+")
         .arg("-")
