@@ -57,9 +57,10 @@
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
-//!   connection returns (durable envelopes: see above). Each attempt asks the [`Target`] afresh (with Sentinel: the
-//!   current master, `ROLE`-checked), and with Sentinel a watch ends the connection when
-//!   the sentinels name another master (see [`target`](super::target)).
+//!   connection returns (durable envelopes: see above). Each attempt asks the [`Target`]
+//!   afresh (with Sentinel: the current master, `ROLE`-checked), and with Sentinel a watch
+//!   ends the connection when the sentinels name another master (see
+//!   [`target`](super::target)).
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
 //!   from the minimum, and every book snapshot and `last:` value is rewritten at the next
 //!   refresh (a restarted Redis has lost its keys).
@@ -660,15 +661,9 @@ impl Writer {
         if self.streams.has_appends() {
             // Replies read one by one: each append's outcome matters (stream_writer).
             let reply = conn.req_packed_commands(&pipe, 0, pipe.len()).await;
-            let settled = self.streams.settle(conn, reply, batch).await;
+            let failure = self.streams.settle(conn, reply, batch).await;
             batch.clear();
-            let plain = n as u64 - settled.durable;
-            match &settled.plain_failure {
-                Some(failure) => metrics::envelopes_publish_failed(plain, failure.reason()),
-                None => metrics::envelopes_published(plain),
-            }
-            metrics::envelopes_published(settled.appended);
-            match settled.failure {
+            match failure {
                 Some(failure) => self.failed(failure),
                 None => {
                     self.succeeded();

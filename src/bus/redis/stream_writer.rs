@@ -114,16 +114,16 @@ type Entry = (String, Vec<(String, Vec<u8>)>);
 
 /// How a batch's appends went (see [`StreamWriter::settle`]).
 #[derive(Debug, Default)]
-pub(super) struct Settled {
+struct Settled {
     /// Appends the pipeline held.
-    pub durable: u64,
-    pub appended: u64,
+    durable: u64,
+    appended: u64,
     /// A command other than an append failed (or the whole pipeline did): the batch's
     /// non-durable envelopes count as failed, as before durable channels.
-    pub plain_failure: Option<RedisFailure>,
+    plain_failure: Option<RedisFailure>,
     /// The first failure of any command: what the writer acts on (reconnect, pause,
     /// health).
-    pub failure: Option<RedisFailure>,
+    failure: Option<RedisFailure>,
 }
 
 /// Durable-channel state of one publisher writer.
@@ -334,10 +334,29 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// Reads the replies of a pipeline that held appends: counts what was appended, puts
-    /// back what Redis did not (or may not have) executed, reloads the script and resends
-    /// what failed with `NOSCRIPT`. `batch` is the batch the pipeline was built from.
+    /// Reads the replies of a pipeline that held appends: counts what was published and
+    /// appended, puts back what Redis did not (or may not have) executed, reloads the
+    /// script and resends what failed with `NOSCRIPT`. `batch` is the batch the pipeline
+    /// was built from. Returns the failure the writer must act on (reconnect, pause,
+    /// health), if any.
     pub(super) async fn settle(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        reply: RedisResult<Vec<Value>>,
+        batch: &[BusMessage],
+    ) -> Option<RedisFailure> {
+        let settled = self.settle_appends(conn, reply, batch).await;
+        // Non-durable envelopes fail together on any other error, as without streams.
+        let plain = (batch.len() as u64).saturating_sub(settled.durable);
+        match &settled.plain_failure {
+            Some(failure) => metrics::envelopes_publish_failed(plain, failure.reason()),
+            None => metrics::envelopes_published(plain),
+        }
+        metrics::envelopes_published(settled.appended);
+        settled.failure
+    }
+
+    async fn settle_appends(
         &mut self,
         conn: &mut MultiplexedConnection,
         reply: RedisResult<Vec<Value>>,
@@ -373,8 +392,12 @@ impl StreamWriter {
                         (None, _) => {}
                     }
                 }
-                // Fewer replies than commands: nothing says what happened to the rest.
-                outcome.unsure.extend(slots[seen..].iter().map(|s| s.msg));
+                // Fewer replies than commands: nothing says what happened to the rest, so
+                // the connection is not to be trusted either.
+                if seen < slots.len() {
+                    outcome.unsure.extend(slots[seen..].iter().map(|s| s.msg));
+                    settled.failure.get_or_insert(short_reply());
+                }
             }
         }
         self.resend_noscript(conn, &mut outcome, &mut settled, batch)
@@ -450,7 +473,11 @@ impl StreamWriter {
                         outcome.judge(m, value, settled);
                     }
                 }
-                Ok(_) => outcome.unsure.extend(retry),
+                Ok(_) => {
+                    settled.failure.get_or_insert(short_reply());
+                    outcome.unsure.extend(retry);
+                    return;
+                }
                 Err(e) => {
                     let failure = RedisFailure::classify(&e);
                     settled.failure.get_or_insert(failure);
@@ -582,6 +609,11 @@ fn route_of<'a>(
         routes.insert(channel.clone(), route);
     }
     routes.get(channel).and_then(Option::as_ref)
+}
+
+/// A pipeline answered with fewer replies than it had commands.
+fn short_reply() -> RedisFailure {
+    RedisFailure::Connection("redis answered a pipeline with fewer replies than commands".into())
 }
 
 /// What a buffered envelope counts against `buffer_bytes`.
