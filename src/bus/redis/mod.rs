@@ -4,7 +4,9 @@
 //! - [`RedisPublisher`] ([`publisher`]): a bounded queue in front of one multiplexed
 //!   connection; batches whatever is queued into one pipeline of `PUBLISH {p}{channel}`,
 //!   plus `SET {p}last:{channel}` (ticker, candle) and `SET {p}snapshot:{channel}` (book
-//!   snapshots, and a periodic refresh from the books it keeps).
+//!   snapshots, and a periodic refresh from the books it keeps); for durable channels
+//!   [`stream_writer`] appends with the [`append`] script instead of `PUBLISH` and keeps
+//!   their envelopes in a bounded buffer while Redis is unreachable.
 //! - [`RedisSubscriber`] ([`subscriber`]): its own pub/sub connection that follows the
 //!   gateway's [`Interest`](super::Interest), self-filters, counts lost and duplicate
 //!   envelopes, and proves the subscription alive with a probe.

@@ -497,3 +497,97 @@ async fn a_lost_reply_is_not_appended_twice() {
     let left: Vec<u64> = writer.take_chunk(10).iter().map(|m| m.seq).collect();
     assert_eq!(left, vec![5, 6]);
 }
+
+/// Not a check: the figures for docs/operations.md and benches/BENCHMARKS.md.
+/// `cargo test --release --lib measure_append_rate_and_memory -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_append_rate_and_memory() {
+    const N: u64 = 100_000;
+    for (label, channels, approximate) in [
+        ("pub/sub only", vec![], true),
+        ("durable, MAXLEN ~", vec![BTC], true),
+        ("durable, MAXLEN =", vec![BTC], false),
+    ] {
+        let server = RedisTestServer::start();
+        let url = server.url();
+        let conn = raw(&url).await;
+        let streams = StreamSetup::from_config(&DurableConfig {
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            maxlen: N,
+            approximate,
+            buffer_bytes: 1 << 26,
+            ..DurableConfig::default()
+        });
+        let config = RedisConfig {
+            publish_queue_size: 2 * N as usize,
+            ..redis_config(&url)
+        };
+        let mut p = start(config, streams).await;
+        let used = |conn: MultiplexedConnection| async move {
+            let info: String = query(&conn, ::redis::cmd("INFO").arg("memory")).await;
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = used(conn.clone()).await;
+        let mut size = 0;
+        let started = std::time::Instant::now();
+        // Twice the cap: the second half runs with trimming, as in production.
+        for n in 1..=2 * N {
+            let msg = p.seq.wrap(btc(n));
+            size = msg.envelope.len();
+            p.bus.publish(msg).await;
+            if n % 10_000 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let rate = if channels.is_empty() {
+            let stats = || async {
+                let info: String = query(&conn, ::redis::cmd("INFO").arg("commandstats")).await;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            wait_until("all published", || async { stats().await >= 2 * N }).await;
+            (2 * N) as f64 / started.elapsed().as_secs_f64()
+        } else {
+            wait_seq(&conn, BTC, 2 * N).await;
+            (2 * N) as f64 / started.elapsed().as_secs_f64()
+        };
+        let after = used(conn.clone()).await;
+        let (xlen, usage): (u64, Option<u64>) = if channels.is_empty() {
+            (0, None)
+        } else {
+            (
+                query(&conn, ::redis::cmd("XLEN").arg(key(BTC))).await,
+                query(
+                    &conn,
+                    ::redis::cmd("MEMORY")
+                        .arg("USAGE")
+                        .arg(key(BTC))
+                        .arg("SAMPLES")
+                        .arg(0),
+                )
+                .await,
+            )
+        };
+        let stats: String = query(&conn, ::redis::cmd("INFO").arg("commandstats")).await;
+        let per_call = stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_publish:"))
+            .filter_map(|l| l.split("usec_per_call=").nth(1))
+            .filter_map(|v| v.split(',').next())
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "{label}: Redis µs per EVALSHA/PUBLISH call: {per_call}; envelope {size} B, {rate:.0} events/s end to end ({} events), XLEN {xlen}, MEMORY USAGE {usage:?} B, used_memory delta {} B",
+            2 * N,
+            after.saturating_sub(before)
+        );
+        p.stop().await;
+    }
+}
