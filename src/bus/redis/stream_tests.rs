@@ -372,7 +372,12 @@ async fn envelopes_published_while_redis_is_down_are_appended_in_order_after() {
     }
     let conn = raw(&url).await;
     wait_seq(&conn, BTC, 70).await;
-    assert_eq!(seqs(&conn, BTC).await, (11..=70).collect::<Vec<_>>());
+    // The new server is empty. Envelopes before 11 whose replies the kill cut off (an RST
+    // discards unread replies) are appended again: the stream no longer has them.
+    let held = seqs(&conn, BTC).await;
+    let first = held.first().copied().unwrap_or(0);
+    assert!((1..=11).contains(&first), "{held:?}");
+    assert_eq!(held, (first..=70).collect::<Vec<_>>());
     p.stop().await;
 }
 
