@@ -255,7 +255,7 @@ impl StreamWriter {
         chunk
     }
 
-    /// Before appending on a connection: loads the script once per connection and skips
+    /// Before building a pipeline: loads the script once per connection and skips
     /// buffered envelopes that a lost reply already appended. `Err` only when the
     /// connection is unusable (the writer reconnects or pauses); other failures are logged
     /// and sending goes on (an append then fails by itself and is counted).
@@ -263,6 +263,8 @@ impl StreamWriter {
         &mut self,
         conn: &mut MultiplexedConnection,
     ) -> Result<(), RedisFailure> {
+        // A pipeline cut off at shutdown (flush deadline) may have left its slots.
+        self.slots.clear();
         if !self.is_active() {
             return Ok(());
         }
