@@ -6,7 +6,7 @@
 //!   plus `SET {p}last:{channel}` (ticker, candle) and `SET {p}snapshot:{channel}` (book
 //!   snapshots, and a periodic refresh from the books it keeps); for durable channels
 //!   [`stream_writer`] appends with the [`append`] script instead of `PUBLISH` and keeps
-//!   their envelopes in a bounded buffer while Redis is unreachable.
+//!   their envelopes in a bounded buffer ([`stream_buffer`]) while Redis is unreachable.
 //! - [`RedisSubscriber`] ([`subscriber`]): its own pub/sub connection that follows the
 //!   gateway's [`Interest`](super::Interest), self-filters, counts lost and duplicate
 //!   envelopes, and proves the subscription alive with a probe.
@@ -39,6 +39,7 @@ pub mod error;
 pub mod interest;
 pub mod publisher;
 pub mod store;
+pub mod stream_buffer;
 pub mod stream_writer;
 pub mod subscriber;
 pub mod target;

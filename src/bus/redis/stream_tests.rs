@@ -19,7 +19,7 @@ use crate::bus::redis_test_server::RedisTestServer;
 use crate::bus::{Bus, Sequencer};
 use crate::config::{RedisConfig, StreamLimit};
 use crate::durable::StreamId;
-use crate::event::{Exchange, Trade};
+use crate::event::{Exchange, StatusState, Trade};
 use crate::health::Health;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -388,7 +388,12 @@ async fn buffer_overflow_drops_the_oldest_counts_and_announces_the_gap() {
     let url = server.url();
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<Event>(16);
     // About ten trade envelopes.
-    let streams = setup(&[BTC], vec![], 10 * (250 + ENTRY_OVERHEAD)).with_notices(&events_tx);
+    let streams = setup(
+        &[BTC],
+        vec![],
+        10 * (250 + crate::bus::redis::stream_buffer::ENTRY_OVERHEAD),
+    )
+    .with_notices(&events_tx);
     let mut p = start(redis_config(&url), streams).await;
     for n in 1..=5 {
         p.publish(btc(n)).await;
@@ -482,11 +487,11 @@ async fn a_lost_reply_is_not_appended_twice() {
     let mut writer = StreamWriter::new(setup(&[BTC], vec![], 1 << 20), "md:", src);
     let mut back = msgs[2..].to_vec();
     writer.stash(&mut back);
-    writer.unsure.insert(Channel::parse(BTC).unwrap(), 4);
+    writer.buffer.unsure.insert(Channel::parse(BTC).unwrap(), 4);
     writer.prepare(&mut conn.clone()).await.unwrap();
     let left: Vec<u64> = writer.take_chunk(10).iter().map(|m| m.seq).collect();
     assert_eq!(left, vec![5, 6], "3 and 4 are in the stream already");
-    assert!(writer.unsure.is_empty());
+    assert!(writer.buffer.unsure.is_empty());
     // Another publisher's entries with higher seqs do not count as ours.
     let mut other = Sequencer::new(Uuid::new_v4());
     for n in 1..=10 {
@@ -506,7 +511,7 @@ async fn a_lost_reply_is_not_appended_twice() {
     }
     let mut back = msgs[4..].to_vec();
     writer.stash(&mut back);
-    writer.unsure.insert(Channel::parse(BTC).unwrap(), 2);
+    writer.buffer.unsure.insert(Channel::parse(BTC).unwrap(), 2);
     writer.prepare(&mut conn.clone()).await.unwrap();
     let left: Vec<u64> = writer.take_chunk(10).iter().map(|m| m.seq).collect();
     assert_eq!(left, vec![5, 6]);

@@ -19,49 +19,33 @@
 //!   `SCRIPT LOAD` racing a flush can cause that.)
 //! - **Registry.** `SADD {p}streams <channel>` before a channel's first append of each
 //!   connection session (and again after any failed batch).
-//! - **Outages.** While Redis is unreachable (or `LOADING`), durable envelopes are kept in
-//!   an ordered buffer of at most `[durable] buffer_bytes` (envelope bytes plus a fixed
-//!   per-entry overhead) and appended, in order, before newer ones once the connection is
-//!   back. A batch that failed with a connection error puts its durable envelopes back at
-//!   the front. Such an append may have been executed with its reply lost: after the
-//!   reconnect, before resending, the newest entries of each such stream
-//!   (`XREVRANGE key + - COUNT n`, n = the envelopes in doubt) are read and what this
-//!   publisher (`src`) already appended, by `seq`, is skipped. That check needs the entries
-//!   to still be the newest ones; if another writer appended more than that in between,
-//!   an envelope may be appended twice (at least once, with a new id each time; the `seq`
-//!   shows it to consumers).
-//! - **Overflow** drops the *oldest* buffered envelope: like the stream's own `MAXLEN`
-//!   and `drop_oldest` for bots, the freshest market data is worth the most, and the gap
-//!   sits at one place per channel. Drops are counted
-//!   (`mdbridge_stream_buffer_dropped_total`) and, once Redis is back, announced per
-//!   channel as a `status` event (state `error`, the detail names the channel and the
-//!   count) sent into the publisher's own event queue, so the Sequencer gives it its `seq`
-//!   like any status; the `seq` gap in the stream shows the same loss.
+//! - **Outages.** While Redis is unreachable (or `LOADING`), durable envelopes wait in a
+//!   bounded, ordered buffer ([`super::stream_buffer`]: overflow drops the oldest, counted
+//!   and announced as a gap) and are appended, in order, before newer ones once the
+//!   connection is back. A batch that failed with a connection error goes back to the
+//!   front of it; what a lost reply had already appended is skipped before resending.
 //! - Error replies to an append other than those above (`OOM`, `NOPERM`, …) drop it and
 //!   count it as a failed publish, like a refused `PUBLISH`.
 //!
 //! This module does not decide which channels are durable ([`crate::durable`]), nor own
 //! the script ([`super::append`]), the connection or the reconnects (the writer does).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::{Pipeline, RedisError, RedisResult, Value};
-use serde::Deserialize;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 use uuid::Uuid;
 
 use super::append::AppendScript;
+use super::stream_buffer::StreamBuffer;
 use super::{Recovery, RedisFailure};
 use crate::config::DurableConfig;
 use crate::durable::{registry_key, stream_key, DurablePolicy, StreamCap};
 use crate::envelope::BusMessage;
-use crate::event::{Channel, Event, StatusState};
+use crate::event::{Channel, Event};
 use crate::metrics;
-
-/// Memory a buffered envelope costs besides its bytes (the message struct, its channel).
-const ENTRY_OVERHEAD: u64 = std::mem::size_of::<BusMessage>() as u64 + 64;
 
 /// Most rounds of "load the script, resend what got `NOSCRIPT`" for one batch.
 const NOSCRIPT_ROUNDS: usize = 2;
@@ -109,9 +93,6 @@ struct Slot {
     msg: usize,
 }
 
-/// One stream entry as `XRANGE`/`XREVRANGE` return it: id and field/value pairs.
-type Entry = (String, Vec<(String, Vec<u8>)>);
-
 /// How a batch's appends went (see [`StreamWriter::settle`]).
 #[derive(Debug, Default)]
 struct Settled {
@@ -140,17 +121,10 @@ pub(super) struct StreamWriter {
     registered: HashSet<Channel>,
     /// The script was loaded on this connection.
     loaded: bool,
-    backlog: VecDeque<BusMessage>,
-    backlog_bytes: u64,
-    max_bytes: u64,
-    /// Envelopes the full buffer dropped since the last announcement, per channel.
-    dropped: HashMap<Channel, u64>,
-    /// Per channel: envelopes at the front of the buffer whose append may have happened
-    /// (their pipeline failed with a connection error).
-    unsure: HashMap<Channel, usize>,
+    /// Durable envelopes waiting for Redis.
+    buffer: StreamBuffer,
     /// Appends of the pipeline being built.
     slots: Vec<Slot>,
-    notices: Option<mpsc::WeakSender<Event>>,
 }
 
 impl StreamWriter {
@@ -163,13 +137,8 @@ impl StreamWriter {
             routes: HashMap::new(),
             registered: HashSet::new(),
             loaded: false,
-            backlog: VecDeque::new(),
-            backlog_bytes: 0,
-            max_bytes: setup.buffer_bytes,
-            dropped: HashMap::new(),
-            unsure: HashMap::new(),
+            buffer: StreamBuffer::new(setup.buffer_bytes, setup.notices),
             slots: Vec::new(),
-            notices: setup.notices,
         }
     }
 
@@ -185,7 +154,22 @@ impl StreamWriter {
     }
 
     pub(super) fn has_backlog(&self) -> bool {
-        !self.backlog.is_empty()
+        !self.buffer.is_empty()
+    }
+
+    /// The oldest `max` buffered envelopes, to be sent now.
+    pub(super) fn take_chunk(&mut self, max: usize) -> Vec<BusMessage> {
+        self.buffer.take_chunk(max)
+    }
+
+    /// Redis is back and the buffer through: announces what it dropped.
+    pub(super) fn announce_gaps(&mut self) {
+        self.buffer.announce_gaps();
+    }
+
+    /// Shutdown: what could not be appended is given up; returns how many.
+    pub(super) fn abandon(&mut self) -> u64 {
+        self.buffer.abandon()
     }
 
     /// Adds `msg`'s append to `pipe` if its channel is durable (then the caller must not
@@ -235,24 +219,13 @@ impl StreamWriter {
         let mut others = 0;
         for msg in batch.drain(..) {
             if route_of(&mut self.routes, &self.policy, &self.prefix, &msg.channel).is_some() {
-                self.backlog_bytes += cost(&msg);
-                self.backlog.push_back(msg);
+                self.buffer.push_back(msg);
             } else {
                 others += 1;
             }
         }
-        self.trim();
+        self.buffer.trim();
         others
-    }
-
-    /// The oldest `max` buffered envelopes, to be sent now.
-    pub(super) fn take_chunk(&mut self, max: usize) -> Vec<BusMessage> {
-        let n = max.min(self.backlog.len());
-        let chunk: Vec<BusMessage> = self.backlog.drain(..n).collect();
-        let bytes: u64 = chunk.iter().map(cost).sum();
-        self.backlog_bytes = self.backlog_bytes.saturating_sub(bytes);
-        metrics::stream_buffered_bytes(self.backlog_bytes);
-        chunk
     }
 
     /// Before building a pipeline: loads the script once per connection and skips
@@ -274,65 +247,23 @@ impl StreamWriter {
             }
             self.loaded = true;
         }
-        if !self.unsure.is_empty() {
-            let unsure = std::mem::take(&mut self.unsure);
-            if let Err(e) = self.skip_appended(conn, &unsure).await {
+        if self.buffer.has_unsure() {
+            let unsure = self.buffer.take_unsure();
+            if let Err(e) = self
+                .buffer
+                .skip_appended(conn, &self.prefix, &self.src, &unsure)
+                .await
+            {
                 let failure = RedisFailure::classify(&e);
                 if matches!(
                     failure.recovery(),
                     Recovery::Reconnect | Recovery::WaitAndRetry(_)
                 ) {
-                    self.unsure = unsure;
+                    self.buffer.restore_unsure(unsure);
                 }
                 unusable(failure, "cannot check the streams for lost replies")?;
             }
         }
-        Ok(())
-    }
-
-    /// Drops from the buffer what this publisher already appended (see the module docs).
-    async fn skip_appended(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        unsure: &HashMap<Channel, usize>,
-    ) -> RedisResult<()> {
-        let channels: Vec<(&Channel, usize)> = unsure.iter().map(|(c, n)| (c, *n)).collect();
-        let mut pipe = Pipeline::with_capacity(channels.len());
-        for (channel, n) in &channels {
-            pipe.cmd("XREVRANGE")
-                .arg(stream_key(&self.prefix, channel.as_str()))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(*n);
-        }
-        let newest: Vec<Vec<Entry>> = pipe.query_async(conn).await?;
-        for ((channel, _), entries) in channels.iter().zip(newest) {
-            let Some(last) = entries
-                .iter()
-                .filter_map(|(_, fields)| own_seq(&self.src, fields))
-                .max()
-            else {
-                continue;
-            };
-            let before = self.backlog.len();
-            let mut bytes = 0;
-            self.backlog.retain(|m| {
-                let there = m.channel == **channel && m.seq <= last;
-                if there {
-                    bytes += cost(m);
-                }
-                !there
-            });
-            let skipped = (before - self.backlog.len()) as u64;
-            if skipped > 0 {
-                self.backlog_bytes = self.backlog_bytes.saturating_sub(bytes);
-                metrics::stream_appended(skipped);
-                metrics::envelopes_published(skipped);
-                info!(channel = %channel, skipped, "durable envelopes already in their stream (reply lost); not appended again");
-            }
-        }
-        metrics::stream_buffered_bytes(self.backlog_bytes);
         Ok(())
     }
 
@@ -415,7 +346,11 @@ impl StreamWriter {
         let mut back: Vec<(usize, bool)> = outcome.back.iter().map(|&m| (m, false)).collect();
         back.extend(outcome.unsure.iter().map(|&m| (m, true)));
         back.sort_unstable();
-        self.requeue_front(&back, batch);
+        self.buffer.requeue_front(
+            back.into_iter()
+                .map(|(m, unsure)| (batch[m].clone(), unsure))
+                .collect(),
+        );
         settled
     }
 
@@ -489,72 +424,6 @@ impl StreamWriter {
             }
         }
     }
-
-    /// Puts `msgs` (batch indices, in order; `true` = may have been appended) back at the
-    /// front of the buffer, ahead of everything buffered since.
-    fn requeue_front(&mut self, msgs: &[(usize, bool)], batch: &[BusMessage]) {
-        if msgs.is_empty() {
-            return;
-        }
-        for &(m, unsure) in msgs.iter().rev() {
-            let msg = batch[m].clone();
-            if unsure {
-                *self.unsure.entry(msg.channel.clone()).or_default() += 1;
-            }
-            self.backlog_bytes += cost(&msg);
-            self.backlog.push_front(msg);
-        }
-        self.trim();
-    }
-
-    /// Drops the oldest envelopes until the buffer fits its bound.
-    fn trim(&mut self) {
-        let mut dropped = 0;
-        while self.backlog_bytes > self.max_bytes {
-            let Some(old) = self.backlog.pop_front() else {
-                self.backlog_bytes = 0;
-                break;
-            };
-            self.backlog_bytes = self.backlog_bytes.saturating_sub(cost(&old));
-            *self.dropped.entry(old.channel).or_default() += 1;
-            dropped += 1;
-        }
-        if dropped > 0 {
-            metrics::stream_buffer_dropped(dropped);
-        }
-        metrics::stream_buffered_bytes(self.backlog_bytes);
-    }
-
-    /// Redis is back: tells each channel's consumers, through the publisher's own event
-    /// queue, how many of its envelopes the full buffer dropped.
-    pub(super) fn announce_gaps(&mut self) {
-        if self.dropped.is_empty() {
-            return;
-        }
-        let events = self.notices.as_ref().and_then(mpsc::WeakSender::upgrade);
-        for (channel, count) in self.dropped.drain() {
-            warn!(channel = %channel, dropped = count, buffer_bytes = self.max_bytes, "durable envelopes were dropped while Redis was unreachable: the publisher's buffer was full");
-            let detail = format!(
-                "durable channel {channel}: {count} envelopes dropped while Redis was unreachable (publisher buffer of {} bytes full); its stream has a gap",
-                self.max_bytes
-            );
-            let event = Event::status(channel.exchange(), StatusState::Error, Some(detail));
-            if let Some(tx) = &events {
-                if tx.try_send(event).is_err() {
-                    warn!(channel = %channel, "event queue full: the gap status was not published");
-                }
-            }
-        }
-    }
-
-    /// Shutdown: what could not be appended is given up; returns how many.
-    pub(super) fn abandon(&mut self) -> u64 {
-        let left = self.backlog.len() as u64;
-        self.backlog.clear();
-        self.backlog_bytes = 0;
-        metrics::stream_buffered_bytes(0);
-        left
-    }
 }
 
 /// What became of each append of a batch (batch indices, in batch order).
@@ -618,11 +487,6 @@ fn short_reply() -> RedisFailure {
     RedisFailure::Connection("redis answered a pipeline with fewer replies than commands".into())
 }
 
-/// What a buffered envelope counts against `buffer_bytes`.
-fn cost(msg: &BusMessage) -> u64 {
-    msg.envelope.len() as u64 + ENTRY_OVERHEAD
-}
-
 /// `Err` for failures after which nothing can be sent on this connection now; others are
 /// logged and sending goes on.
 fn unusable(failure: RedisFailure, what: &str) -> Result<(), RedisFailure> {
@@ -633,20 +497,6 @@ fn unusable(failure: RedisFailure, what: &str) -> Result<(), RedisFailure> {
             Ok(())
         }
     }
-}
-
-#[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow)]
-    src: &'a str,
-    seq: u64,
-}
-
-/// The `seq` of a stream entry's envelope if this publisher (`src`) wrote it.
-fn own_seq(src: &str, fields: &[(String, Vec<u8>)]) -> Option<u64> {
-    let (_, envelope) = fields.iter().find(|(name, _)| name == "envelope")?;
-    let head: Head<'_> = serde_json::from_slice(envelope).ok()?;
-    (head.src == src).then_some(head.seq)
 }
 
 #[cfg(test)]
