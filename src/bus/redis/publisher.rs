@@ -36,8 +36,9 @@
 //! Durable channels (`[durable] channels`) differ in two ways, both owned by
 //! [`stream_writer`](super::stream_writer): their envelopes are appended to their stream
 //! and published by one script call in place of the `PUBLISH`, and while Redis is
-//! unreachable they are kept in a bounded buffer (not dropped) and appended, in order,
-//! first thing after the reconnect.
+//! unreachable they are kept in a bounded buffer (not dropped) and appended after the
+//! reconnect, in order and before newer durable envelopes, a chunk per loop turn
+//! ([`backlog`]) so the queue keeps draining meanwhile.
 //!
 //! Reconnect behaviour:
 //!
@@ -294,10 +295,7 @@ impl Writer {
                 // Shutdown first: a busy queue must not hold off the flush deadline.
                 biased;
                 _ = shutdown.cancelled() => break,
-                done = wait_connecting(&mut self.connecting) => {
-                    self.connected(done);
-                    self.send_backlog().await;
-                }
+                done = wait_connecting(&mut self.connecting) => self.connected(done),
                 reason = self.watch.moved() => self.lost_connection(&reason),
                 // Before the queue: under sustained load the queue is always ready and would
                 // starve the refresh; the tick is ready only once per period.
@@ -305,8 +303,8 @@ impl Writer {
                     if !std::mem::replace(&mut self.sent_since_tick, false) {
                         self.ping().await;
                     }
-                    // Idle after an outage or a LOADING pause: the buffer still goes out.
-                    self.send_backlog().await;
+                    // After a LOADING pause: the buffer goes on.
+                    self.send_backlog_chunk().await;
                     self.refresh_snapshots(None).await;
                 }
                 // Before the very first connection the queue holds what arrives (up to its
@@ -317,6 +315,11 @@ impl Writer {
                         break;
                     }
                     self.send_batch(&mut batch).await;
+                }
+                // Durable envelopes buffered during an outage, a chunk per turn, when the
+                // queue has nothing (send_batch also sends one per batch).
+                _ = std::future::ready(()), if self.backlog_ready() => {
+                    self.send_backlog_chunk().await;
                 }
             }
         }

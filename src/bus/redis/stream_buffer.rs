@@ -4,7 +4,7 @@
 //!
 //! - **Bound.** At most `[durable] buffer_bytes`, counting each envelope's bytes plus a
 //!   fixed per-entry overhead ([`ENTRY_OVERHEAD`]). What is buffered goes out in order,
-//!   oldest first, before anything newer.
+//!   oldest first, before newer durable envelopes (the writer defers those behind it).
 //! - **Overflow** drops the *oldest* envelope: like the stream's own `MAXLEN` and
 //!   `drop_oldest` for bots, the freshest market data is worth the most, and the gap sits
 //!   at one place per channel. Drops are counted (`mdbridge_stream_buffer_dropped_total`)

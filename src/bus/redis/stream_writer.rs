@@ -157,6 +157,24 @@ impl StreamWriter {
         !self.buffer.is_empty()
     }
 
+    /// Buffered envelopes still wait: the durable envelopes of `batch` join the back of
+    /// the buffer, behind them; the others stay in `batch`.
+    pub(super) fn defer(&mut self, batch: &mut Vec<BusMessage>) {
+        if !self.is_active() {
+            return;
+        }
+        let mut others = Vec::with_capacity(batch.len());
+        for msg in batch.drain(..) {
+            if route_of(&mut self.routes, &self.policy, &self.prefix, &msg.channel).is_some() {
+                self.buffer.push_back(msg);
+            } else {
+                others.push(msg);
+            }
+        }
+        *batch = others;
+        self.buffer.trim();
+    }
+
     /// The oldest `max` buffered envelopes, to be sent now.
     pub(super) fn take_chunk(&mut self, max: usize) -> Vec<BusMessage> {
         self.buffer.take_chunk(max)
