@@ -25,7 +25,7 @@ use crate::bus::delivery::{merge_states, SkipDurable};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::streams::{ConsumerLinks, ConsumerSetup};
 use crate::bus::redis::{
-    check_connection, RedisPublisher, RedisStore, RedisSubscriber, StreamConsumer,
+    check_connection, RedisPublisher, RedisStore, RedisSubscriber, StreamConsumer, StreamSetup,
 };
 use crate::bus::signing::Keyring;
 use crate::bus::{run_publisher, Bus, BusState, Interest, SnapshotStore, Tee};
@@ -231,10 +231,13 @@ pub async fn run(
     if role != Role::Executor {
         let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
         feeds = spawn_feeds(&config.feeds, &events_tx, &health, &stops.feeds);
+        // Durable channels; the buffer's overflow notices join the feeds' events (weakly).
+        let streams = StreamSetup::from_config(&config.durable).with_notices(&events_tx);
         drop(events_tx);
-        let (publisher, task) = RedisPublisher::spawn(
+        let (publisher, task) = RedisPublisher::spawn_with_streams(
             config.redis.clone(),
             src,
+            streams,
             health.register("redis_publisher"),
             stops.publisher.clone(),
         );

@@ -156,6 +156,9 @@ pub const STREAM_CLAIMED: &str = "mdbridge_stream_claimed_total";
 pub const STREAM_DEAD_LETTERS: &str = "mdbridge_stream_dead_letters_total";
 pub const STREAM_TRIMMED: &str = "mdbridge_stream_trimmed_total";
 pub const STREAM_REDELIVERIES_DROPPED: &str = "mdbridge_stream_redeliveries_dropped_total";
+pub const STREAM_APPENDED: &str = "mdbridge_stream_appended_total";
+pub const STREAM_BUFFERED_BYTES: &str = "mdbridge_stream_buffered_bytes";
+pub const STREAM_BUFFER_DROPPED: &str = "mdbridge_stream_buffer_dropped_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -388,6 +391,18 @@ fn describe() {
         STREAM_REDELIVERIES_DROPPED,
         "Durable stream entries the router had already delivered, dropped (and acked)."
     );
+    describe_counter!(
+        STREAM_APPENDED,
+        "Durable envelopes appended to their Redis stream (and published) by this publisher."
+    );
+    describe_gauge!(
+        STREAM_BUFFERED_BYTES,
+        "Bytes of durable envelopes the publisher holds while Redis is unreachable (bounded by durable.buffer_bytes)."
+    );
+    describe_counter!(
+        STREAM_BUFFER_DROPPED,
+        "Durable envelopes dropped because the publisher's buffer was full (oldest first); announced as an error status."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -501,6 +516,9 @@ pub fn init() {
     ] {
         counter!(name).increment(0);
     }
+    counter!(STREAM_APPENDED).increment(0);
+    gauge!(STREAM_BUFFERED_BYTES).set(0.0);
+    counter!(STREAM_BUFFER_DROPPED).increment(0);
 }
 
 /// What `/metrics` serves: the recorder's series, then the per-stream gauges
@@ -684,4 +702,13 @@ pub fn stream_trimmed(n: u64) {
 }
 pub fn stream_redelivery_dropped() {
     counter!(STREAM_REDELIVERIES_DROPPED).increment(1);
+}
+pub fn stream_appended(n: u64) {
+    counter!(STREAM_APPENDED).increment(n);
+}
+pub fn stream_buffered_bytes(bytes: u64) {
+    gauge!(STREAM_BUFFERED_BYTES).set(bytes as f64);
+}
+pub fn stream_buffer_dropped(n: u64) {
+    counter!(STREAM_BUFFER_DROPPED).increment(n);
 }

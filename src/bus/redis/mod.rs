@@ -4,7 +4,9 @@
 //! - [`RedisPublisher`] ([`publisher`]): a bounded queue in front of one multiplexed
 //!   connection; batches whatever is queued into one pipeline of `PUBLISH {p}{channel}`,
 //!   plus `SET {p}last:{channel}` (ticker, candle) and `SET {p}snapshot:{channel}` (book
-//!   snapshots, and a periodic refresh from the books it keeps).
+//!   snapshots, and a periodic refresh from the books it keeps); for durable channels
+//!   [`stream_writer`] appends with the [`append`] script instead of `PUBLISH` and keeps
+//!   their envelopes in a bounded buffer ([`stream_buffer`]) while Redis is unreachable.
 //! - [`RedisSubscriber`] ([`subscriber`]): its own pub/sub connection that follows the
 //!   gateway's [`Interest`](super::Interest), self-filters, counts lost and duplicate
 //!   envelopes, and proves the subscription alive with a probe.
@@ -43,8 +45,10 @@ pub mod interest;
 pub mod publisher;
 pub mod store;
 pub mod stream_admin;
+pub mod stream_buffer;
 pub mod stream_monitor;
 pub mod stream_store;
+pub mod stream_writer;
 pub mod streams;
 pub mod subscriber;
 pub mod target;
@@ -52,6 +56,7 @@ pub mod target;
 pub use error::{Recovery, RedisFailure};
 pub use publisher::RedisPublisher;
 pub use store::RedisStore;
+pub use stream_writer::StreamSetup;
 pub use streams::StreamConsumer;
 pub use subscriber::RedisSubscriber;
 pub use target::{MasterAddr, Target, TargetError};

@@ -33,6 +33,13 @@
 //!
 //! Pub/sub is fire-and-forget: what is lost shows as a `seq` gap at the subscribers.
 //!
+//! Durable channels (`[durable] channels`) differ in two ways, both owned by
+//! [`stream_writer`](super::stream_writer): their envelopes are appended to their stream
+//! and published by one script call in place of the `PUBLISH`, and while Redis is
+//! unreachable they are kept in a bounded buffer (not dropped) and appended after the
+//! reconnect, in order and before newer durable envelopes, a chunk per loop turn
+//! ([`backlog`]) so the queue keeps draining meanwhile.
+//!
 //! Reconnect behaviour:
 //!
 //! - The first connection is made in the background at spawn; until it is up, envelopes
@@ -51,9 +58,10 @@
 //! - A background task reconnects after an exponential backoff with jitter
 //!   (`reconnect_min_ms` .. `reconnect_max_ms`); meanwhile the writer keeps draining the
 //!   queue (dropping and counting) so memory stays bounded and the queue is fresh when the
-//!   connection returns. Each attempt asks the [`Target`] afresh (with Sentinel: the
-//!   current master, `ROLE`-checked), and with Sentinel a watch ends the connection when
-//!   the sentinels name another master (see [`target`](super::target)).
+//!   connection returns (durable envelopes: see above). Each attempt asks the [`Target`]
+//!   afresh (with Sentinel: the current master, `ROLE`-checked), and with Sentinel a watch
+//!   ends the connection when the sentinels name another master (see
+//!   [`target`](super::target)).
 //! - On success: `redis_reconnects{role="publish"}` + 1, health up, the backoff restarts
 //!   from the minimum, and every book snapshot and `last:` value is rewritten at the next
 //!   refresh (a restarted Redis has lost its keys).
@@ -66,7 +74,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::Pipeline;
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -76,7 +84,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+mod backlog;
+
 use super::store::booklog_key;
+use super::stream_writer::{StreamSetup, StreamWriter};
 use super::subscriber::RateLimit;
 use super::target::{MasterWatch, Resolved, Target, TargetError};
 use super::{backoff, Recovery, RedisFailure};
@@ -114,13 +125,25 @@ impl RedisPublisher {
         health: HealthHandle,
         shutdown: CancellationToken,
     ) -> (RedisPublisher, JoinHandle<()>) {
+        RedisPublisher::spawn_with_streams(config, src, StreamSetup::default(), health, shutdown)
+    }
+
+    /// [`RedisPublisher::spawn`] with durable channels (`streams`, see
+    /// [`stream_writer`](super::stream_writer)).
+    pub fn spawn_with_streams(
+        config: RedisConfig,
+        src: Uuid,
+        streams: StreamSetup,
+        health: HealthHandle,
+        shutdown: CancellationToken,
+    ) -> (RedisPublisher, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
         let books = SharedBooks::default();
         let writer_books = books.clone();
         let task = tokio::spawn(async move {
             match Target::new(&config, "publish") {
                 Ok(target) => {
-                    Writer::new(config, src, target, health, writer_books)
+                    Writer::new(config, src, target, health, writer_books, streams)
                         .run(rx, shutdown)
                         .await
                 }
@@ -223,6 +246,8 @@ struct Writer {
     rewrite_latest: bool,
     /// Signs the refreshed snapshot envelopes (`[redis] signing_keys`), like the Sequencer.
     keys: Option<Arc<crate::bus::signing::Keyring>>,
+    /// Durable channels: appends, and their buffer while Redis is unreachable.
+    streams: StreamWriter,
 }
 
 impl Writer {
@@ -232,10 +257,12 @@ impl Writer {
         target: Target,
         health: HealthHandle,
         books: SharedBooks,
+        streams: StreamSetup,
     ) -> Writer {
         let delays = Box::new(backoff(&config));
         let keys = crate::bus::signing::Keyring::from_config(&config);
         Writer {
+            streams: StreamWriter::new(streams, &config.key_prefix, src),
             keys,
             config,
             src,
@@ -276,6 +303,8 @@ impl Writer {
                     if !std::mem::replace(&mut self.sent_since_tick, false) {
                         self.ping().await;
                     }
+                    // After a LOADING pause: the buffer goes on.
+                    self.send_backlog_chunk().await;
                     self.refresh_snapshots(None).await;
                 }
                 // Before the very first connection the queue holds what arrives (up to its
@@ -286,6 +315,11 @@ impl Writer {
                         break;
                     }
                     self.send_batch(&mut batch).await;
+                }
+                // Durable envelopes buffered during an outage, a chunk per turn, when the
+                // queue has nothing (send_batch also sends one per batch).
+                _ = std::future::ready(()), if self.backlog_ready() => {
+                    self.send_backlog_chunk().await;
                 }
             }
         }
@@ -320,7 +354,17 @@ impl Writer {
                 break;
             }
         }
-        let mut left = batch.len() as u64;
+        if Instant::now() < deadline && self.streams.has_backlog() {
+            let _ = tokio::time::timeout_at(deadline, self.send_backlog()).await;
+        }
+        let unsent = self.streams.abandon();
+        if unsent > 0 {
+            warn!(
+                dropped = unsent,
+                "durable envelopes still buffered at shutdown (Redis unreachable or flush deadline passed); not appended"
+            );
+        }
+        let mut left = batch.len() as u64 + unsent;
         while rx.try_recv().is_ok() {
             left += 1;
         }
@@ -357,6 +401,7 @@ impl Writer {
         match done {
             Ok(Ok((conn, resolved))) => {
                 self.conn = Some(conn);
+                self.streams.connected();
                 self.watch = self.target.watch(&resolved);
                 if self.was_connected {
                     metrics::redis_reconnect("publish");
@@ -403,7 +448,7 @@ impl Writer {
         let pause = match failure.recovery() {
             Recovery::Reconnect => return self.lost_connection(&failure),
             Recovery::WaitAndRetry(pause) => Some(pause),
-            // No scripts are sent today: a NOSCRIPT can only be dropped like any reply.
+            // The append script's NOSCRIPT is handled where it is sent (stream_writer).
             Recovery::Drop | Recovery::ReloadScript | Recovery::Fatal => None,
         };
         metrics::redis_error_reply("publish", failure.reason());
@@ -440,24 +485,30 @@ impl Writer {
         self.start_connecting(delay);
     }
 
-    /// Tracks the books, then sends the batch as one pipeline (or counts it as failed).
-    async fn send_batch(&mut self, batch: &mut Vec<BusMessage>) {
+    /// Tracks the books, then sends the batch as one pipeline (or counts it as failed;
+    /// durable envelopes are buffered instead, see `stream_writer`).
+    async fn send_one(&mut self, batch: &mut Vec<BusMessage>) {
         let n = batch.len();
         if n == 0 {
             return;
         }
         let Some(conn) = self.conn.as_mut() else {
-            metrics::envelopes_publish_failed(n as u64, "redis_down");
-            batch.clear();
+            let dropped = self.streams.stash(batch);
+            metrics::envelopes_publish_failed(dropped, "redis_down");
             return;
         };
         if let Some(until) = self.paused_until {
             if Instant::now() < until {
-                metrics::envelopes_publish_failed(n as u64, "redis_loading");
-                batch.clear();
+                let dropped = self.streams.stash(batch);
+                metrics::envelopes_publish_failed(dropped, "redis_loading");
                 return;
             }
             self.paused_until = None;
+        }
+        if let Err(failure) = self.streams.prepare(conn).await {
+            let dropped = self.streams.stash(batch);
+            metrics::envelopes_publish_failed(dropped, failure.reason());
+            return self.failed(failure);
         }
         let prefix = &self.config.key_prefix;
         let ttl = self.config.latest_ttl_ms;
@@ -469,7 +520,7 @@ impl Writer {
         let mut full: Vec<Channel> = Vec::new();
         {
             let mut books = lock(&self.books);
-            for msg in batch.iter() {
+            for (i, msg) in batch.iter().enumerate() {
                 let payload: &[u8] = &msg.envelope;
                 match msg.kind() {
                     EventType::Ticker | EventType::Candle | EventType::Status => {
@@ -501,10 +552,12 @@ impl Writer {
                             if !logs.contains(&msg.channel) {
                                 logs.push(msg.channel.clone());
                             }
-                            pipe.cmd("PUBLISH")
-                                .arg(super::channel_key(prefix, &msg.channel))
-                                .arg(payload)
-                                .ignore();
+                            if !self.streams.add(&mut pipe, msg, i) {
+                                pipe.cmd("PUBLISH")
+                                    .arg(super::channel_key(prefix, &msg.channel))
+                                    .arg(payload)
+                                    .ignore();
+                            }
                             continue;
                         };
                         if state.log_key.is_empty() {
@@ -540,6 +593,10 @@ impl Writer {
                     }
                     EventType::Trade => {}
                 }
+                // A durable envelope: the append script publishes it (stream_writer).
+                if self.streams.add(&mut pipe, msg, i) {
+                    continue;
+                }
                 pipe.cmd("PUBLISH")
                     .arg(super::channel_key(prefix, &msg.channel))
                     .arg(payload)
@@ -557,9 +614,25 @@ impl Writer {
                 pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
             }
         }
-        batch.clear();
         self.sent_since_tick = true;
         metrics::publish_batch(n);
+        if self.streams.has_appends() {
+            // Replies read one by one: each append's outcome matters (stream_writer).
+            let reply = conn.req_packed_commands(&pipe, 0, pipe.len()).await;
+            let failure = self.streams.settle(conn, reply, batch).await;
+            batch.clear();
+            match failure {
+                Some(failure) => self.failed(failure),
+                None => {
+                    self.succeeded();
+                    if !full.is_empty() {
+                        self.refresh_snapshots(Some(&full)).await;
+                    }
+                }
+            }
+            return;
+        }
+        batch.clear();
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
                 metrics::envelopes_published(n as u64);
