@@ -42,6 +42,17 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 1024;
 /// `connection` (≤ 4 requests/s) it stays under the limit of 5 incoming messages/s.
 pub const STREAMS_PER_REQUEST: usize = 200;
 
+/// Kline intervals Binance serves (spot WebSocket streams documentation).
+pub const KLINE_INTERVALS: [&str; 16] = [
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w",
+    "1M",
+];
+
+/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
+/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
+/// leaves room for the pong we owe its ping every 20 s.
+pub const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Quote assets used to split a bare wire symbol (`BTCUSDT`) when there is no configured
 /// mapping (the stateless `normalize`). Longest match is tried first so that `USDT` wins
 /// over `USD`... and `FDUSD` over `USD`.
@@ -552,6 +563,10 @@ impl Adapter for BinanceAdapter {
 
     fn max_streams_per_connection(&self) -> usize {
         MAX_STREAMS_PER_CONNECTION
+    }
+
+    fn subscribe_pacing(&self) -> std::time::Duration {
+        SUBSCRIBE_PACING
     }
 
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most

@@ -70,8 +70,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::socket::{Socket, CONNECT_TIMEOUT};
-use super::{Adapter, BookSnapshot, BookSync, Parsed, Recovery, SnapshotError, SnapshotRequest};
+use super::feed_books::{FeedBook, FeedBooks};
+use super::socket::{OpenOptions, Socket, CONNECT_TIMEOUT};
+use super::trades::TradeDedup;
+use super::ws_book::Outcome;
+use super::{Adapter, BookSnapshot, Parsed, Recovery, SnapshotError, SnapshotRequest};
 use crate::config::{FeedChannel, FeedConfig};
 use crate::event::{now_micros, Event, Exchange, StatusState};
 use crate::health::HealthHandle;
@@ -92,6 +95,8 @@ const ROTATE_RETRY_MIN: Duration = Duration::from_secs(1);
 const ROTATE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Rotation: trades and diffs of the new connection held until the switch.
 const ROTATE_BUFFER: usize = 16 * 1024;
+/// Frame buffer capacity kept between frames; a larger one is given back after use.
+const KEEP_BUFFER: usize = 256 * 1024;
 
 /// Why a connection ended (other than shutdown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +119,10 @@ pub enum ConnError {
     RotateStalled(Duration),
     #[error("the exchange announced a server shutdown")]
     ServerShutdown,
+    #[error("message sequence gap on the connection: expected {expected}, got {got}")]
+    SequenceGap { expected: u64, got: u64 },
+    #[error("book needs a fresh snapshot: {0}")]
+    BookResync(String),
 }
 
 impl ConnError {
@@ -135,6 +144,8 @@ impl ConnError {
             ConnError::Rotate(_) => "rotate",
             ConnError::RotateStalled(_) => "rotate_fallback",
             ConnError::ServerShutdown => "server_shutdown",
+            ConnError::SequenceGap { .. } => "sequence_gap",
+            ConnError::BookResync(_) => "book_resync",
         }
     }
 
@@ -180,8 +191,10 @@ struct Overlap {
     buffered: VecDeque<Parsed>,
     /// Per symbol, `U` of the new socket's first diff.
     first_update: HashMap<String, u64>,
+    /// Symbols whose WebSocket book snapshot the new socket has sent.
+    ws_snapshots: std::collections::HashSet<String>,
     /// Per symbol, the id of the new socket's first trade.
-    first_trade: HashMap<String, u64>,
+    first_trade: HashMap<String, String>,
 }
 
 enum Step {
@@ -218,6 +231,7 @@ struct Feed {
     depth_limit: u32,
     stale_after: Duration,
     rotate_after: Duration,
+    max_message_bytes: usize,
     http: reqwest::Client,
     /// REST snapshots in flight at once for this feed: after a reconnect every book wants
     /// one, and a burst of depth requests (weight 50 each at limit 1000) is how an IP gets
@@ -226,9 +240,12 @@ struct Feed {
     events: mpsc::Sender<Event>,
     health: HealthHandle,
     shutdown: CancellationToken,
-    books: HashMap<String, BookSync>,
-    /// Last trade id emitted per symbol in this session (see [`Feed::fresh_trade`]).
-    last_trade: HashMap<String, u64>,
+    books: FeedBooks,
+    /// Trade ids emitted, by the venue's rule (repeats across a rotation or a batch).
+    trades: TradeDedup,
+    /// Set while handling a frame when a book needs a fresh snapshot that only a new
+    /// subscription gives (WebSocket-snapshot venues): the session ends after the frame.
+    need_snapshot: Option<String>,
     invalid_frames: u64,
     /// This feed's socket is counted in the `exchange_connected` gauge.
     counted_connected: std::sync::atomic::AtomicBool,
@@ -258,13 +275,11 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let exchange = adapter.exchange();
     let books = if feed.channels.contains(&FeedChannel::Book) {
-        feed.symbols
-            .iter()
-            .map(|s| (s.clone(), BookSync::new(exchange, s.clone())))
-            .collect()
+        FeedBooks::new(exchange, &feed.symbols, adapter.book_sync())
     } else {
-        HashMap::new()
+        FeedBooks::default()
     };
+    let trades = TradeDedup::new(adapter.trade_ids());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(CONNECT_TIMEOUT)
@@ -286,6 +301,7 @@ pub async fn run(
         depth_limit: feed.depth_limit,
         stale_after: Duration::from_millis(feed.stale_after_ms.max(1)),
         rotate_after: Duration::from_secs(feed.rotate_after_secs.max(1)),
+        max_message_bytes: feed.max_message_bytes,
         adapter,
         http,
         fetch_slots: Arc::new(Semaphore::new(SNAPSHOT_FETCHES_IN_FLIGHT)),
@@ -293,7 +309,8 @@ pub async fn run(
         health,
         shutdown,
         books,
-        last_trade: HashMap::new(),
+        trades,
+        need_snapshot: None,
         invalid_frames: 0,
         counted_connected: std::sync::atomic::AtomicBool::new(false),
     };
@@ -347,9 +364,7 @@ pub async fn run(
                     debug!(exchange = %exchange, cause = %error, "exchange connect failed");
                 }
                 let reason = error.to_string();
-                for book in state.books.values_mut() {
-                    book.on_disconnect(&reason, &mut out);
-                }
+                state.books.disconnect_all(&reason, &mut out);
                 if !state.emit_all(out).await {
                     break;
                 }
@@ -455,6 +470,14 @@ impl Feed {
         }
     }
 
+    fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            pacing: self.adapter.subscribe_pacing(),
+            max_message_bytes: self.max_message_bytes,
+            stale_after: self.stale_after,
+        }
+    }
+
     /// One connection, from connect to loss. Never returns while the socket is healthy;
     /// a rotation (make-before-break) swaps the socket inside the session.
     async fn session(&mut self) -> SessionEnd {
@@ -469,7 +492,7 @@ impl Feed {
         let requests = self.adapter.subscribe_frames(&self.symbols, &self.channels);
         let mut sock = tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            r = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after) => match r {
+            r = Socket::open(self.ws_url.clone(), requests.clone(), self.open_options()) => match r {
                 Ok(sock) => sock,
                 Err(e) => {
                     let opened = !matches!(e, ConnError::Connect(_) | ConnError::ConnectTimeout(_));
@@ -480,7 +503,8 @@ impl Feed {
         debug!(exchange = %self.exchange, url = %self.ws_url, "exchange socket open");
         // Trade ids of this session's connections; a new session may face a restarted
         // (simulated) exchange whose ids start over.
-        self.last_trade.clear();
+        self.trades.new_session();
+        self.need_snapshot = None;
 
         let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotResult>(SNAPSHOT_CHANNEL);
         // Dropped with the session: fetches of a dead connection are aborted.
@@ -510,7 +534,7 @@ impl Feed {
                     return SessionEnd::Shutdown;
                 }
                 Some((symbol, generation, result)) = snap_rx.recv() => {
-                    if let Some(book) = self.books.get_mut(&symbol) {
+                    if let Some(book) = self.books.rest(&symbol) {
                         if let Some(req) = book.on_snapshot(generation, result, &mut out) {
                             self.spawn_fetch(&mut fetches, &snap_tx, req);
                         }
@@ -528,10 +552,16 @@ impl Feed {
                             let _ = self.emit_all(std::mem::take(&mut out)).await;
                             return lost(ConnError::ServerShutdown, true, sock.subscribed);
                         }
-                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_)) {
+                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book(_)) {
                             flowing = true;
                         }
                         self.handle(item, &mut sock, &mut out, &mut fetches, &snap_tx);
+                    }
+                    if let Some(why) = self.need_snapshot.take() {
+                        let _ = self.emit_all(std::mem::take(&mut out)).await;
+                        let subscribed = sock.subscribed;
+                        sock.close().await;
+                        return lost(ConnError::BookResync(why), true, subscribed);
                     }
                     // Healthy once every subscription is acknowledged: a quiet market is not a
                     // fault (a silent socket is caught by the stale timer). Once per state
@@ -554,7 +584,7 @@ impl Feed {
                     match step {
                         Step::Due => {
                             info!(exchange = %self.exchange, url = %self.ws_url, "rotating the exchange connection: opening the new one");
-                            let open = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after);
+                            let open = Socket::open(self.ws_url.clone(), requests.clone(), self.open_options());
                             rotation = Rotation::Opening(Box::pin(async move { open.await.map(Box::new) }));
                             continue;
                         }
@@ -565,6 +595,7 @@ impl Feed {
                                 deadline: Instant::now() + self.rotate_after.min(ROTATE_SWITCH_TIMEOUT),
                                 buffered: VecDeque::new(),
                                 first_update: HashMap::new(),
+                                ws_snapshots: Default::default(),
                                 first_trade: HashMap::new(),
                             }));
                         }
@@ -625,15 +656,7 @@ impl Feed {
         let old = std::mem::replace(sock, new.sock);
         // Closed aside: the new socket is read meanwhile.
         tokio::spawn(old.close());
-        for book in self.books.values_mut() {
-            if book.is_live() {
-                book.continue_on_new_stream();
-            } else {
-                // No book emitted since the last snapshot (or resync): start its sync over
-                // on the new socket. Emits nothing.
-                book.on_disconnect("rotation", out);
-            }
-        }
+        self.books.continue_on_new_stream(out);
         let replayed = new.buffered.len();
         for item in new.buffered {
             self.handle(item, sock, out, fetches, snap_tx);
@@ -684,14 +707,30 @@ impl Feed {
         };
         buf.clear();
         buf.extend_from_slice(bytes);
-        match self.adapter.parse(buf, ts_recv) {
-            Ok(p) => Ok(p),
+        let parsed = match self.adapter.parse(buf, ts_recv) {
+            Ok(p) => p,
             Err(e) => {
                 // Recovery::Skip for every parse error: count, log, carry on.
                 self.invalid_frame(&e, bytes);
-                Ok(Vec::new())
+                Vec::new()
+            }
+        };
+        // One large message (a Coinbase book snapshot) must not keep its buffer.
+        if buf.capacity() > KEEP_BUFFER {
+            *buf = Vec::with_capacity(KEEP_BUFFER);
+        }
+        let mut items = Vec::with_capacity(parsed.len());
+        for item in parsed {
+            match item {
+                Parsed::Sequence(seq) => {
+                    if let Err((expected, got)) = sock.check_sequence(seq) {
+                        return Err(ConnError::SequenceGap { expected, got });
+                    }
+                }
+                other => items.push(other),
             }
         }
+        Ok(items)
     }
 
     /// Handles one item of the socket whose events are emitted (not `ServerShutdown`).
@@ -705,11 +744,24 @@ impl Feed {
     ) {
         match item {
             Parsed::Event(e) => {
-                if self.fresh_trade(&e) {
+                if self.trades.fresh(&e) {
                     out.push(e);
                 }
             }
-            Parsed::Diff(d) => match self.books.get_mut(&d.symbol) {
+            Parsed::Book(b) => {
+                let symbol = b.symbol.clone();
+                match self.books.ws(b, out) {
+                    Some(Outcome::Ok) => {}
+                    Some(Outcome::NeedSnapshot(why)) => {
+                        self.need_snapshot.get_or_insert(format!("{symbol}: {why}"));
+                    }
+                    None => {
+                        let why = format!("book message for unsubscribed symbol {symbol}");
+                        self.invalid_frame(&why, symbol.as_bytes());
+                    }
+                }
+            }
+            Parsed::Diff(d) => match self.books.rest(&d.symbol) {
                 Some(book) => {
                     if let Some(req) = book.on_diff(d, out) {
                         self.spawn_fetch(fetches, snap_tx, req);
@@ -735,7 +787,7 @@ impl Feed {
                     out.push(self.on_subscribed());
                 }
             }
-            Parsed::Ack { .. } | Parsed::ServerShutdown => {}
+            Parsed::Ack { .. } | Parsed::ServerShutdown | Parsed::Sequence(_) => {}
             Parsed::Refused { detail, .. } => {
                 error!(exchange = %self.exchange, %detail, "request refused");
                 out.push(Event::status(
@@ -743,26 +795,6 @@ impl Feed {
                     StatusState::Error,
                     Some(detail),
                 ));
-            }
-        }
-    }
-
-    /// False for a trade already emitted (id not above the last one of its symbol): after
-    /// a rotation both sockets carried it. Trade ids increase per symbol on Binance.
-    fn fresh_trade(&mut self, e: &Event) -> bool {
-        let Event::Trade(t) = e else { return true };
-        let Ok(id) = t.trade_id.parse::<u64>() else {
-            return true;
-        };
-        match self.last_trade.get_mut(&t.symbol) {
-            Some(last) if id <= *last => false,
-            Some(last) => {
-                *last = id;
-                true
-            }
-            None => {
-                self.last_trade.insert(t.symbol.clone(), id);
-                true
             }
         }
     }
@@ -778,7 +810,7 @@ impl Feed {
     ) -> Result<(), String> {
         for item in parsed {
             match item {
-                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) => {
+                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book(_) => {
                     if o.buffered.len() >= ROTATE_BUFFER {
                         return Err(format!(
                             "more than {ROTATE_BUFFER} events before the switch"
@@ -790,10 +822,13 @@ impl Feed {
                                 .entry(d.symbol.clone())
                                 .or_insert(d.first_update_id);
                         }
+                        Parsed::Book(b) if b.action == crate::event::BookAction::Snapshot => {
+                            o.ws_snapshots.insert(b.symbol.clone());
+                        }
                         Parsed::Event(Event::Trade(t)) => {
-                            if let Ok(id) = t.trade_id.parse() {
-                                o.first_trade.entry(t.symbol.clone()).or_insert(id);
-                            }
+                            o.first_trade
+                                .entry(t.symbol.clone())
+                                .or_insert_with(|| t.trade_id.clone());
                         }
                         _ => {}
                     }
@@ -815,6 +850,7 @@ impl Feed {
                 Parsed::ServerShutdown => {
                     return Err("the exchange announced a server shutdown".into());
                 }
+                Parsed::Sequence(_) => {}
             }
         }
         Ok(())
@@ -825,18 +861,22 @@ impl Feed {
     /// diffs continue the book without a new snapshot). Likewise its first trade of a
     /// symbol, when it has one, must not be past the next trade id (no trade is lost).
     fn ready_to_switch(&self, o: &Overlap) -> bool {
-        let books = self.books.values().all(|book| match book.last_seq() {
-            None => true,
-            Some(last) => o
-                .first_update
-                .get(book.symbol())
-                .is_some_and(|&first| first <= last + 1),
-        });
-        let trades = o.first_trade.iter().all(|(symbol, &first)| {
-            self.last_trade
-                .get(symbol)
-                .is_none_or(|&last| first <= last + 1)
-        });
+        let books = self
+            .books
+            .values()
+            .all(|book| match (book, book.last_seq()) {
+                (_, None) => true,
+                (FeedBook::Rest(_), Some(last)) => o
+                    .first_update
+                    .get(book.symbol())
+                    .is_some_and(|&first| first <= last + 1),
+                // Its own snapshot restarts the book on the new socket.
+                (FeedBook::Ws(_), Some(_)) => o.ws_snapshots.contains(book.symbol()),
+            });
+        let trades = o
+            .first_trade
+            .iter()
+            .all(|(symbol, first)| self.trades.continues(symbol, first));
         o.sock.subscribed && books && trades
     }
 
@@ -869,6 +909,11 @@ mod tests {
             ConnError::Rotate(d),
             ConnError::RotateStalled(d),
             ConnError::ServerShutdown,
+            ConnError::SequenceGap {
+                expected: 1,
+                got: 2,
+            },
+            ConnError::BookResync(String::new()),
         ] {
             assert!(
                 metrics::EXCHANGE_RECONNECT_REASONS.contains(&e.reason()),

@@ -14,6 +14,7 @@
 //! [`Market`] and only add a rendering/route module.
 
 mod binance;
+mod coinbase;
 
 use std::collections::BTreeMap;
 
@@ -21,6 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub use binance::serve_binance;
+pub use coinbase::serve_coinbase;
 
 /// Exchanges that have a simulator front-end.
 pub fn sim_exchanges() -> &'static [&'static str] {
