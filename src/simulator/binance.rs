@@ -25,8 +25,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -42,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Bbo, BookDiff, Candle, Market, Price, Qty, SimConfig, Stats, Trade, KLINE_INTERVALS,
-    PRICE_DECIMALS,
+    lock, now_ms, Bbo, BookDiff, Candle, Market, Price, Qty, SimConfig, Stats, Trade,
+    KLINE_INTERVALS, PRICE_DECIMALS,
 };
 
 /// Binance sends a ping frame every 20 seconds.
@@ -204,19 +204,6 @@ struct Shared {
 }
 
 type AppState = Arc<Shared>;
-
-/// Lock a mutex, recovering from poisoning (a panicked tick must not take
-/// the whole simulator down).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
 
 fn wire_symbol(normalized: &str) -> String {
     normalized.replace(['-', '/', '_'], "").to_uppercase()

@@ -3,15 +3,17 @@
 //!
 //! What lives here:
 //! * the public API ([`SimConfig`], [`Faults`], [`serve_binance`],
-//!   [`sim_exchanges`]);
+//!   [`serve_coinbase`]; which venues are simulated is said by
+//!   `crate::exchange::registry`);
 //! * the exchange-agnostic market model ([`Market`]): one per symbol, a
 //!   seeded random walk that produces abstract trades, L2 book diffs with
 //!   monotonically increasing update ids, rolling ticker statistics and
 //!   candles. Prices and sizes are integers (ticks of 0.01, units of 1e-8)
 //!   so the model is exact and deterministic; front-ends only *render* them.
 //!
-//! The Binance front-end lives in [`binance`]; further exchanges can reuse
-//! [`Market`] and only add a rendering/route module.
+//! Each venue adds only a front-end: its wire rendering, subscribe protocol and
+//! heartbeat ([`binance`], [`coinbase`]); the model, the fault switches and the shared
+//! helpers ([`lock`], [`now_ms`]) live here.
 
 mod binance;
 mod coinbase;
@@ -24,9 +26,18 @@ use rand::{Rng, SeedableRng};
 pub use binance::serve_binance;
 pub use coinbase::serve_coinbase;
 
-/// Exchanges that have a simulator front-end.
-pub fn sim_exchanges() -> &'static [&'static str] {
-    &["binance"]
+/// Lock a mutex, recovering from poisoning (a panicked tick must not take
+/// the whole simulator down).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wall-clock milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Simulator configuration.
