@@ -5,7 +5,9 @@
 //! One task owns the socket (no split halves; two sockets for a moment while rotating, both
 //! polled in the same `select!`): it reads frames, answers pings, hands book
 //! diffs to a [`BookSync`] per symbol and receives REST snapshots from helper tasks over a
-//! channel, so a slow snapshot never stops frame reading. Events leave through the bounded
+//! channel, so a slow snapshot never stops frame reading. No venue rule lives here: the
+//! adapter describes its venue (pacing, book sync mode, trade ids), [`super::feed_books`]
+//! and [`super::trades`] apply it. Events leave through the bounded
 //! `events` channel with `send().await`: when the consumer is slow the socket is simply
 //! read more slowly (backpressure), nothing is buffered without bound.
 //!
@@ -23,25 +25,27 @@
 //!   (a `status` `resync` event per book; a fresh snapshot follows on the new connection).
 //! - No frame at all (data or ping — Binance pings every 20 s) for `stale_after_ms`
 //!   means a half-open connection: it is dropped and reconnected the same way.
-//! - Rotation, make-before-break: after `rotate_after_secs` (default 23.5 h, before
-//!   Binance's 24 h cut) a second socket to the same URL is opened and subscribed while the
-//!   current one is still read and still the only source of events. The new socket's trades
-//!   and diffs are held (at most 16 384, more counts as a failure of the new socket); its
-//!   tickers and candles are dropped. The feed switches once the new socket has every
-//!   subscription acknowledged and, for every live book, its first diff starts at or
-//!   before the next update id the book needs (`U <= last + 1`;
-//!   update ids are global per symbol), and its first trade of a symbol is not past the
-//!   next trade id. At the switch the held items are replayed: diffs through the books'
-//!   `BookSync` (covered ones are ignored, the first new one may straddle), trades only if
-//!   their id is above the last one emitted for the symbol (also checked afterwards); books
-//!   not yet live start their sync over on the new socket. The old socket is then closed.
-//!   No status event is emitted; `exchange_reconnects_total{reason="rotate"}` counts it.
+//! - Rotation, make-before-break ([`rotation`]): after `rotate_after_secs` (default 23.5 h,
+//!   before Binance's 24 h cut) a second socket to the same URL is opened and subscribed
+//!   while the current one is still read and still the only source of events. The new
+//!   socket's trades and book messages are held (at most 16 384, more counts as a failure
+//!   of the new socket); its tickers and candles are dropped. The feed switches once the
+//!   new socket has every subscription acknowledged and continues every live book (a
+//!   REST-snapshot book: its first diff starts at or before the next update id the book
+//!   needs; a WebSocket-snapshot book: it has sent its own snapshot) and its trades lose
+//!   none (by the venue's trade-id rule). At the switch the held items are replayed
+//!   through the books and the trade de-duplication; books not yet live start over. The
+//!   old socket is then closed. No status event is emitted;
+//!   `exchange_reconnects_total{reason="rotate"}` counts it.
+//! - A venue that numbers the messages of a connection (Coinbase `sequence_num`): a gap
+//!   ends the connection (`sequence_gap`) and every book it carried resyncs; a
+//!   WebSocket-snapshot book that needs a fresh snapshot ends it too (`book_resync`).
 //! - If the new socket cannot be opened or fails before the switch, the current one is kept
 //!   and rotation is tried again after 1 s, doubling up to 60 s (the exchange's own cut is
 //!   then a normal reconnect). If it is open but has not caught up within 10 s (or
 //!   `rotate_after`, if shorter), the feed falls back to a plain reconnect at once:
 //!   `disconnected`, books `resync`, `reconnecting` (reason `rotate_fallback`).
-//! - Binance's `serverShutdown` notice drops the connection on our terms and a new one is
+//! - A venue's shutdown notice (Binance `serverShutdown`) drops the connection on our terms and a new one is
 //!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
 //!   so it does not wait for the next read.
@@ -56,29 +60,29 @@
 //!   forever.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::feed_books::{FeedBook, FeedBooks};
+mod frames;
+mod rotation;
+
+use super::feed_books::FeedBooks;
 use super::socket::{OpenOptions, Socket, CONNECT_TIMEOUT};
 use super::trades::TradeDedup;
-use super::ws_book::Outcome;
-use super::{Adapter, BookSnapshot, Parsed, Recovery, SnapshotError, SnapshotRequest};
+use super::{Adapter, BookSnapshot, Parsed, Recovery, SnapshotError};
 use crate::config::{FeedChannel, FeedConfig};
-use crate::event::{now_micros, Event, Exchange, StatusState};
+use crate::event::{Event, Exchange, StatusState};
 use crate::health::HealthHandle;
 use crate::metrics;
+use rotation::{Overlap, Rotation, Step, ROTATE_RETRY_MIN, ROTATE_SWITCH_TIMEOUT};
 
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
@@ -86,15 +90,6 @@ const SNAPSHOT_CHANNEL: usize = 64;
 const SNAPSHOT_FETCHES_IN_FLIGHT: usize = 4;
 /// Longest `Retry-After` honoured as given; longer ones are cut (the feed stays responsive).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
-/// Rotation: how long the new connection may take, once open, to be subscribed and to
-/// continue every live book (or `rotate_after`, if shorter) before the feed falls back to
-/// a plain reconnect.
-const ROTATE_SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Rotation: first and longest delay before trying again after the new connection failed.
-const ROTATE_RETRY_MIN: Duration = Duration::from_secs(1);
-const ROTATE_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Rotation: trades and diffs of the new connection held until the switch.
-const ROTATE_BUFFER: usize = 16 * 1024;
 /// Frame buffer capacity kept between frames; a larger one is given back after use.
 const KEEP_BUFFER: usize = 256 * 1024;
 
@@ -170,56 +165,6 @@ enum SessionEnd {
 }
 
 type SnapshotResult = (String, u64, Result<BookSnapshot, SnapshotError>);
-
-type Opening = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnError>> + Send>>;
-
-/// Where the make-before-break rotation of a session stands.
-enum Rotation {
-    /// Rotate at `at`.
-    Idle { at: Instant },
-    /// The new socket is connecting and subscribing (the current one is still read).
-    Opening(Opening),
-    /// Both sockets are read; events still come from the current one.
-    Overlap(Box<Overlap>),
-}
-
-struct Overlap {
-    sock: Socket,
-    /// Give up (plain reconnect) if not switched by then.
-    deadline: Instant,
-    /// Trades and diffs of the new socket, replayed (deduplicated) at the switch.
-    buffered: VecDeque<Parsed>,
-    /// Per symbol, `U` of the new socket's first diff.
-    first_update: HashMap<String, u64>,
-    /// Symbols whose WebSocket book snapshot the new socket has sent.
-    ws_snapshots: std::collections::HashSet<String>,
-    /// Per symbol, the id of the new socket's first trade.
-    first_trade: HashMap<String, String>,
-}
-
-enum Step {
-    Due,
-    Opened(Result<Box<Socket>, ConnError>),
-    Frame(Option<Result<Message, WsError>>),
-    TimedOut,
-}
-
-impl Rotation {
-    /// Waits for the next thing the rotation has to act on.
-    async fn step(&mut self) -> Step {
-        match self {
-            Rotation::Idle { at } => {
-                sleep_until(*at).await;
-                Step::Due
-            }
-            Rotation::Opening(open) => Step::Opened(open.as_mut().await),
-            Rotation::Overlap(o) => tokio::select! {
-                msg = o.sock.ws.next() => Step::Frame(msg),
-                _ = sleep_until(o.deadline) => Step::TimedOut,
-            },
-        }
-    }
-}
 
 struct Feed {
     adapter: Arc<dyn Adapter>,
@@ -426,50 +371,6 @@ impl Feed {
         true
     }
 
-    fn spawn_fetch(
-        &self,
-        fetches: &mut JoinSet<()>,
-        tx: &mpsc::Sender<SnapshotResult>,
-        req: SnapshotRequest,
-    ) {
-        let fetch =
-            self.adapter
-                .fetch_snapshot(&self.http, &self.rest_url, &req.symbol, self.depth_limit);
-        let tx = tx.clone();
-        let slots = self.fetch_slots.clone();
-        debug!(exchange = %self.exchange, symbol = %req.symbol, delay_ms = req.delay.as_millis() as u64, "fetching book snapshot");
-        fetches.spawn(async move {
-            if !req.delay.is_zero() {
-                sleep(req.delay).await;
-            }
-            // Closed only if the feed is gone, and then nobody waits for the answer.
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
-            };
-            let result = fetch.await;
-            if let Some(wait) = result.as_ref().err().and_then(SnapshotError::retry_after) {
-                // Keep the slot while the exchange asked us to stay away, so the feed's
-                // other fetches slow down with this one.
-                warn!(
-                    wait_ms = wait.as_millis() as u64,
-                    "exchange asked to retry the snapshot later"
-                );
-                sleep(wait.min(MAX_RETRY_AFTER)).await;
-            }
-            let _ = tx.send((req.symbol, req.generation, result)).await;
-        });
-    }
-
-    fn invalid_frame(&mut self, cause: &dyn std::fmt::Display, frame: &[u8]) {
-        metrics::exchange_frame_invalid(self.exchange);
-        self.invalid_frames += 1;
-        // First one and every 1000th: a broken feed must not flood the log.
-        if self.invalid_frames == 1 || self.invalid_frames % 1000 == 0 {
-            let shown = String::from_utf8_lossy(&frame[..frame.len().min(200)]);
-            warn!(exchange = %self.exchange, %cause, frame = %shown, count = self.invalid_frames, "invalid exchange frame skipped");
-        }
-    }
-
     fn open_options(&self) -> OpenOptions {
         OpenOptions {
             pacing: self.adapter.subscribe_pacing(),
@@ -641,243 +542,6 @@ impl Feed {
                 }
             }
         }
-    }
-
-    /// Makes `new` the socket of the session (see the module doc): books continue on it,
-    /// its held trades and diffs are replayed without repeats, the old socket is closed.
-    fn switch(
-        &mut self,
-        sock: &mut Socket,
-        new: Overlap,
-        out: &mut Vec<Event>,
-        fetches: &mut JoinSet<()>,
-        snap_tx: &mpsc::Sender<SnapshotResult>,
-    ) {
-        let old = std::mem::replace(sock, new.sock);
-        // Closed aside: the new socket is read meanwhile.
-        tokio::spawn(old.close());
-        self.books.continue_on_new_stream(out);
-        let replayed = new.buffered.len();
-        for item in new.buffered {
-            self.handle(item, sock, out, fetches, snap_tx);
-        }
-        metrics::exchange_reconnect(self.exchange, ConnError::Rotate(self.rotate_after).reason());
-        info!(exchange = %self.exchange, replayed, "rotated to the new exchange connection (make-before-break)");
-    }
-
-    /// The new socket of a rotation failed: keep the current one, try again later.
-    fn rotation_failed(&self, why: &dyn std::fmt::Display, retry: &mut Duration) -> Rotation {
-        warn!(exchange = %self.exchange, cause = %why, retry_in_ms = retry.as_millis() as u64, "rotation failed: keeping the current connection");
-        let at = Instant::now() + *retry;
-        *retry = (*retry * 2).min(ROTATE_RETRY_MAX);
-        Rotation::Idle { at }
-    }
-
-    /// Turns one read off `sock` into parsed items (none for control frames and bad
-    /// frames); `Err` when the socket is lost.
-    async fn receive(
-        &mut self,
-        sock: &mut Socket,
-        msg: Option<Result<Message, WsError>>,
-        buf: &mut Vec<u8>,
-    ) -> Result<Vec<Parsed>, ConnError> {
-        let ts_recv = now_micros();
-        sock.stale_at = Instant::now() + self.stale_after;
-        let bytes: &[u8] = match &msg {
-            None => return Err(ConnError::Closed("end of stream".into())),
-            Some(Err(e)) => return Err(ConnError::Socket(e.to_string())),
-            Some(Ok(Message::Close(frame))) => {
-                let why = frame.as_ref().map_or_else(
-                    || "close frame without reason".to_string(),
-                    |f| format!("code {} {}", u16::from(f.code), f.reason),
-                );
-                return Err(ConnError::Closed(why));
-            }
-            Some(Ok(Message::Ping(_))) => {
-                // tungstenite queued the pong; write it now, not at the next read.
-                sock.ws
-                    .flush()
-                    .await
-                    .map_err(|e| ConnError::Socket(e.to_string()))?;
-                return Ok(Vec::new());
-            }
-            Some(Ok(Message::Pong(_) | Message::Frame(_))) => return Ok(Vec::new()),
-            Some(Ok(Message::Text(t))) => t.as_bytes(),
-            Some(Ok(Message::Binary(b))) => b,
-        };
-        buf.clear();
-        buf.extend_from_slice(bytes);
-        let parsed = match self.adapter.parse(buf, ts_recv) {
-            Ok(p) => p,
-            Err(e) => {
-                // Recovery::Skip for every parse error: count, log, carry on.
-                self.invalid_frame(&e, bytes);
-                Vec::new()
-            }
-        };
-        // One large message (a Coinbase book snapshot) must not keep its buffer.
-        if buf.capacity() > KEEP_BUFFER {
-            *buf = Vec::with_capacity(KEEP_BUFFER);
-        }
-        let mut items = Vec::with_capacity(parsed.len());
-        for item in parsed {
-            match item {
-                Parsed::Sequence(seq) => {
-                    if let Err((expected, got)) = sock.check_sequence(seq) {
-                        return Err(ConnError::SequenceGap { expected, got });
-                    }
-                }
-                other => items.push(other),
-            }
-        }
-        Ok(items)
-    }
-
-    /// Handles one item of the socket whose events are emitted (not `ServerShutdown`).
-    fn handle(
-        &mut self,
-        item: Parsed,
-        sock: &mut Socket,
-        out: &mut Vec<Event>,
-        fetches: &mut JoinSet<()>,
-        snap_tx: &mpsc::Sender<SnapshotResult>,
-    ) {
-        match item {
-            Parsed::Event(e) => {
-                if self.trades.fresh(&e) {
-                    out.push(e);
-                }
-            }
-            Parsed::Book(b) => {
-                let symbol = b.symbol.clone();
-                match self.books.ws(b, out) {
-                    Some(Outcome::Ok) => {}
-                    Some(Outcome::NeedSnapshot(why)) => {
-                        self.need_snapshot.get_or_insert(format!("{symbol}: {why}"));
-                    }
-                    None => {
-                        let why = format!("book message for unsubscribed symbol {symbol}");
-                        self.invalid_frame(&why, symbol.as_bytes());
-                    }
-                }
-            }
-            Parsed::Diff(d) => match self.books.rest(&d.symbol) {
-                Some(book) => {
-                    if let Some(req) = book.on_diff(d, out) {
-                        self.spawn_fetch(fetches, snap_tx, req);
-                    }
-                }
-                None => {
-                    let why = format!("book diff for unsubscribed symbol {}", d.symbol);
-                    self.invalid_frame(&why, d.symbol.as_bytes());
-                }
-            },
-            Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
-                if let Parsed::Refused { detail, .. } = &item {
-                    error!(exchange = %self.exchange, url = %self.ws_url, %detail, "the exchange refused a subscription: the feed is unhealthy");
-                    metrics::exchange_subscribe_refused(self.exchange);
-                    out.push(Event::status(
-                        self.exchange,
-                        StatusState::Error,
-                        Some(format!("subscription refused by the exchange: {detail}")),
-                    ));
-                    sock.refused.get_or_insert_with(|| detail.clone());
-                }
-                if sock.on_answer(id) && sock.refused.is_none() {
-                    out.push(self.on_subscribed());
-                }
-            }
-            Parsed::Ack { .. } | Parsed::ServerShutdown | Parsed::Sequence(_) => {}
-            Parsed::Refused { detail, .. } => {
-                error!(exchange = %self.exchange, %detail, "request refused");
-                out.push(Event::status(
-                    self.exchange,
-                    StatusState::Error,
-                    Some(detail),
-                ));
-            }
-        }
-    }
-
-    /// One frame of the new socket during a rotation: acks are counted, trades and diffs
-    /// kept for the switch, tickers and candles dropped (the old socket still emits them).
-    /// `Err` when the rotation has to be given up.
-    fn overlap_frame(
-        &mut self,
-        o: &mut Overlap,
-        parsed: Vec<Parsed>,
-        out: &mut Vec<Event>,
-    ) -> Result<(), String> {
-        for item in parsed {
-            match item {
-                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book(_) => {
-                    if o.buffered.len() >= ROTATE_BUFFER {
-                        return Err(format!(
-                            "more than {ROTATE_BUFFER} events before the switch"
-                        ));
-                    }
-                    match &item {
-                        Parsed::Diff(d) => {
-                            o.first_update
-                                .entry(d.symbol.clone())
-                                .or_insert(d.first_update_id);
-                        }
-                        Parsed::Book(b) if b.action == crate::event::BookAction::Snapshot => {
-                            o.ws_snapshots.insert(b.symbol.clone());
-                        }
-                        Parsed::Event(Event::Trade(t)) => {
-                            o.first_trade
-                                .entry(t.symbol.clone())
-                                .or_insert_with(|| t.trade_id.clone());
-                        }
-                        _ => {}
-                    }
-                    o.buffered.push_back(item);
-                }
-                Parsed::Event(_) => {}
-                Parsed::Ack { id } => {
-                    o.sock.on_answer(id);
-                }
-                Parsed::Refused { detail, .. } => {
-                    error!(exchange = %self.exchange, %detail, "request refused on the new connection");
-                    out.push(Event::status(
-                        self.exchange,
-                        StatusState::Error,
-                        Some(detail.clone()),
-                    ));
-                    return Err(format!("request refused: {detail}"));
-                }
-                Parsed::ServerShutdown => {
-                    return Err("the exchange announced a server shutdown".into());
-                }
-                Parsed::Sequence(_) => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// The new socket is subscribed and, for every live book, its first diff starts at or
-    /// before the next update id the book needs (update ids are global per symbol, so its
-    /// diffs continue the book without a new snapshot). Likewise its first trade of a
-    /// symbol, when it has one, must not be past the next trade id (no trade is lost).
-    fn ready_to_switch(&self, o: &Overlap) -> bool {
-        let books = self
-            .books
-            .values()
-            .all(|book| match (book, book.last_seq()) {
-                (_, None) => true,
-                (FeedBook::Rest(_), Some(last)) => o
-                    .first_update
-                    .get(book.symbol())
-                    .is_some_and(|&first| first <= last + 1),
-                // Its own snapshot restarts the book on the new socket.
-                (FeedBook::Ws(_), Some(_)) => o.ws_snapshots.contains(book.symbol()),
-            });
-        let trades = o
-            .first_trade
-            .iter()
-            .all(|(symbol, first)| self.trades.continues(symbol, first));
-        o.sock.subscribed && books && trades
     }
 
     fn on_subscribed(&self) -> Event {

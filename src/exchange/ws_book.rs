@@ -18,11 +18,9 @@
 //!
 //! No I/O, no clock; the connection drives it and tests drive it directly.
 
-use tracing::warn;
-
+use super::book_sync::resync_event;
 use crate::book::OrderBook;
-use crate::event::{Book, BookAction, Event, Exchange, StatusState};
-use crate::metrics;
+use crate::event::{Book, BookAction, Event, Exchange};
 
 /// What the connection has to do after a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,14 +149,7 @@ impl WsBookSync {
     }
 
     fn emit_resync(&self, why: String, out: &mut Vec<Event>) {
-        let detail = format!("book:{}:{}: {why}", self.exchange, self.symbol);
-        warn!(exchange = %self.exchange, symbol = %self.symbol, detail = %detail, "book resync");
-        metrics::book_resync(self.exchange, "exchange");
-        out.push(Event::status(
-            self.exchange,
-            StatusState::Resync,
-            Some(detail),
-        ));
+        out.push(resync_event(self.exchange, &self.symbol, &why));
     }
 
     fn resync(&mut self, why: String, out: &mut Vec<Event>) -> Outcome {

@@ -1206,33 +1206,19 @@ pub async fn serve_binance(
     config: SimConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let drop_every = config.faults.drop_every_secs.filter(|s| *s > 0);
     let shared: AppState = Arc::new(Shared::new(config, shutdown.clone()));
     for sym in 0..shared.symbols.len() {
         shared.tracker.spawn(market_task(shared.clone(), sym));
     }
-    if let Some(secs) = drop_every {
-        let s = shared.clone();
-        shared.tracker.spawn(async move {
-            let period = Duration::from_secs(secs);
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                tokio::select! {
-                    _ = s.shutdown.cancelled() => return,
-                    _ = t.tick() => s.drop_all_connections(),
-                }
-            }
-        });
-    }
+    let s = shared.clone();
+    super::spawn_drop_fault(
+        &shared.tracker,
+        &shared.config.faults,
+        shutdown.clone(),
+        move || s.drop_all_connections(),
+    );
     tracing::info!(addr = ?listener.local_addr().ok(), symbols = shared.symbols.len(), "binance simulator listening");
-    let result = axum::serve(listener, router(shared.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    // If serving failed, still stop the market tasks and connections.
-    shutdown.cancel();
-    shared.tracker.close();
-    shared.tracker.wait().await;
-    result
+    super::serve_until(listener, router(shared.clone()), shutdown, &shared.tracker).await
 }
 
 #[cfg(test)]

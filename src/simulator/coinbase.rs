@@ -240,16 +240,24 @@ impl Shared {
         }));
     }
 
-    fn tick(&self, sym: usize) {
+    /// Runs `f` on product `sym`'s market (locked) with the time now, unless paused.
+    fn at_market(&self, sym: usize, f: impl FnOnce(&Product, &mut Market, i64, &str)) {
         let p = &self.products[sym];
         let mut m = lock(&p.market);
-        if self.paused.load(Ordering::Relaxed) {
-            return;
+        // Checked under the lock: once `/_sim/pause` returns, nothing moves.
+        if !self.paused.load(Ordering::Relaxed) {
+            let now = now_ms();
+            f(p, &mut m, now, &rfc3339(now));
         }
-        let now = now_ms();
-        let time = rfc3339(now);
+    }
+
+    fn tick(&self, sym: usize) {
+        self.at_market(sym, |p, m, now, time| self.tick_at(sym, p, m, now, time));
+    }
+
+    fn tick_at(&self, sym: usize, p: &Product, m: &mut Market, now: i64, time: &str) {
         let out = m.tick(now);
-        let trade = render_trade(&p.id, &time, &out.trade);
+        let trade = render_trade(&p.id, time, &out.trade);
         {
             let mut recent = lock(&p.recent);
             if recent.len() >= RECENT_TRADES {
@@ -258,29 +266,24 @@ impl Shared {
             recent.push_back(trade.clone());
         }
         let trades = format!(r#"[{{"type":"update","trades":[{trade}]}}]"#);
-        self.publish(sym, "market_trades", &time, trades, 0);
+        self.publish(sym, "market_trades", time, trades, 0);
         let diff = &out.diff;
         let bids = diff.bids.iter().map(|(p, q)| (p, q));
         let asks = diff.asks.iter().map(|(p, q)| (p, q));
-        let l2 = render_l2("update", &p.id, &time, bids, asks);
-        self.publish(sym, "l2_data", &time, l2, diff.last_update_id);
+        let l2 = render_l2("update", &p.id, time, bids, asks);
+        self.publish(sym, "l2_data", time, l2, diff.last_update_id);
     }
 
     fn second(&self, sym: usize) {
-        let p = &self.products[sym];
-        let mut m = lock(&p.market);
-        if self.paused.load(Ordering::Relaxed) {
-            return;
-        }
-        let now = now_ms();
-        let time = rfc3339(now);
-        self.publish(sym, "ticker", &time, render_ticker("update", &p.id, &m), 0);
-        let five = KLINE_INTERVALS.iter().position(|(n, _)| *n == "5m");
-        for up in m.kline_updates(now) {
-            if Some(up.candle.interval) == five {
-                self.publish(sym, "candles", &time, render_candle(&p.id, &up.candle), 0);
+        self.at_market(sym, |p, m, now, time| {
+            self.publish(sym, "ticker", time, render_ticker("update", &p.id, m), 0);
+            let five = KLINE_INTERVALS.iter().position(|(n, _)| *n == "5m");
+            for up in m.kline_updates(now) {
+                if Some(up.candle.interval) == five {
+                    self.publish(sym, "candles", time, render_candle(&p.id, &up.candle), 0);
+                }
             }
-        }
+        });
     }
 
     fn drop_all(&self) {
@@ -409,7 +412,6 @@ pub async fn serve_coinbase(
             recent: Mutex::new(VecDeque::new()),
         })
         .collect();
-    let drop_every = config.faults.drop_every_secs.filter(|s| *s > 0);
     let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
     let shared: AppState = Arc::new(Shared {
         config,
@@ -425,19 +427,13 @@ pub async fn serve_coinbase(
     for sym in 0..shared.products.len() {
         shared.tracker.spawn(market_task(shared.clone(), sym));
     }
-    if let Some(secs) = drop_every {
-        let s = shared.clone();
-        shared.tracker.spawn(async move {
-            let period = Duration::from_secs(secs);
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                tokio::select! {
-                    _ = s.shutdown.cancelled() => return,
-                    _ = t.tick() => s.drop_all(),
-                }
-            }
-        });
-    }
+    let s = shared.clone();
+    super::spawn_drop_fault(
+        &shared.tracker,
+        &shared.config.faults,
+        shutdown.clone(),
+        move || s.drop_all(),
+    );
     let app = Router::new()
         .route("/", get(ws))
         .route("/_sim/drop", post(sim_drop))
@@ -449,13 +445,7 @@ pub async fn serve_coinbase(
         .route("/_sim/stats", get(sim_stats))
         .with_state(shared.clone());
     tracing::info!(addr = ?listener.local_addr().ok(), products = shared.products.len(), "coinbase simulator listening");
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    shutdown.cancel();
-    shared.tracker.close();
-    shared.tracker.wait().await;
-    result
+    super::serve_until(listener, app, shutdown, &shared.tracker).await
 }
 
 /// The book of product `sym` as a `level2` snapshot `events` array, and its update id.
