@@ -41,6 +41,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::control::Control;
 use super::{
     lock, now_ms, Bbo, BookDiff, Candle, Market, Price, Qty, SimConfig, Stats, Trade,
     KLINE_INTERVALS, PRICE_DECIMALS,
@@ -1079,8 +1080,8 @@ async fn rest_time() -> Response {
 // Test control endpoints (/_sim/)
 // ---------------------------------------------------------------------------
 
-fn sim_symbol(shared: &Shared, q: &HashMap<String, String>) -> Result<usize, ApiError> {
-    let Some(s) = q.get("symbol") else {
+fn sim_symbol(shared: &Shared, symbol: Option<&str>) -> Result<usize, ApiError> {
+    let Some(s) = symbol else {
         return Err(api_error(
             -1102,
             "Mandatory parameter 'symbol' was not sent.",
@@ -1089,55 +1090,6 @@ fn sim_symbol(shared: &Shared, q: &HashMap<String, String>) -> Result<usize, Api
     shared
         .find_any(s)
         .ok_or_else(|| api_error(-1121, "Invalid symbol."))
-}
-
-async fn sim_drop(State(shared): State<AppState>) -> Response {
-    shared.drop_all_connections();
-    ok()
-}
-
-async fn sim_gap(
-    State(shared): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    match sim_symbol(&shared, &q) {
-        Ok(sym) => {
-            shared.symbols[sym]
-                .gap_pending
-                .store(true, Ordering::Relaxed);
-            ok()
-        }
-        Err(r) => r.into_response(),
-    }
-}
-
-async fn sim_malformed(State(shared): State<AppState>) -> Response {
-    shared
-        .counters
-        .malformed_sent
-        .fetch_add(1, Ordering::Relaxed);
-    shared.publish(FrameInner {
-        sym: usize::MAX,
-        topic: Topic::Garbage,
-        raw: Utf8Bytes::from_static(GARBAGE_FRAME),
-        wrapped: Vec::new(),
-    });
-    ok()
-}
-
-async fn sim_pause(State(shared): State<AppState>) -> Response {
-    shared.paused.send_replace(true);
-    // Wait out any tick batch in progress; later ones see the flag under the
-    // lock. So when this returns the books are at rest.
-    for e in &shared.symbols {
-        drop(lock(&e.market));
-    }
-    ok()
-}
-
-async fn sim_resume(State(shared): State<AppState>) -> Response {
-    shared.paused.send_replace(false);
-    ok()
 }
 
 async fn sim_snapshot_delay(
@@ -1153,31 +1105,63 @@ async fn sim_snapshot_delay(
     }
 }
 
-async fn sim_book(
-    State(shared): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    match sim_symbol(&shared, &q) {
-        Ok(sym) => json_text(render_book(&lock(&shared.symbols[sym].market), usize::MAX)),
-        Err(r) => r.into_response(),
+impl Control for Shared {
+    fn drop_all(&self) {
+        self.drop_all_connections();
     }
-}
 
-async fn sim_stats(State(shared): State<AppState>) -> Response {
-    let c = &shared.counters;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    Json(json!({
-        "connections_open": g(&c.connections_open),
-        "connections_total": g(&c.connections_total),
-        "frames_produced": g(&c.frames_produced),
-        "frames_sent": g(&c.frames_sent),
-        "slow_disconnects": g(&c.slow_disconnects),
-        "dropped_connections": g(&c.dropped_connections),
-        "gaps": g(&c.gaps),
-        "malformed_sent": g(&c.malformed_sent),
-        "paused": *shared.paused.borrow(),
-    }))
-    .into_response()
+    /// Withholds the next depth diff of `symbol`.
+    fn gap(&self, symbol: Option<&str>) -> Option<Response> {
+        match sim_symbol(self, symbol) {
+            Ok(sym) => {
+                self.symbols[sym].gap_pending.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(e) => Some(e.into_response()),
+        }
+    }
+
+    fn malformed(&self) {
+        self.counters.malformed_sent.fetch_add(1, Ordering::Relaxed);
+        self.publish(FrameInner {
+            sym: usize::MAX,
+            topic: Topic::Garbage,
+            raw: Utf8Bytes::from_static(GARBAGE_FRAME),
+            wrapped: Vec::new(),
+        });
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+        // Wait out any tick batch in progress; later ones see the flag under the
+        // lock. So when this returns the books are at rest.
+        for e in &self.symbols {
+            drop(lock(&e.market));
+        }
+    }
+
+    fn book(&self, symbol: Option<&str>) -> Response {
+        match sim_symbol(self, symbol) {
+            Ok(sym) => json_text(render_book(&lock(&self.symbols[sym].market), usize::MAX)),
+            Err(r) => r.into_response(),
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "connections_open": g(&c.connections_open),
+            "connections_total": g(&c.connections_total),
+            "frames_produced": g(&c.frames_produced),
+            "frames_sent": g(&c.frames_sent),
+            "slow_disconnects": g(&c.slow_disconnects),
+            "dropped_connections": g(&c.dropped_connections),
+            "gaps": g(&c.gaps),
+            "malformed_sent": g(&c.malformed_sent),
+            "paused": *self.paused.borrow(),
+        })
+    }
 }
 
 fn router(shared: AppState) -> Router {
@@ -1188,15 +1172,9 @@ fn router(shared: AppState) -> Router {
         .route("/api/v3/depth", get(rest_depth))
         .route("/api/v3/ping", get(rest_ping))
         .route("/api/v3/time", get(rest_time))
-        .route("/_sim/drop", post(sim_drop))
-        .route("/_sim/gap", post(sim_gap))
-        .route("/_sim/malformed", post(sim_malformed))
-        .route("/_sim/pause", post(sim_pause))
-        .route("/_sim/resume", post(sim_resume))
         .route("/_sim/snapshot_delay", post(sim_snapshot_delay))
-        .route("/_sim/book", get(sim_book))
-        .route("/_sim/stats", get(sim_stats))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(super::control::routes(shared))
 }
 
 /// Serve the Binance-compatible simulator on `listener` until `shutdown` is

@@ -19,16 +19,17 @@
 //! Faults (venue-neutral switches of [`super::Faults`] and `/_sim/`): drop every
 //! connection, skip one `sequence_num` on every connection, send one malformed message.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 mod connection;
 
+use super::control::Control;
 use super::{lock, now_ms, Market, Price, Qty, SimConfig, KLINE_INTERVALS, PRICE_DECIMALS};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -285,12 +287,6 @@ impl Shared {
             }
         });
     }
-
-    fn drop_all(&self) {
-        let mut token = lock(&self.drop_token);
-        token.cancel();
-        *token = CancellationToken::new();
-    }
 }
 
 async fn market_task(shared: AppState, sym: usize) {
@@ -311,83 +307,72 @@ async fn market_task(shared: AppState, sym: usize) {
     }
 }
 
-fn sim_product(shared: &Shared, q: &HashMap<String, String>) -> Option<usize> {
-    let wanted = q.get("symbol")?;
-    shared.products.iter().position(|p| &p.id == wanted)
-}
-
-async fn sim_drop(State(shared): State<AppState>) -> Response {
-    shared.drop_all();
-    Json(json!({})).into_response()
-}
-
-async fn sim_gap(State(shared): State<AppState>) -> Response {
-    shared.gap_epoch.fetch_add(1, Ordering::Relaxed);
-    Json(json!({})).into_response()
-}
-
-async fn sim_malformed(State(shared): State<AppState>) -> Response {
-    shared
-        .counters
-        .malformed_sent
-        .fetch_add(1, Ordering::Relaxed);
-    shared.publish(usize::MAX, "", "", GARBAGE.to_string(), 0);
-    Json(json!({})).into_response()
-}
-
-async fn sim_pause(State(shared): State<AppState>) -> Response {
-    shared.paused.store(true, Ordering::Relaxed);
-    // Wait out a tick in progress: when this returns the books are at rest.
-    for p in &shared.products {
-        drop(lock(&p.market));
+impl Control for Shared {
+    fn drop_all(&self) {
+        let mut token = lock(&self.drop_token);
+        token.cancel();
+        *token = CancellationToken::new();
     }
-    Json(json!({})).into_response()
-}
 
-async fn sim_resume(State(shared): State<AppState>) -> Response {
-    shared.paused.store(false, Ordering::Relaxed);
-    Json(json!({})).into_response()
-}
+    /// Every connection skips one `sequence_num` (it numbers the connection, not a book).
+    fn gap(&self, _symbol: Option<&str>) -> Option<Response> {
+        self.gap_epoch.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 
-/// The book as Coinbase would render its levels: `{"bids":[[p,q],..],"asks":[..]}`, best first.
-async fn sim_book(
-    State(shared): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let Some(sym) = sim_product(&shared, &q) else {
-        return (axum::http::StatusCode::BAD_REQUEST, "unknown symbol").into_response();
-    };
-    let m = lock(&shared.products[sym].market);
-    let side = |levels: Vec<(&Price, &Qty)>| -> Value {
-        levels
-            .into_iter()
-            .map(|(p, q)| {
-                let (mut ps, mut qs) = (String::new(), String::new());
-                push_price(&mut ps, *p);
-                push_qty(&mut qs, u128::from(*q));
-                json!([ps, qs])
-            })
-            .collect()
-    };
-    Json(json!({
-        "bids": side(m.bids.iter().rev().collect()),
-        "asks": side(m.asks.iter().collect()),
-    }))
-    .into_response()
-}
+    fn malformed(&self) {
+        self.counters.malformed_sent.fetch_add(1, Ordering::Relaxed);
+        self.publish(usize::MAX, "", "", GARBAGE.to_string(), 0);
+    }
 
-async fn sim_stats(State(shared): State<AppState>) -> Response {
-    let c = &shared.counters;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    Json(json!({
-        "connections_total": g(&c.connections_total),
-        "messages_sent": g(&c.messages_sent),
-        "gaps": g(&c.gaps),
-        "malformed_sent": g(&c.malformed_sent),
-        "dropped_connections": g(&c.dropped_connections),
-        "paused": shared.paused.load(Ordering::Relaxed),
-    }))
-    .into_response()
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        // Wait out a tick in progress: when this returns the books are at rest.
+        for p in &self.products {
+            drop(lock(&p.market));
+        }
+    }
+
+    /// `{"bids":[[p,q],..],"asks":[..]}`, best first, in Coinbase's number formats.
+    fn book(&self, symbol: Option<&str>) -> Response {
+        let Some(p) = self.products.iter().find(|p| Some(p.id.as_str()) == symbol) else {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "unknown product"})),
+            )
+                .into_response();
+        };
+        let m = lock(&p.market);
+        let side = |levels: Vec<(&Price, &Qty)>| -> Value {
+            levels
+                .into_iter()
+                .map(|(p, q)| {
+                    let (mut ps, mut qs) = (String::new(), String::new());
+                    push_price(&mut ps, *p);
+                    push_qty(&mut qs, u128::from(*q));
+                    json!([ps, qs])
+                })
+                .collect()
+        };
+        Json(json!({
+            "bids": side(m.bids.iter().rev().collect()),
+            "asks": side(m.asks.iter().collect()),
+        }))
+        .into_response()
+    }
+
+    fn stats(&self) -> Value {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "connections_total": g(&c.connections_total),
+            "messages_sent": g(&c.messages_sent),
+            "gaps": g(&c.gaps),
+            "malformed_sent": g(&c.malformed_sent),
+            "dropped_connections": g(&c.dropped_connections),
+            "paused": self.paused.load(Ordering::Relaxed),
+        })
+    }
 }
 
 async fn ws(upgrade: WebSocketUpgrade, State(shared): State<AppState>) -> Response {
@@ -436,14 +421,8 @@ pub async fn serve_coinbase(
     );
     let app = Router::new()
         .route("/", get(ws))
-        .route("/_sim/drop", post(sim_drop))
-        .route("/_sim/gap", post(sim_gap))
-        .route("/_sim/malformed", post(sim_malformed))
-        .route("/_sim/pause", post(sim_pause))
-        .route("/_sim/resume", post(sim_resume))
-        .route("/_sim/book", get(sim_book))
-        .route("/_sim/stats", get(sim_stats))
-        .with_state(shared.clone());
+        .with_state(shared.clone())
+        .merge(super::control::routes(shared.clone()));
     tracing::info!(addr = ?listener.local_addr().ok(), products = shared.products.len(), "coinbase simulator listening");
     super::serve_until(listener, app, shutdown, &shared.tracker).await
 }

@@ -17,6 +17,7 @@
 
 mod binance;
 mod coinbase;
+mod control;
 
 use std::collections::BTreeMap;
 
