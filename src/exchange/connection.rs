@@ -32,7 +32,9 @@
 //!   of the new socket); its tickers and candles are dropped. The feed switches once the
 //!   new socket has every subscription acknowledged and continues every live book (a
 //!   REST-snapshot book: its first diff starts at or before the next update id the book
-//!   needs; a WebSocket-snapshot book: it has sent its own snapshot) and its trades lose
+//!   needs; a WebSocket-snapshot book: it has sent its own snapshot, emitted at the switch
+//!   with the book's numbering going on; an executor tells its bots `resync` before any
+//!   snapshot in the middle of a chain) and its trades lose
 //!   none (by the venue's trade-id rule). At the switch the held items are replayed
 //!   through the books and the trade de-duplication; books not yet live start over. The
 //!   old socket is then closed. No status event is emitted;
