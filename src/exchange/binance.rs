@@ -18,7 +18,6 @@
 //!
 //! This file knows nothing about sockets or book state; `connection` and `book_sync` do.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -506,12 +505,6 @@ struct Combined<T> {
     data: T,
 }
 
-thread_local! {
-    /// simd-json's scratch space (aligned input copy, string buffer, structural indexes),
-    /// kept per worker thread: allocating it for every frame showed in the profile.
-    static SCRATCH: RefCell<simd_json::Buffers> = RefCell::new(simd_json::Buffers::new(4096));
-}
-
 /// One pass from the frame's bytes into `T`, unwrapping a combined-stream frame. What `T`
 /// borrows, it borrows from `frame` (simd-json unescapes in place), never from the scratch.
 fn from_frame<'a, T: Deserialize<'a>>(
@@ -519,17 +512,13 @@ fn from_frame<'a, T: Deserialize<'a>>(
     combined: bool,
     kind: &'static str,
 ) -> Result<T, ParseError> {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if combined {
-            simd_json::serde::from_slice_with_buffers::<Combined<T>>(frame, &mut scratch)
-                .map(|c| c.data)
-                .map_err(payload_err(kind))
-        } else {
-            simd_json::serde::from_slice_with_buffers::<T>(frame, &mut scratch)
-                .map_err(payload_err(kind))
-        }
-    })
+    if combined {
+        super::wire_json::from_slice::<Combined<T>>(frame)
+            .map(|c| c.data)
+            .map_err(payload_err(kind))
+    } else {
+        super::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
+    }
 }
 
 fn from_value<'a, T: Deserialize<'a>>(

@@ -25,7 +25,7 @@
 //! - `candles`: 5-minute buckets only; `start` is seconds on the wire. `closed` is true when
 //!   the bucket has ended by the message's `timestamp` (the channel sends no flag).
 //! - `status`: a product whose `status` is not `online` becomes a `status` `error` event
-//!   naming it; online products produce nothing.
+//!   naming it (`ts`: the message `timestamp`); online products produce nothing.
 //! - Times are RFC 3339 with nanoseconds, truncated to µs ([`super::wire_time`]).
 //!
 //! This file knows nothing about sockets or book state.
@@ -39,7 +39,9 @@ use simd_json::BorrowedValue;
 use super::wire_time::rfc3339_micros;
 use super::{levels, Adapter, BookSyncMode, ParseError, Parsed, TradeIds};
 use crate::config::FeedChannel;
-use crate::event::{Book, BookAction, Candle, Event, Exchange, Side, StatusState, Ticker, Trade};
+use crate::event::{
+    Book, BookAction, Candle, Event, Exchange, Side, Status, StatusState, Ticker, Trade,
+};
 
 /// Public market data endpoint (no API key for these channels).
 pub const DEFAULT_WS_URL: &str = "wss://advanced-trade-ws.coinbase.com";
@@ -102,6 +104,8 @@ impl CoinbaseAdapter {
 struct Message<'a, E> {
     #[serde(borrow)]
     timestamp: &'a str,
+    #[serde(default)]
+    sequence_num: Option<u64>,
     #[serde(default = "Vec::new")]
     events: Vec<E>,
 }
@@ -345,7 +349,13 @@ impl CoinbaseAdapter {
         Ok(())
     }
 
-    fn status(&self, m: Message<'_, StatusEvent<'_>>, out: &mut Vec<Parsed>) {
+    fn status(
+        &self,
+        m: Message<'_, StatusEvent<'_>>,
+        ts_recv: u64,
+        out: &mut Vec<Parsed>,
+    ) -> Result<(), ParseError> {
+        let ts = time("status", m.timestamp)?;
         for e in m.events {
             for p in e.products {
                 if p.status != "online" {
@@ -354,14 +364,17 @@ impl CoinbaseAdapter {
                         Some(why) => format!("{}: product status `{}`: {why}", p.id, p.status),
                         None => format!("{}: product status `{}`", p.id, p.status),
                     };
-                    out.push(Parsed::Event(Event::status(
-                        self.label,
-                        StatusState::Error,
-                        Some(detail),
-                    )));
+                    out.push(Parsed::Event(Event::Status(Status {
+                        exchange: self.label,
+                        ts: Some(ts),
+                        ts_recv,
+                        state: StatusState::Error,
+                        detail: Some(detail),
+                    })));
                 }
             }
         }
+        Ok(())
     }
 
     /// `{"channel":"subscriptions",..,"events":[{"subscriptions":{"level2":["BTC-USD"],..}}]}`:
@@ -377,6 +390,70 @@ impl CoinbaseAdapter {
                 }
             }
         }
+    }
+}
+
+/// The market channels the fast path knows, read off the frame's first bytes when
+/// Coinbase's own field order shows it (`{"channel":"l2_data",...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fast {
+    L2,
+    Trades,
+    Ticker,
+    Candles,
+    Heartbeats,
+}
+
+fn sniff(frame: &[u8]) -> Option<Fast> {
+    let rest = frame.strip_prefix(br#"{"channel":""#)?;
+    let end = rest.iter().take(16).position(|&b| b == b'"')?;
+    Some(match &rest[..end] {
+        b"l2_data" => Fast::L2,
+        b"market_trades" => Fast::Trades,
+        b"ticker" | b"ticker_batch" => Fast::Ticker,
+        b"candles" => Fast::Candles,
+        b"heartbeats" => Fast::Heartbeats,
+        _ => return None,
+    })
+}
+
+/// One pass from the frame into `Message<E>`, its `sequence_num` first in `out`.
+fn message<'a, E: Deserialize<'a>>(
+    frame: &'a mut [u8],
+    kind: &'static str,
+    out: &mut Vec<Parsed>,
+) -> Result<Message<'a, E>, ParseError> {
+    let m: Message<'a, E> =
+        super::wire_json::from_slice(frame).map_err(|e| bad(kind, e.to_string()))?;
+    out.extend(m.sequence_num.map(Parsed::Sequence));
+    Ok(m)
+}
+
+impl CoinbaseAdapter {
+    /// The market channels in one pass from bytes into the borrowed wire structs.
+    fn parse_fast(
+        &self,
+        frame: &mut [u8],
+        channel: Fast,
+        ts_recv: u64,
+    ) -> Result<Vec<Parsed>, ParseError> {
+        let mut out = Vec::with_capacity(2);
+        match channel {
+            Fast::L2 => self.l2(message(frame, "l2_data", &mut out)?, ts_recv, &mut out)?,
+            Fast::Trades => self.trades(
+                message(frame, "market_trades", &mut out)?,
+                ts_recv,
+                &mut out,
+            )?,
+            Fast::Ticker => self.tickers(message(frame, "ticker", &mut out)?, ts_recv, &mut out)?,
+            Fast::Candles => {
+                self.candles(message(frame, "candles", &mut out)?, ts_recv, &mut out)?
+            }
+            Fast::Heartbeats => {
+                message::<serde::de::IgnoredAny>(frame, "heartbeats", &mut out)?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -426,6 +503,9 @@ impl Adapter for CoinbaseAdapter {
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
+        if let Some(channel) = sniff(frame) {
+            return self.parse_fast(frame, channel, ts_recv);
+        }
         let v = simd_json::to_borrowed_value(frame).map_err(|e| ParseError::Json(e.to_string()))?;
         if v.as_object().is_none() {
             return Err(ParseError::NotObject);
@@ -453,7 +533,7 @@ impl Adapter for CoinbaseAdapter {
             "market_trades" => self.trades(typed(&v, "market_trades")?, ts_recv, &mut out)?,
             "ticker" | "ticker_batch" => self.tickers(typed(&v, "ticker")?, ts_recv, &mut out)?,
             "candles" => self.candles(typed(&v, "candles")?, ts_recv, &mut out)?,
-            "status" => self.status(typed(&v, "status")?, &mut out),
+            "status" => self.status(typed(&v, "status")?, ts_recv, &mut out)?,
             "subscriptions" => Self::subscriptions(&v, &mut out),
             // Keeps quiet channels open; its arrival alone feeds the staleness timer.
             "heartbeats" => {}

@@ -22,6 +22,7 @@ mod feed_books;
 pub mod registry;
 mod socket;
 mod trades;
+mod wire_json;
 pub mod wire_time;
 pub mod ws_book;
 

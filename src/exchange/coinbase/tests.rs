@@ -139,3 +139,34 @@ fn a_finished_candle_bucket_is_closed() {
         "14:10 bucket ended at 14:15; 14:15 bucket just began"
     );
 }
+
+/// The one-pass path (Coinbase's field order, `channel` first) and the general path (any
+/// other shape) agree on every documented market message.
+#[test]
+fn fast_and_general_paths_agree() {
+    let adapter = CoinbaseAdapter::new(Exchange::Coinbase, &[]);
+    let lines = fixture("frames.jsonl");
+    let mut fast_seen = 0;
+    for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let fast = sniff(line).is_some();
+        fast_seen += usize::from(fast);
+        let a = adapter
+            .parse(&mut line.to_vec(), TS_RECV)
+            .map_err(|e| e.to_string());
+        // A leading space hides the field order: the general path.
+        let mut spaced = b" ".to_vec();
+        spaced.extend_from_slice(line);
+        assert!(sniff(&spaced).is_none());
+        let b = adapter
+            .parse(&mut spaced, TS_RECV)
+            .map_err(|e| e.to_string());
+        assert_eq!(a, b, "{}", String::from_utf8_lossy(line));
+    }
+    assert_eq!(
+        fast_seen, 8,
+        "l2 ×2, trades ×2, ticker ×2, candles, heartbeats"
+    );
+    let mut cut = fixture("frames.jsonl");
+    cut.truncate(60);
+    assert!(adapter.parse(&mut cut, TS_RECV).is_err());
+}
