@@ -37,7 +37,7 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
 use super::wire_time::rfc3339_micros;
-use super::{levels, Adapter, BookSyncMode, ParseError, Parsed, TradeIds};
+use super::{levels, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds};
 use crate::config::FeedChannel;
 use crate::event::{
     Book, BookAction, Candle, Event, Exchange, Side, Status, StatusState, Ticker, Trade,
@@ -476,6 +476,10 @@ impl Adapter for CoinbaseAdapter {
 
     fn trade_ids(&self) -> TradeIds {
         TradeIds::Opaque
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::ServerMessages
     }
 
     /// One `{"type":"subscribe","product_ids":[..],"channel":".."}` per channel (the venue

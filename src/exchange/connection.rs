@@ -47,6 +47,9 @@
 //!   then a normal reconnect). If it is open but has not caught up within 10 s (or
 //!   `rotate_after`, if shorter), the feed falls back to a plain reconnect at once:
 //!   `disconnected`, books `resync`, `reconnecting` (reason `rotate_fallback`).
+//! - A venue whose client must speak first (`Heartbeat::ClientSends`) gets its frame every
+//!   `every` on the current socket; server pings are answered below, server heartbeat
+//!   messages only feed the stale timer.
 //! - A venue's shutdown notice (Binance `serverShutdown`) drops the connection on our terms and a new one is
 //!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
@@ -66,10 +69,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -79,7 +83,7 @@ mod rotation;
 use super::feed_books::FeedBooks;
 use super::socket::{OpenOptions, Socket, CONNECT_TIMEOUT};
 use super::trades::TradeDedup;
-use super::{Adapter, BookSnapshot, Parsed, Recovery, SnapshotError};
+use super::{Adapter, BookSnapshot, Heartbeat, Parsed, Recovery, SnapshotError};
 use crate::config::{FeedChannel, FeedConfig};
 use crate::event::{Event, Exchange, StatusState};
 use crate::health::HealthHandle;
@@ -421,6 +425,15 @@ impl Feed {
         let mut streaming = false;
         let mut refused_shown = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        // Venues that want the client to speak first on a quiet connection.
+        let client_ping = match self.adapter.heartbeat() {
+            Heartbeat::ClientSends { every, frame } => {
+                Some((every.max(Duration::from_millis(10)), frame))
+            }
+            Heartbeat::ServerPings | Heartbeat::ServerMessages => None,
+        };
+        let ping_every = client_ping.map_or(Duration::from_secs(3600), |(every, _)| every);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut out: Vec<Event> = Vec::new();
         if sock.subscribed {
             out.push(self.on_subscribed());
@@ -527,6 +540,13 @@ impl Feed {
                     }
                 }
                 _ = sleep_until(sock.stale_at) => return lost(ConnError::Stale(self.stale_after), true, sock.subscribed),
+                _ = ping.tick(), if client_ping.is_some() => {
+                    if let Some((_, frame)) = client_ping {
+                        if let Err(e) = sock.ws.send(Message::text(frame)).await {
+                            return lost(ConnError::Socket(e.to_string()), true, sock.subscribed);
+                        }
+                    }
+                }
             }
             // Switch once the new socket is subscribed and continues every live book.
             if let Rotation::Overlap(o) = &rotation {

@@ -150,6 +150,22 @@ pub enum BookSyncMode {
     WsSnapshot,
 }
 
+/// Who keeps a quiet connection alive, and how. Any frame at all feeds the stale timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The venue sends WebSocket pings; the socket answers them (Binance: every 20 s).
+    ServerPings,
+    /// The venue sends heartbeat messages on a channel the adapter subscribes to
+    /// (Coinbase `heartbeats`, every second); they parse to nothing.
+    ServerMessages,
+    /// The client sends `frame` every `every` (e.g. a text `ping`); the venue's answer
+    /// parses to nothing.
+    ClientSends {
+        every: std::time::Duration,
+        frame: &'static str,
+    },
+}
+
 /// What identifies a trade when de-duplicating across a rotation or a repeated batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TradeIds {
@@ -192,6 +208,10 @@ pub trait Adapter: Send + Sync {
     /// How this venue's trades are told apart.
     fn trade_ids(&self) -> TradeIds {
         TradeIds::Increasing
+    }
+    /// How this venue's quiet connections are kept open.
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::ServerPings
     }
     /// Text frames to send after connecting, in order. Each one is a request that the
     /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
