@@ -54,14 +54,6 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 /// Capacity of the fan-out channel. A connection that falls further behind
 /// than this is disconnected as a slow consumer (no unbounded buffering).
 const CHANNEL_CAPACITY: usize = 8192;
-/// Flat-out mode (`rate == 0`): ticks produced per batch before yielding.
-const FLAT_OUT_BATCH: usize = 32;
-/// Flat-out mode: pause producing while the channel holds more than this
-/// many frames, so the pace follows the readers...
-const FLAT_OUT_HIGH_WATER: usize = CHANNEL_CAPACITY / 2;
-/// ... but not longer than this, so one stuck client cannot stall everyone
-/// (it will lag and be disconnected instead).
-const FLAT_OUT_MAX_STALL: Duration = Duration::from_millis(100);
 /// Binance: a single connection can listen to a maximum of 1024 streams.
 const MAX_STREAMS_PER_CONNECTION: usize = 1024;
 /// REST depth: default and maximum `limit`.
@@ -619,68 +611,24 @@ fn publish_periodic(shared: &Shared, sym: usize) {
     }
 }
 
-/// Wait until the next batch of ticks is due; returns how many to run.
-async fn next_ticks(
-    shared: &Shared,
-    ticker: &mut Option<tokio::time::Interval>,
-    stall_since: &mut Option<Instant>,
-) -> usize {
-    if let Some(t) = ticker {
-        t.tick().await;
-        return 1;
+impl super::runtime::Ticking for Shared {
+    fn config(&self) -> &SimConfig {
+        &self.config
     }
-    // Flat out: as fast as the readers drain the channel.
-    if shared.tx.receiver_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        return 0;
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
     }
-    if shared.tx.len() > FLAT_OUT_HIGH_WATER {
-        let since = *stall_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < FLAT_OUT_MAX_STALL {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            return 0;
-        }
+    fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
     }
-    *stall_since = None;
-    tokio::task::yield_now().await;
-    FLAT_OUT_BATCH
-}
-
-async fn market_task(shared: AppState, sym: usize) {
-    let mut paused = shared.paused.subscribe();
-    let mut second = tokio::time::interval(Duration::from_secs(1));
-    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut ticker = (shared.config.rate > 0).then(|| {
-        // `rate` counts the trades and depth updates of all symbols; each tick makes one
-        // of each for this symbol. Burst (the default) keeps the average rate even above
-        // timer resolution.
-        let symbols = shared.config.symbols.len().max(1) as f64;
-        let ticks_per_second = f64::from(shared.config.rate) / (2.0 * symbols);
-        tokio::time::interval(Duration::from_secs_f64(1.0 / ticks_per_second))
-    });
-    let mut stall_since = None;
-    loop {
-        if *paused.borrow_and_update() {
-            tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
-                r = paused.changed() => if r.is_err() { return },
-            }
-            if let Some(t) = ticker.as_mut() {
-                t.reset();
-            }
-            continue;
-        }
-        tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => return,
-            r = paused.changed() => if r.is_err() { return },
-            _ = second.tick() => publish_periodic(&shared, sym),
-            n = next_ticks(&shared, &mut ticker, &mut stall_since) => {
-                if n > 0 {
-                    run_ticks(&shared, sym, n);
-                }
-            }
-        }
+    fn backlog(&self) -> (usize, usize, usize) {
+        (self.tx.receiver_count(), self.tx.len(), CHANNEL_CAPACITY)
+    }
+    fn tick(&self, sym: usize, n: usize) {
+        run_ticks(self, sym, n);
+    }
+    fn second(&self, sym: usize) {
+        publish_periodic(self, sym);
     }
 }
 
@@ -1186,17 +1134,19 @@ pub async fn serve_binance(
 ) -> std::io::Result<()> {
     let shared: AppState = Arc::new(Shared::new(config, shutdown.clone()));
     for sym in 0..shared.symbols.len() {
-        shared.tracker.spawn(market_task(shared.clone(), sym));
+        shared
+            .tracker
+            .spawn(super::runtime::market_task(shared.clone(), sym));
     }
     let s = shared.clone();
-    super::spawn_drop_fault(
+    super::runtime::spawn_drop_fault(
         &shared.tracker,
         &shared.config.faults,
         shutdown.clone(),
         move || s.drop_all_connections(),
     );
     tracing::info!(addr = ?listener.local_addr().ok(), symbols = shared.symbols.len(), "binance simulator listening");
-    super::serve_until(listener, router(shared.clone()), shutdown, &shared.tracker).await
+    super::runtime::serve_until(listener, router(shared.clone()), shutdown, &shared.tracker).await
 }
 
 #[cfg(test)]

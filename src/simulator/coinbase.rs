@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,13 +32,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod connection;
 
 use super::control::Control;
+use super::runtime::{self, Ticking};
 use super::{lock, now_ms, Market, Price, Qty, SimConfig, KLINE_INTERVALS, PRICE_DECIMALS};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -46,8 +47,6 @@ const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 const CHANNEL_CAPACITY: usize = 8192;
 /// Trades in a `market_trades` snapshot.
 const RECENT_TRADES: usize = 50;
-/// Ticks per second per product when `rate` is 0 (flat out is a Binance-simulator mode).
-const FLAT_OUT_TICKS: f64 = 1000.0;
 const GARBAGE: &str = r#"{"channel":"l2_data","timestamp":"#;
 const CHANNELS: [&str; 6] = [
     "heartbeats",
@@ -91,7 +90,7 @@ struct Shared {
     config: SimConfig,
     products: Vec<Product>,
     tx: broadcast::Sender<Arc<Item>>,
-    paused: AtomicBool,
+    paused: watch::Sender<bool>,
     /// Bumped by `/_sim/gap`: every connection skips one `sequence_num`.
     gap_epoch: AtomicU64,
     drop_token: Mutex<CancellationToken>,
@@ -247,14 +246,10 @@ impl Shared {
         let p = &self.products[sym];
         let mut m = lock(&p.market);
         // Checked under the lock: once `/_sim/pause` returns, nothing moves.
-        if !self.paused.load(Ordering::Relaxed) {
+        if !*self.paused.borrow() {
             let now = now_ms();
             f(p, &mut m, now, &rfc3339(now));
         }
-    }
-
-    fn tick(&self, sym: usize) {
-        self.at_market(sym, |p, m, now, time| self.tick_at(sym, p, m, now, time));
     }
 
     fn tick_at(&self, sym: usize, p: &Product, m: &mut Market, now: i64, time: &str) {
@@ -276,7 +271,7 @@ impl Shared {
         self.publish(sym, "l2_data", time, l2, diff.last_update_id);
     }
 
-    fn second(&self, sym: usize) {
+    fn second_at(&self, sym: usize) {
         self.at_market(sym, |p, m, now, time| {
             self.publish(sym, "ticker", time, render_ticker("update", &p.id, m), 0);
             let five = KLINE_INTERVALS.iter().position(|(n, _)| *n == "5m");
@@ -289,21 +284,26 @@ impl Shared {
     }
 }
 
-async fn market_task(shared: AppState, sym: usize) {
-    let per_second = match shared.config.rate {
-        0 => FLAT_OUT_TICKS,
-        // `rate` counts trades + book updates over all products, as for Binance.
-        r => f64::from(r) / (2.0 * shared.products.len().max(1) as f64),
-    };
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second.max(0.001)));
-    let mut second = tokio::time::interval(Duration::from_secs(1));
-    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = second.tick() => shared.second(sym),
-            _ = ticks.tick() => shared.tick(sym),
+impl Ticking for Shared {
+    fn config(&self) -> &SimConfig {
+        &self.config
+    }
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+    fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+    fn backlog(&self) -> (usize, usize, usize) {
+        (self.tx.receiver_count(), self.tx.len(), CHANNEL_CAPACITY)
+    }
+    fn tick(&self, sym: usize, n: usize) {
+        for _ in 0..n {
+            self.at_market(sym, |p, m, now, time| self.tick_at(sym, p, m, now, time));
         }
+    }
+    fn second(&self, sym: usize) {
+        self.second_at(sym);
     }
 }
 
@@ -326,7 +326,7 @@ impl Control for Shared {
     }
 
     fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
+        self.paused.send_replace(paused);
         // Wait out a tick in progress: when this returns the books are at rest.
         for p in &self.products {
             drop(lock(&p.market));
@@ -370,7 +370,7 @@ impl Control for Shared {
             "gaps": g(&c.gaps),
             "malformed_sent": g(&c.malformed_sent),
             "dropped_connections": g(&c.dropped_connections),
-            "paused": self.paused.load(Ordering::Relaxed),
+            "paused": *self.paused.borrow(),
         })
     }
 }
@@ -402,7 +402,7 @@ pub async fn serve_coinbase(
         config,
         products,
         tx,
-        paused: AtomicBool::new(false),
+        paused: watch::channel(false).0,
         gap_epoch: AtomicU64::new(0),
         drop_token: Mutex::new(CancellationToken::new()),
         shutdown: shutdown.clone(),
@@ -410,10 +410,12 @@ pub async fn serve_coinbase(
         tracker: TaskTracker::new(),
     });
     for sym in 0..shared.products.len() {
-        shared.tracker.spawn(market_task(shared.clone(), sym));
+        shared
+            .tracker
+            .spawn(runtime::market_task(shared.clone(), sym));
     }
     let s = shared.clone();
-    super::spawn_drop_fault(
+    runtime::spawn_drop_fault(
         &shared.tracker,
         &shared.config.faults,
         shutdown.clone(),
@@ -424,7 +426,7 @@ pub async fn serve_coinbase(
         .with_state(shared.clone())
         .merge(super::control::routes(shared.clone()));
     tracing::info!(addr = ?listener.local_addr().ok(), products = shared.products.len(), "coinbase simulator listening");
-    super::serve_until(listener, app, shutdown, &shared.tracker).await
+    runtime::serve_until(listener, app, shutdown, &shared.tracker).await
 }
 
 /// The book of product `sym` as a `level2` snapshot `events` array, and its update id.

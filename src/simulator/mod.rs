@@ -12,12 +12,13 @@
 //!   so the model is exact and deterministic; front-ends only *render* them.
 //!
 //! Each venue adds only a front-end: its wire rendering, subscribe protocol and
-//! heartbeat ([`binance`], [`coinbase`]); the model, the fault switches and the shared
-//! helpers ([`lock`], [`now_ms`]) live here.
+//! heartbeat ([`binance`], [`coinbase`]); the model lives here, the market loop, the
+//! drop fault and serving in [`runtime`], the `/_sim/` control API in [`control`].
 
 mod binance;
 mod coinbase;
 mod control;
+mod runtime;
 
 use std::collections::BTreeMap;
 
@@ -26,60 +27,7 @@ use rand::{Rng, SeedableRng};
 
 pub use binance::serve_binance;
 pub use coinbase::serve_coinbase;
-
-/// Lock a mutex, recovering from poisoning (a panicked tick must not take
-/// the whole simulator down).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The `drop_every_secs` fault: calls `drop_all` every `secs` seconds until `shutdown`.
-pub(crate) fn spawn_drop_fault(
-    tracker: &tokio_util::task::TaskTracker,
-    faults: &Faults,
-    shutdown: tokio_util::sync::CancellationToken,
-    drop_all: impl Fn() + Send + 'static,
-) {
-    let Some(secs) = faults.drop_every_secs.filter(|s| *s > 0) else {
-        return;
-    };
-    tracker.spawn(async move {
-        let period = std::time::Duration::from_secs(secs);
-        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = t.tick() => drop_all(),
-            }
-        }
-    });
-}
-
-/// Serves a front-end's `app` until `shutdown`; then stops its market tasks and waits for
-/// every connection `tracker` follows. Returns when all are gone.
-pub(crate) async fn serve_until(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    shutdown: tokio_util::sync::CancellationToken,
-    tracker: &tokio_util::task::TaskTracker,
-) -> std::io::Result<()> {
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    // If serving failed, still stop the market tasks and connections.
-    shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
-    result
-}
-
-/// Wall-clock milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub(crate) use runtime::{lock, now_ms};
 
 /// Simulator configuration.
 #[derive(Debug, Clone)]
