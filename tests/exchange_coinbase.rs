@@ -344,7 +344,7 @@ async fn simulator_to_bot_through_redis_with_a_gap_and_a_drop() {
     )
     .await;
     let port = sim.http.expect("port");
-    let (_publisher, executor) = publisher_and_executor(&redis, &coinbase_feed(port)).await;
+    let (publisher, executor) = publisher_and_executor(&redis, &coinbase_feed(port)).await;
 
     // All four event types reach a bot.
     let mut all = Bot::connect(&executor.bots_url()).await;
@@ -398,4 +398,18 @@ async fn simulator_to_bot_through_redis_with_a_gap_and_a_drop() {
     assert!(!mine.0.is_empty() && !mine.1.is_empty());
     let stats = sim.get_json("/_sim/stats").await;
     assert!(stats["gaps"].as_u64() >= Some(1), "{stats}");
+
+    // A malformed message is counted and skipped; the feed carries on.
+    sim.post("/_sim/resume").await;
+    sim.post("/_sim/malformed").await;
+    wait_until("the malformed message counted", WAIT, || async {
+        publisher
+            .metric("mdbridge_exchange_frames_invalid_total{exchange=\"coinbase\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    let after = chain.resyncs;
+    chain.read(&mut bot, 10).await;
+    assert_eq!(chain.resyncs, after, "a bad frame is no gap");
 }
