@@ -147,6 +147,14 @@ struct Feed {
 
 impl Feed {
     fn start(port: u16, channels: Vec<FeedChannel>) -> Feed {
+        Feed::start_with(port, channels, |_| {})
+    }
+
+    fn start_with(
+        port: u16,
+        channels: Vec<FeedChannel>,
+        tweak: impl FnOnce(&mut FeedConfig),
+    ) -> Feed {
         let mut feed = FeedConfig::new(
             Exchange::Coinbase,
             vec!["BTC-USD".into(), "ETH-USD".into()],
@@ -155,6 +163,7 @@ impl Feed {
         feed.url = Some(format!("ws://127.0.0.1:{port}/"));
         feed.reconnect_min_ms = 20;
         feed.reconnect_max_ms = 100;
+        tweak(&mut feed);
         let (tx, events) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         let health = Health::new().register("feed");
@@ -289,6 +298,52 @@ async fn trades_take_the_takers_side_and_repeated_batches_are_dropped() {
         }
     }
     assert_eq!(ids, ["6", "7"]);
+    feed.stop.cancel();
+}
+
+/// A `level2` snapshot of `levels` bids.
+fn big_snapshot(levels: u32) -> String {
+    let updates: Vec<String> = (0..levels)
+        .map(|i| format!(r#"{{"side":"bid","event_time":"1970-01-01T00:00:00Z","price_level":"{}.{:02}","new_quantity":"1.5"}}"#, 10_000 + i / 100, i % 100))
+        .collect();
+    format!(
+        r#"{{"channel":"l2_data","client_id":"","timestamp":"2023-02-09T20:32:50.714964855Z","sequence_num":SEQ,"events":[{{"type":"snapshot","product_id":"BTC-USD","updates":[{}]}}]}}"#,
+        updates.join(",")
+    )
+}
+
+#[tokio::test]
+async fn book_snapshots_up_to_max_message_bytes_pass_larger_ones_are_refused() {
+    let server = Scripted::start().await;
+    let mut feed = Feed::start_with(server.port, vec![FeedChannel::Book], |f| {
+        f.max_message_bytes = 1024 * 1024;
+    });
+    feed.until_status(StatusState::Connected).await;
+    let fits = big_snapshot(8_000);
+    assert!(
+        fits.len() > 700_000 && fits.len() < 1024 * 1024,
+        "{}",
+        fits.len()
+    );
+    server.send(&fits);
+    match feed.next().await {
+        Event::Book(b) => {
+            assert_eq!((b.bids.len(), b.action), (8_000, BookAction::Snapshot));
+            assert_eq!(b.bids[0].0.as_str(), "10079.99", "best first");
+        }
+        other => panic!("snapshot expected, got {other:?}"),
+    }
+    server.send(&big_snapshot(14_000));
+    let seen = feed.until_status(StatusState::Disconnected).await;
+    let Some(Event::Status(s)) = seen.last() else {
+        panic!()
+    };
+    assert!(
+        s.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("socket error")),
+        "{s:?}"
+    );
     feed.stop.cancel();
 }
 
