@@ -285,17 +285,13 @@ impl Shared {
 }
 
 impl Ticking for Shared {
-    fn config(&self) -> &SimConfig {
-        &self.config
-    }
-    fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-    fn paused(&self) -> watch::Receiver<bool> {
-        self.paused.subscribe()
-    }
-    fn backlog(&self) -> (usize, usize, usize) {
-        (self.tx.receiver_count(), self.tx.len(), CHANNEL_CAPACITY)
+    fn pace(&self) -> super::runtime::Pace<'_> {
+        super::runtime::Pace {
+            config: &self.config,
+            shutdown: &self.shutdown,
+            paused: &self.paused,
+            backlog: (self.tx.receiver_count(), self.tx.len(), CHANNEL_CAPACITY),
+        }
     }
     fn tick(&self, sym: usize, n: usize) {
         for _ in 0..n {

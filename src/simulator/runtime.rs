@@ -32,15 +32,20 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// What the market loop reads of a front-end's state.
+pub(crate) struct Pace<'a> {
+    pub config: &'a SimConfig,
+    pub shutdown: &'a CancellationToken,
+    /// `true` while `/_sim/pause` holds the market.
+    pub paused: &'a watch::Sender<bool>,
+    /// Readers of the fan-out channel, frames queued in it, its capacity: flat out, ticks
+    /// wait while more than half of it is queued.
+    pub backlog: (usize, usize, usize),
+}
+
 /// What a front-end publishes as its market moves.
 pub(crate) trait Ticking: Send + Sync + 'static {
-    fn config(&self) -> &SimConfig;
-    fn shutdown(&self) -> &CancellationToken;
-    /// `true` while `/_sim/pause` holds the market.
-    fn paused(&self) -> watch::Receiver<bool>;
-    /// Readers of the fan-out channel, and frames queued in it: flat out, ticks wait
-    /// while more than half of `capacity` is queued.
-    fn backlog(&self) -> (usize, usize, usize);
+    fn pace(&self) -> Pace<'_>;
     /// `n` ticks of symbol `sym` (each one trade and one book update), published.
     fn tick(&self, sym: usize, n: usize);
     /// Once a second for symbol `sym`: tickers, candles.
@@ -58,7 +63,7 @@ async fn next_ticks<T: Ticking>(
         return 1;
     }
     // Flat out: as fast as the readers drain the channel.
-    let (readers, queued, capacity) = venue.backlog();
+    let (readers, queued, capacity) = venue.pace().backlog;
     if readers == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
         return 0;
@@ -77,10 +82,11 @@ async fn next_ticks<T: Ticking>(
 
 /// Ticks symbol `sym` until shutdown.
 pub(crate) async fn market_task<T: Ticking>(venue: std::sync::Arc<T>, sym: usize) {
-    let mut paused = venue.paused();
+    let pace = venue.pace();
+    let (config, shutdown) = (pace.config, pace.shutdown);
+    let mut paused = pace.paused.subscribe();
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let config = venue.config();
     let mut ticker = (config.rate > 0).then(|| {
         // `rate` counts the trades and book updates of all symbols; each tick makes one
         // of each for this symbol. Burst (the default) keeps the average rate even above
@@ -93,7 +99,7 @@ pub(crate) async fn market_task<T: Ticking>(venue: std::sync::Arc<T>, sym: usize
     loop {
         if *paused.borrow_and_update() {
             tokio::select! {
-                _ = venue.shutdown().cancelled() => return,
+                _ = shutdown.cancelled() => return,
                 r = paused.changed() => if r.is_err() { return },
             }
             if let Some(t) = ticker.as_mut() {
@@ -103,7 +109,7 @@ pub(crate) async fn market_task<T: Ticking>(venue: std::sync::Arc<T>, sym: usize
         }
         tokio::select! {
             biased;
-            _ = venue.shutdown().cancelled() => return,
+            _ = shutdown.cancelled() => return,
             r = paused.changed() => if r.is_err() { return },
             _ = second.tick() => venue.second(sym),
             n = next_ticks(&*venue, &mut ticker, &mut stall_since) => {
