@@ -17,8 +17,8 @@
 //! Mapping decisions:
 //! - `market_trades` `side` is the **maker's** side (the docs' definition): the bridge's
 //!   `side` is the taker's, so `BUY` → `sell` and `SELL` → `buy`. `ts` is the trade `time`.
-//!   A `snapshot` batch lists recent trades newest first: they are emitted oldest first,
-//!   and the connection drops the ids it has already emitted ([`TradeIds::Opaque`]).
+//!   A batch (a `snapshot` lists recent trades newest first) is emitted oldest first, and
+//!   the connection drops the ids it has already emitted ([`TradeIds::Opaque`]).
 //! - `ticker` (and `ticker_batch`): bid/ask and their sizes from `best_bid*`/`best_ask*`,
 //!   `last` from `price`, `volume_24h` from `volume_24_h`; null where absent
 //!   (`ticker_batch` carries no best bid/ask). `ts` is the message `timestamp`.
@@ -130,8 +130,6 @@ struct L2Update<'a> {
 
 #[derive(Debug, Deserialize)]
 struct TradesEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
     #[serde(borrow)]
     trades: Vec<TradeWire<'a>>,
 }
@@ -280,11 +278,9 @@ impl CoinbaseAdapter {
                     side: Some(side),
                 });
             }
-            if e.kind == "snapshot" {
-                // Newest first on the wire; oldest first on the bus (stable: equal times
-                // keep their order).
-                batch.sort_by_key(|t| t.ts);
-            }
+            // A `snapshot` batch is newest first on the wire; every batch goes out oldest
+            // first (stable: equal times keep their order).
+            batch.sort_by_key(|t| t.ts);
             out.extend(batch.into_iter().map(|t| Parsed::Event(Event::Trade(t))));
         }
         Ok(())
