@@ -54,6 +54,7 @@ struct Scripted {
     port: u16,
     frames: broadcast::Sender<String>,
     received: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Scripted {
@@ -65,8 +66,11 @@ impl Scripted {
         let (frames, _) = broadcast::channel(1024);
         let received = Arc::new(Mutex::new(Vec::new()));
         let (tx, rec) = (frames.clone(), received.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = connections.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (tx, rec) = (tx.clone(), rec.clone());
                 tokio::spawn(async move {
                     let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
@@ -80,6 +84,7 @@ impl Scripted {
             port,
             frames,
             received,
+            connections,
         }
     }
 
@@ -344,6 +349,65 @@ async fn book_snapshots_up_to_max_message_bytes_pass_larger_ones_are_refused() {
             .is_some_and(|d| d.contains("socket error")),
         "{s:?}"
     );
+    feed.stop.cancel();
+}
+
+#[tokio::test]
+async fn rotation_switches_to_the_new_sockets_snapshots_without_resync_or_repeated_trades() {
+    let server = Scripted::start().await;
+    let mut feed = Feed::start_with(
+        server.port,
+        vec![FeedChannel::Book, FeedChannel::Trade],
+        |f| {
+            f.rotate_after_secs = 1;
+        },
+    );
+    feed.until_status(StatusState::Connected).await;
+    server.send(&l2("snapshot", "BTC-USD", "bid", "100", "1"));
+    server.send(&l2("snapshot", "ETH-USD", "bid", "20", "1"));
+    server.send(&l2("update", "BTC-USD", "bid", "101", "1"));
+    for _ in 0..3 {
+        book(&feed.next().await);
+    }
+    // The second socket is open and has sent its four subscribe requests.
+    wait_until("the rotation's socket subscribed", WAIT, || async {
+        server.connections.load(std::sync::atomic::Ordering::SeqCst) == 2
+            && server.received.lock().expect("lock").len() == 8
+    })
+    .await;
+    // Both sockets get these; the new one's snapshots let the feed switch.
+    server.send(&l2("snapshot", "BTC-USD", "bid", "102", "1"));
+    server.send(&l2("snapshot", "ETH-USD", "bid", "21", "1"));
+    server.send(&trades("update", &[("9", "BUY")]));
+    wait_until("the old socket closed", WAIT, || async {
+        server.frames.receiver_count() == 1
+    })
+    .await;
+    server.send(&l2("update", "BTC-USD", "offer", "103", "2"));
+    let mut last: std::collections::HashMap<String, u64> =
+        [("BTC-USD".to_string(), 2), ("ETH-USD".to_string(), 1)].into();
+    let mut trades_seen = 0;
+    loop {
+        match feed.next().await {
+            Event::Book(b) => {
+                let prev = last.insert(b.symbol.clone(), b.seq.expect("seq"));
+                if b.action == BookAction::Delta {
+                    assert_eq!(b.prev_seq, prev, "chain: {b:?}");
+                    if b.symbol == "BTC-USD" && b.asks.len() == 1 {
+                        break;
+                    }
+                } else {
+                    assert!(b.seq > prev, "numbering goes on: {b:?}");
+                }
+            }
+            Event::Trade(t) => {
+                assert_eq!(t.trade_id, "9");
+                trades_seen += 1;
+            }
+            other => panic!("no status event in a rotation: {other:?}"),
+        }
+    }
+    assert_eq!(trades_seen, 1, "the overlap's repeat is dropped");
     feed.stop.cancel();
 }
 
