@@ -34,3 +34,61 @@ fn level2_and_trades_render_the_documented_fields() {
         json!({"trade_id":"7","product_id":"ETH-USD","price":"1260.01","size":"0.30000000","side":"BUY","time":"t"})
     );
 }
+
+/// The periodic fault switches, seen by a client as the docs describe the wire: every 5th
+/// `l2_data` message comes after a skipped `sequence_num`, every 7th numbered message is
+/// followed by one that is not JSON.
+#[tokio::test]
+async fn periodic_faults_skip_sequence_numbers_and_send_garbage() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMsg;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let config = SimConfig {
+        symbols: vec!["BTC-USD".into()],
+        rate: 400,
+        seed: 1,
+        faults: super::super::Faults {
+            drop_every_secs: None,
+            gap_every_updates: Some(5),
+            malformed_every_frames: Some(7),
+        },
+    };
+    let server = tokio::spawn(serve_coinbase(listener, config, stop.clone()));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .expect("connect");
+    let sub = json!({"type":"subscribe","product_ids":["BTC-USD"],"channel":"level2"});
+    ws.send(WsMsg::text(sub.to_string())).await.expect("send");
+    let (mut numbered, mut l2, mut jumps, mut garbage) = (0u64, 0u64, 0u64, 0u64);
+    let mut last: Option<u64> = None;
+    while garbage < 3 {
+        let Some(Ok(WsMsg::Text(t))) = ws.next().await else {
+            panic!("connection ended")
+        };
+        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+            garbage += 1;
+            assert_eq!(numbered % 7, 0, "garbage right after every 7th message");
+            continue;
+        };
+        numbered += 1;
+        let n = v["sequence_num"].as_u64().expect("sequence_num");
+        if v["channel"] == "l2_data" {
+            l2 += 1;
+        }
+        if let Some(l) = last.filter(|l| n != l + 1) {
+            assert_eq!(n, l + 2, "one number skipped");
+            jumps += 1;
+        }
+        last = Some(n);
+    }
+    assert_eq!(numbered, 21);
+    assert_eq!(jumps, l2 / 5);
+    stop.cancel();
+    drop(ws);
+    let _ = server.await;
+}
