@@ -558,6 +558,11 @@ impl Adapter for BinanceAdapter {
         SUBSCRIBE_PACING
     }
 
+    /// "A single connection to stream.binance.com is only valid for 24 hours."
+    fn max_connection_lifetime(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(24 * 3600))
+    }
+
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
     /// [`STREAMS_PER_REQUEST`] streams each, ids from 1.
     fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {

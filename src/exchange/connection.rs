@@ -214,6 +214,19 @@ fn new_backoff(feed: &FeedConfig) -> ExponentialBackoff {
         .build()
 }
 
+/// When to rotate: `rotate_after_secs`, but never later than 30 minutes before the venue
+/// cuts a connection (or at 95 % of so short a lifetime).
+fn rotate_after(configured_secs: u64, lifetime: Option<Duration>) -> Duration {
+    let configured = Duration::from_secs(configured_secs.max(1));
+    match lifetime {
+        None => configured,
+        Some(life) => {
+            let margin = Duration::from_secs(30 * 60).min(life / 20);
+            configured.min(life.saturating_sub(margin).max(Duration::from_secs(1)))
+        }
+    }
+}
+
 /// Runs the feed's socket until `shutdown` (see the module doc for the behaviour).
 pub async fn run(
     adapter: Arc<dyn Adapter>,
@@ -251,7 +264,7 @@ pub async fn run(
         channels: feed.channels.clone(),
         depth_limit: feed.depth_limit,
         stale_after: Duration::from_millis(feed.stale_after_ms.max(1)),
-        rotate_after: Duration::from_secs(feed.rotate_after_secs.max(1)),
+        rotate_after: rotate_after(feed.rotate_after_secs, adapter.max_connection_lifetime()),
         max_message_bytes: feed.max_message_bytes,
         adapter,
         http,
@@ -580,6 +593,26 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_comes_before_the_venues_cut() {
+        let day = Some(Duration::from_secs(24 * 3600));
+        assert_eq!(rotate_after(84_600, day), Duration::from_secs(84_600));
+        assert_eq!(
+            rotate_after(30 * 3600, day),
+            Duration::from_secs(84_600),
+            "capped"
+        );
+        assert_eq!(
+            rotate_after(30 * 3600, None),
+            Duration::from_secs(30 * 3600)
+        );
+        assert_eq!(
+            rotate_after(600, Some(Duration::from_secs(200))),
+            Duration::from_secs(190)
+        );
+        assert_eq!(rotate_after(0, None), Duration::from_secs(1));
+    }
 
     /// Every reason label exists from start (metrics::init), so none may be missing there.
     #[test]

@@ -213,6 +213,11 @@ pub trait Adapter: Send + Sync {
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat::ServerPings
     }
+    /// How long the venue lets one connection live before it cuts it (Binance: 24 h);
+    /// the feed rotates before that, whatever `rotate_after_secs` says.
+    fn max_connection_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Text frames to send after connecting, in order. Each one is a request that the
     /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
     fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)>;
