@@ -871,13 +871,8 @@ impl Config {
                 bad(&at("channels"), "list at least one channel".into());
             }
             if let Some(venue) = venue {
-                for c in &feed.channels {
-                    if let Some(why) = match c {
-                        FeedChannel::Candle(i) => venue.refuse_candle(i),
-                        _ => None,
-                    } {
-                        bad(&at("channels"), why);
-                    }
+                for why in feed.channels.iter().filter_map(|c| venue.refuse_channel(c)) {
+                    bad(&at("channels"), why);
                 }
             }
             if feed.max_message_bytes < MIN_MESSAGE_BYTES {

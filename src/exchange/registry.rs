@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{binance, coinbase, Adapter};
+use crate::config::FeedChannel;
 use crate::event::Exchange;
 use crate::simulator::SimConfig;
 
@@ -22,6 +23,8 @@ pub type SimFuture = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 /// One venue's entry.
 pub struct Venue {
     pub exchange: Exchange,
+    /// Feed channels the venue serves (`trade`, `ticker`, `book`, `candle`).
+    pub channels: &'static [&'static str],
     /// Candle intervals (`candle:<interval>` in a feed's channels) the venue serves.
     pub candle_intervals: &'static [&'static str],
     /// Said before the list when config asks for another interval.
@@ -34,10 +37,13 @@ pub struct Venue {
     pub simulator_paths: &'static str,
 }
 
+const ALL_CHANNELS: [&str; 4] = ["trade", "ticker", "book", "candle"];
+
 /// Every venue, in the order they are listed to operators.
 pub static VENUES: &[Venue] = &[
     Venue {
         exchange: Exchange::Binance,
+        channels: &ALL_CHANNELS,
         candle_intervals: &binance::KLINE_INTERVALS,
         candle_wording: "Binance klines come in",
         adapter: |label, symbols| Arc::new(binance::BinanceAdapter::new(label, symbols)),
@@ -46,6 +52,7 @@ pub static VENUES: &[Venue] = &[
     },
     Venue {
         exchange: Exchange::Coinbase,
+        channels: &ALL_CHANNELS,
         candle_intervals: &coinbase::CANDLE_INTERVALS,
         candle_wording: "the Coinbase candles channel serves 5-minute candles only:",
         adapter: |label, symbols| Arc::new(coinbase::CoinbaseAdapter::new(label, symbols)),
@@ -56,6 +63,7 @@ pub static VENUES: &[Venue] = &[
     // before a feed could choose its label).
     Venue {
         exchange: Exchange::Sim,
+        channels: &ALL_CHANNELS,
         candle_intervals: &binance::KLINE_INTERVALS,
         candle_wording: "Binance klines come in",
         adapter: |label, symbols| Arc::new(binance::BinanceAdapter::new(label, symbols)),
@@ -88,6 +96,28 @@ pub fn simulated() -> Vec<&'static str> {
 }
 
 impl Venue {
+    /// Why `channel` is refused for this venue, or None when it is served.
+    pub fn refuse_channel(&self, channel: &FeedChannel) -> Option<String> {
+        let kind = match channel {
+            FeedChannel::Trade => "trade",
+            FeedChannel::Ticker => "ticker",
+            FeedChannel::Book => "book",
+            FeedChannel::Candle(interval) => {
+                if !self.channels.contains(&"candle") {
+                    return Some(format!("{} serves no candles", self.exchange));
+                }
+                return self.refuse_candle(interval);
+            }
+        };
+        (!self.channels.contains(&kind)).then(|| {
+            format!(
+                "`{kind}`: {} serves {}",
+                self.exchange,
+                self.channels.join(", ")
+            )
+        })
+    }
+
     /// Why `candle:<interval>` is refused for this venue, or None when it is served.
     pub fn refuse_candle(&self, interval: &str) -> Option<String> {
         if self.candle_intervals.contains(&interval) {
