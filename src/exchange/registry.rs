@@ -146,6 +146,30 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_the_venue_lacks_is_refused() {
+        let trades_only = Venue {
+            exchange: Exchange::Kraken,
+            channels: &["trade"],
+            candle_intervals: &[],
+            candle_wording: "",
+            adapter: |label, symbols| Arc::new(binance::BinanceAdapter::new(label, symbols)),
+            simulator: None,
+            simulator_paths: "",
+        };
+        assert_eq!(trades_only.refuse_channel(&FeedChannel::Trade), None);
+        assert_eq!(
+            trades_only.refuse_channel(&FeedChannel::Book).unwrap(),
+            "`book`: kraken serves trade"
+        );
+        assert_eq!(
+            trades_only
+                .refuse_channel(&FeedChannel::Candle("1m".into()))
+                .unwrap(),
+            "kraken serves no candles"
+        );
+    }
+
+    #[test]
     fn candle_refusals_name_the_venue_rule() {
         let cb = venue(Exchange::Coinbase).unwrap();
         assert_eq!(cb.refuse_candle("5m"), None);
