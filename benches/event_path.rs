@@ -213,5 +213,68 @@ fn binance_parse(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, binance_parse, envelope, signing, patterns, book);
+/// Coinbase frames (the documentation's examples): parse + normalize, one frame each, and a
+/// `level2` snapshot of 1 000 levels a side (Coinbase sends whole books in one message).
+fn coinbase_parse(c: &mut Criterion) {
+    let symbols = ["BTC-USD".to_string(), "ETH-USD".to_string()];
+    let adapter =
+        mdbridge::exchange::adapter_for(Exchange::Coinbase, &symbols).expect("coinbase adapter");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/coinbase/");
+    let mut cases: Vec<(&str, Vec<u8>)> = [
+        ("coinbase_parse_market_trades", "market_trades_update.json"),
+        ("coinbase_parse_level2_update", "level2_update.json"),
+        ("coinbase_parse_ticker", "ticker.json"),
+        ("coinbase_parse_candles", "candles.json"),
+        ("coinbase_parse_heartbeat", "heartbeats.json"),
+    ]
+    .into_iter()
+    .map(|(name, file)| {
+        // Compact, as Coinbase sends it (the fixture files are indented for reading).
+        let text = std::fs::read(format!("{root}{file}")).expect("fixture");
+        let v: serde_json::Value = serde_json::from_slice(&text).expect("JSON fixture");
+        (name, serde_json::to_vec(&v).expect("JSON"))
+    })
+    .collect();
+    let level = |side: &str, i: u32| {
+        format!(
+            r#"{{"side":"{side}","event_time":"1970-01-01T00:00:00Z","price_level":"{}.{:02}","new_quantity":"0.{:08}"}}"#,
+            20_000 + i / 100,
+            i % 100,
+            i + 1
+        )
+    };
+    let updates: Vec<String> = (0..1000)
+        .map(|i| level("bid", 1000 - i))
+        .chain((0..1000).map(|i| level("offer", 2000 + i)))
+        .collect();
+    let snapshot = format!(
+        r#"{{"channel":"l2_data","client_id":"","timestamp":"2023-02-09T20:32:50.714964855Z","sequence_num":0,"events":[{{"type":"snapshot","product_id":"BTC-USD","updates":[{}]}}]}}"#,
+        updates.join(",")
+    );
+    cases.push((
+        "coinbase_parse_level2_snapshot_2000_levels",
+        snapshot.into_bytes(),
+    ));
+    for (name, frame) in cases {
+        let mut buf = frame.clone();
+        adapter.parse(&mut buf, 1).expect("parses");
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                buf.clear();
+                buf.extend_from_slice(&frame);
+                black_box(adapter.parse(&mut buf, 1).expect("parses"))
+            })
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    binance_parse,
+    coinbase_parse,
+    envelope,
+    signing,
+    patterns,
+    book
+);
 criterion_main!(benches);

@@ -287,7 +287,10 @@ pub async fn run(
 /// Options of `mdbridge demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// Symbols of the simulated Binance-format venue.
     pub symbols: Vec<String>,
+    /// Products of the simulated Coinbase-format venue (empty: none).
+    pub coinbase_symbols: Vec<String>,
     pub rate: u32,
     pub summary_every: Duration,
     /// How to run `mdbridge watch` from here, for the banner (`cargo run -- watch`, a
@@ -308,32 +311,50 @@ pub async fn run_demo(
     let stops = Stops::new();
     let src = Uuid::new_v4();
 
-    let sim_listener = bind("simulator", "127.0.0.1:0").await?;
-    let sim_addr = sim_listener.local_addr()?;
-    let sim_config = crate::simulator::SimConfig {
-        symbols: options.symbols.clone(),
-        rate: options.rate,
-        ..crate::simulator::SimConfig::default()
-    };
+    // One simulator per venue, each feed labelled `sim`: Binance on `symbols`, Coinbase on
+    // `coinbase_symbols` (none: not started).
     let sim_stop = CancellationToken::new();
-    let sim_task = tokio::spawn(crate::simulator::serve_binance(
-        sim_listener,
-        sim_config,
-        sim_stop.clone(),
-    ));
-
-    let mut feed = FeedConfig::new(
-        Exchange::Sim,
-        options.symbols.clone(),
-        vec![
-            FeedChannel::Trade,
-            FeedChannel::Ticker,
-            FeedChannel::Book,
-            FeedChannel::Candle("1m".to_string()),
-        ],
-    );
-    feed.url = Some(format!("ws://{sim_addr}/stream"));
-    feed.rest_url = Some(format!("http://{sim_addr}"));
+    let mut sim_tasks = Vec::new();
+    let mut feeds = Vec::new();
+    let mut banner = Vec::new();
+    for (venue, symbols, channels) in [
+        (Exchange::Binance, &options.symbols, "1m"),
+        (Exchange::Coinbase, &options.coinbase_symbols, "5m"),
+    ] {
+        let Some(serve) = crate::exchange::registry::venue(venue).and_then(|v| v.simulator) else {
+            continue;
+        };
+        if symbols.is_empty() {
+            continue;
+        }
+        let listener = bind("simulator", "127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let sim_config = crate::simulator::SimConfig {
+            symbols: symbols.clone(),
+            rate: options.rate,
+            ..crate::simulator::SimConfig::default()
+        };
+        sim_tasks.push(tokio::spawn(serve(listener, sim_config, sim_stop.clone())));
+        let mut feed = FeedConfig::new(
+            venue,
+            symbols.clone(),
+            vec![
+                FeedChannel::Trade,
+                FeedChannel::Ticker,
+                FeedChannel::Book,
+                FeedChannel::Candle(channels.to_string()),
+            ],
+        );
+        feed.label = Some(Exchange::Sim);
+        if venue == Exchange::Binance {
+            feed.url = Some(format!("ws://{addr}/stream"));
+            feed.rest_url = Some(format!("http://{addr}"));
+        } else {
+            feed.url = Some(format!("ws://{addr}/"));
+        }
+        banner.push(format!("{venue}-format on {addr} ({})", symbols.join(", ")));
+        feeds.push(feed);
+    }
 
     let admin = AdminState {
         instance: config.instance.name.clone(),
@@ -361,19 +382,17 @@ pub async fn run_demo(
     let gateway_task = tokio::spawn(gateway.serve(bots, stops.gateway.clone()));
 
     let (events_tx, events_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
-    let feeds = spawn_feeds(
-        std::slice::from_ref(&feed),
-        &events_tx,
-        &health,
-        &stops.feeds,
-    );
+    let feeds = spawn_feeds(&feeds, &events_tx, &health, &stops.feeds);
     drop(events_tx);
     let pipeline = spawn_pipeline(events_rx, src, None, MemoryBus::new(tx));
 
-    println!("mdbridge demo: simulated Binance-format exchange on {sim_addr} (events are labelled `sim`)");
+    println!(
+        "mdbridge demo: simulated exchanges {} (events are labelled `sim`)",
+        banner.join("; ")
+    );
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
     println!("  status:  http://{http_addr}/ (live page)   metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
-    println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m, status:sim  (symbols: {})", options.symbols.join(", "));
+    println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m (Coinbase-format: :5m), status:sim");
     println!(
         "  watch:   {} --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'",
         options.watch_command
@@ -416,8 +435,10 @@ pub async fn run_demo(
         warn!("bot server did not finish in time");
     }
     sim_stop.cancel();
-    if tokio::time::timeout_at(deadline, sim_task).await.is_err() {
-        warn!("simulator did not finish in time");
+    for task in sim_tasks {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            warn!("simulator did not finish in time");
+        }
     }
     stops.http.cancel();
     join_by(Some(http_task), deadline, "admin HTTP").await;

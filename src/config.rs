@@ -445,7 +445,12 @@ impl<'de> Deserialize<'de> for FeedChannel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeedConfig {
+    /// The venue whose protocol the feed speaks.
     pub exchange: Exchange,
+    /// The exchange name written into the feed's events and channels; default: `exchange`.
+    /// A feed pointed at a simulator says `sim`, so simulated data never passes for real.
+    #[serde(default)]
+    pub label: Option<Exchange>,
     /// WebSocket endpoint; default: the exchange's public endpoint.
     #[serde(default)]
     pub url: Option<String>,
@@ -468,6 +473,18 @@ pub struct FeedConfig {
     /// No frame at all for this long means a dead connection.
     #[serde(default = "default_stale_after_ms")]
     pub stale_after_ms: u64,
+    /// Largest WebSocket message (and frame) accepted from the exchange. Coinbase sends a
+    /// whole `level2` book snapshot as one message, several MB for a busy product. Memory
+    /// is only taken while such a message is read.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+/// Smallest `max_message_bytes` accepted.
+const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+
+fn default_max_message_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 fn default_feed_channels() -> Vec<FeedChannel> {
@@ -494,6 +511,7 @@ impl FeedConfig {
     pub fn new(exchange: Exchange, symbols: Vec<String>, channels: Vec<FeedChannel>) -> FeedConfig {
         FeedConfig {
             exchange,
+            label: None,
             url: None,
             rest_url: None,
             symbols,
@@ -503,6 +521,7 @@ impl FeedConfig {
             reconnect_max_ms: default_reconnect_max_ms(),
             rotate_after_secs: default_rotate_after_secs(),
             stale_after_ms: default_stale_after_ms(),
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 }
@@ -623,12 +642,6 @@ pub enum Role {
     Executor,
     Hybrid,
 }
-
-/// Kline intervals Binance serves (spot WebSocket streams documentation).
-const BINANCE_KLINE_INTERVALS: [&str; 16] = [
-    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w",
-    "1M",
-];
 
 /// Sections whose keys may be overridden from the environment.
 const ENV_SECTIONS: [&str; 6] = ["instance", "redis", "bots", "http", "durable", "log"];
@@ -887,12 +900,14 @@ impl Config {
         }
         for (i, feed) in self.feeds.iter().enumerate() {
             let at = |k: &str| format!("feeds[{i}].{k}");
-            if feed.exchange != Exchange::Binance && feed.exchange != Exchange::Sim {
+            let venue = crate::exchange::registry::venue(feed.exchange);
+            if venue.is_none() {
                 bad(
                     &at("exchange"),
                     format!(
-                        "`{}` is not supported yet (supported: binance)",
-                        feed.exchange
+                        "`{}` is not supported yet (supported: {})",
+                        feed.exchange,
+                        crate::exchange::registry::names().join(", ")
                     ),
                 );
             }
@@ -910,20 +925,18 @@ impl Config {
             if feed.channels.is_empty() {
                 bad(&at("channels"), "list at least one channel".into());
             }
-            if matches!(feed.exchange, Exchange::Binance | Exchange::Sim) {
-                for c in &feed.channels {
-                    if let FeedChannel::Candle(i) = c {
-                        if !BINANCE_KLINE_INTERVALS.contains(&i.as_str()) {
-                            bad(
-                                &at("channels"),
-                                format!(
-                                    "`candle:{i}`: Binance klines come in {}",
-                                    BINANCE_KLINE_INTERVALS.join(", ")
-                                ),
-                            );
-                        }
-                    }
+            if let Some(venue) = venue {
+                for why in feed.channels.iter().filter_map(|c| venue.refuse_channel(c)) {
+                    bad(&at("channels"), why);
                 }
+            }
+            if feed.max_message_bytes < MIN_MESSAGE_BYTES {
+                bad(
+                    &at("max_message_bytes"),
+                    format!(
+                        "must be at least {MIN_MESSAGE_BYTES} (one order-book snapshot must fit)"
+                    ),
+                );
             }
             for (k, u) in [("url", &feed.url), ("rest_url", &feed.rest_url)] {
                 if let Some(u) = u {

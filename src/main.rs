@@ -113,9 +113,12 @@ struct DemoArgs {
     /// Simulated market events (trades + depth updates) per second, over all symbols.
     #[arg(long, default_value_t = 100)]
     rate: u32,
-    /// Comma-separated symbols.
+    /// Comma-separated symbols of the simulated Binance-format venue.
     #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
     symbols: Vec<String>,
+    /// Comma-separated products of the simulated Coinbase-format venue ("" for none).
+    #[arg(long, default_value = "BTC-USD,ETH-USD", value_delimiter = ',')]
+    coinbase_symbols: Vec<String>,
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 5)]
     summary_secs: u64,
@@ -141,7 +144,8 @@ struct SimulateArgs {
     /// Fault: drop every WebSocket connection every N seconds.
     #[arg(long)]
     fault_drop_every_secs: Option<u64>,
-    /// Fault: skip a depth update id every N depth updates.
+    /// Fault: skip a book sequence number every N book updates (Binance: a depth update
+    /// id; Coinbase: a connection `sequence_num`).
     #[arg(long)]
     fault_gap_every: Option<u64>,
     /// Fault: send a malformed frame every N frames.
@@ -255,7 +259,13 @@ fn run_role(role: Role, args: RoleArgs) -> ExitCode {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    if let Some(bad) = args.symbols.iter().find(|s| !valid_symbol(s)) {
+    if let Some(bad) = args
+        .symbols
+        .iter()
+        .chain(&args.coinbase_symbols)
+        .filter(|s| !s.is_empty())
+        .find(|s| !valid_symbol(s))
+    {
         anyhow::bail!("--symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
     }
     let mut config = Config::default();
@@ -276,6 +286,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     spawn_signal_handler(shutdown.clone());
     let options = DemoOptions {
         symbols: args.symbols,
+        coinbase_symbols: args
+            .coinbase_symbols
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect(),
         rate: args.rate,
         summary_every: Duration::from_secs(args.summary_secs.max(1)),
         watch_command: watch_command(),
@@ -342,13 +357,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn simulate(args: SimulateArgs) -> ExitCode {
-    if args.exchange != "binance" {
+    let venue = args
+        .exchange
+        .parse::<Exchange>()
+        .ok()
+        .and_then(mdbridge::exchange::registry::venue)
+        .and_then(|v| v.simulator.map(|serve| (v, serve)));
+    let Some((venue, serve)) = venue else {
         eprintln!(
-            "mdbridge: --exchange {}: not simulated yet (available: binance)",
-            args.exchange
+            "mdbridge: --exchange {}: not simulated yet (available: {})",
+            args.exchange,
+            mdbridge::exchange::registry::simulated().join(", ")
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
-    }
+    };
     if let Some(bad) = args.symbols.iter().find(|s| !valid_symbol(s)) {
         eprintln!("mdbridge: --symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
         return ExitCode::from(EXIT_BAD_CONFIG);
@@ -356,9 +378,11 @@ fn simulate(args: SimulateArgs) -> ExitCode {
     report(runtime().and_then(|rt| {
         rt.block_on(async move {
             let listener = app::bind("simulator (--listen)", &args.listen).await?;
+            let addr = listener.local_addr()?.to_string();
             println!(
-                "mdbridge simulate: binance on ws://{0}/stream, ws://{0}/ws, http://{0}/api/v3/depth",
-                listener.local_addr()?
+                "mdbridge simulate: {} on {}",
+                venue.exchange,
+                venue.simulator_paths.replace("{addr}", &addr)
             );
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -372,7 +396,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
                     malformed_every_frames: args.fault_malformed_every,
                 },
             };
-            mdbridge::simulator::serve_binance(listener, config, shutdown).await?;
+            serve(listener, config, shutdown).await?;
             Ok(())
         })
     }))

@@ -84,6 +84,8 @@ pub const EXCHANGE_RECONNECT_REASONS: &[&str] = &[
     "rotate",
     "rotate_fallback",
     "server_shutdown",
+    "sequence_gap",
+    "book_resync",
 ];
 pub const BOOK_RESYNC_SIDES: &[&str] = &["exchange", "bus", "bot_queue"];
 pub const PUBLISH_FAILED_REASONS: &[&str] = &[

@@ -254,6 +254,19 @@ async fn demo_runs_with_no_dependencies_and_stops_cleanly() {
     let (trade, _) = bot.until(WAIT, |v| v["type"] == "trade").await;
     assert_eq!(trade["exchange"], "sim");
     assert_eq!(trade["symbol"], "BTC-USDT");
+    // The Coinbase-format simulator runs alongside, labelled `sim` too, with its own products.
+    let mut coinbase = Bot::connect(&demo.bots_url()).await;
+    coinbase
+        .subscribe(&["book:sim:BTC-USD", "candle:sim:BTC-USD:5m"])
+        .await;
+    let (book, _) = coinbase.until(WAIT, |v| v["type"] == "book").await;
+    assert_eq!(
+        (&book["action"], &book["symbol"]),
+        (
+            &serde_json::json!("snapshot"),
+            &serde_json::json!("BTC-USD")
+        )
+    );
     // `mdbridge watch` prints what a bot receives, one JSON object per line; `-n` counts
     // events, not the server's replies.
     let watched = Command::new(bin())

@@ -316,3 +316,37 @@ fn admin_and_log_settings_are_checked() {
     assert_eq!(c.http.token.as_deref(), Some("t0k"));
     assert_eq!(c.log.format, LogFormat::Json);
 }
+
+#[test]
+fn coinbase_feeds_take_5_minute_candles_only_and_their_own_label() {
+    let ok = write(
+        "[[feeds]]\nexchange = \"coinbase\"\nlabel = \"sim\"\nsymbols = [\"BTC-USD\"]\nchannels = [\"trade\", \"ticker\", \"book\", \"candle:5m\"]\n",
+    );
+    let config = Config::load(Some(ok.path()), Role::Publisher).expect("valid");
+    assert_eq!(config.feeds[0].label, Some(Exchange::Sim));
+    assert_eq!(config.feeds[0].max_message_bytes, 16 * 1024 * 1024);
+    let f = write(
+        "[[feeds]]\nexchange = \"coinbase\"\nsymbols = [\"BTC-USD\"]\nchannels = [\"candle:1m\"]\n",
+    );
+    let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems[0].ends_with(
+            "feeds[0].channels: `candle:1m`: the Coinbase candles channel serves 5-minute candles only: 5m"
+        ),
+        "{err}"
+    );
+    let f = write(
+        "[[feeds]]\nexchange = \"kraken\"\nsymbols = [\"BTC-USD\"]\nmax_message_bytes = 10\n",
+    );
+    let err = Config::load(Some(f.path()), Role::Publisher).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`kraken` is not supported yet (supported: binance, coinbase)"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("feeds[0].max_message_bytes"),
+        "{err}"
+    );
+}

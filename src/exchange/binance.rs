@@ -18,7 +18,6 @@
 //!
 //! This file knows nothing about sockets or book state; `connection` and `book_sync` do.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -41,6 +40,17 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 1024;
 /// Streams per SUBSCRIBE request: keeps each request small; with the pacing in
 /// `connection` (≤ 4 requests/s) it stays under the limit of 5 incoming messages/s.
 pub const STREAMS_PER_REQUEST: usize = 200;
+
+/// Kline intervals Binance serves (spot WebSocket streams documentation).
+pub const KLINE_INTERVALS: [&str; 16] = [
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w",
+    "1M",
+];
+
+/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
+/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
+/// leaves room for the pong we owe its ping every 20 s.
+pub const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Quote assets used to split a bare wire symbol (`BTCUSDT`) when there is no configured
 /// mapping (the stateless `normalize`). Longest match is tried first so that `USDT` wins
@@ -495,12 +505,6 @@ struct Combined<T> {
     data: T,
 }
 
-thread_local! {
-    /// simd-json's scratch space (aligned input copy, string buffer, structural indexes),
-    /// kept per worker thread: allocating it for every frame showed in the profile.
-    static SCRATCH: RefCell<simd_json::Buffers> = RefCell::new(simd_json::Buffers::new(4096));
-}
-
 /// One pass from the frame's bytes into `T`, unwrapping a combined-stream frame. What `T`
 /// borrows, it borrows from `frame` (simd-json unescapes in place), never from the scratch.
 fn from_frame<'a, T: Deserialize<'a>>(
@@ -508,17 +512,13 @@ fn from_frame<'a, T: Deserialize<'a>>(
     combined: bool,
     kind: &'static str,
 ) -> Result<T, ParseError> {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if combined {
-            simd_json::serde::from_slice_with_buffers::<Combined<T>>(frame, &mut scratch)
-                .map(|c| c.data)
-                .map_err(payload_err(kind))
-        } else {
-            simd_json::serde::from_slice_with_buffers::<T>(frame, &mut scratch)
-                .map_err(payload_err(kind))
-        }
-    })
+    if combined {
+        super::wire_json::from_slice::<Combined<T>>(frame)
+            .map(|c| c.data)
+            .map_err(payload_err(kind))
+    } else {
+        super::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
+    }
 }
 
 fn from_value<'a, T: Deserialize<'a>>(
@@ -552,6 +552,15 @@ impl Adapter for BinanceAdapter {
 
     fn max_streams_per_connection(&self) -> usize {
         MAX_STREAMS_PER_CONNECTION
+    }
+
+    fn subscribe_pacing(&self) -> std::time::Duration {
+        SUBSCRIBE_PACING
+    }
+
+    /// "A single connection to stream.binance.com is only valid for 24 hours."
+    fn max_connection_lifetime(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(24 * 3600))
     }
 
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most

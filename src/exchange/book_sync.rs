@@ -326,14 +326,7 @@ impl BookSync {
     }
 
     fn emit_resync(&mut self, why: String, out: &mut Vec<Event>) {
-        let detail = format!("book:{}:{}: {why}", self.exchange, self.symbol);
-        warn!(exchange = %self.exchange, symbol = %self.symbol, detail = %detail, "book resync");
-        metrics::book_resync(self.exchange, "exchange");
-        out.push(Event::status(
-            self.exchange,
-            StatusState::Resync,
-            Some(detail),
-        ));
+        out.push(resync_event(self.exchange, &self.symbol, &why));
     }
 
     /// A broken chain: tell, forget the book, start over (keeping `keep` as first buffered diff).
@@ -352,6 +345,15 @@ impl BookSync {
         self.state = State::Buffering { requested: true };
         Some(self.request(Duration::ZERO))
     }
+}
+
+/// The `status` `resync` event of book (`exchange`, `symbol`), logged and counted: what
+/// every synchroniser emits when its chain broke.
+pub(crate) fn resync_event(exchange: Exchange, symbol: &str, why: &str) -> Event {
+    let detail = format!("book:{exchange}:{symbol}: {why}");
+    warn!(%exchange, %symbol, detail = %detail, "book resync");
+    metrics::book_resync(exchange, "exchange");
+    Event::status(exchange, StatusState::Resync, Some(detail))
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! One task owns the socket (no split halves; two sockets for a moment while rotating, both
 //! polled in the same `select!`): it reads frames, answers pings, hands book
 //! diffs to a [`BookSync`] per symbol and receives REST snapshots from helper tasks over a
-//! channel, so a slow snapshot never stops frame reading. Events leave through the bounded
+//! channel, so a slow snapshot never stops frame reading. No venue rule lives here: the
+//! adapter describes its venue (pacing, book sync mode, trade ids), [`super::feed_books`]
+//! and [`super::trades`] apply it. Events leave through the bounded
 //! `events` channel with `send().await`: when the consumer is slow the socket is simply
 //! read more slowly (backpressure), nothing is buffered without bound.
 //!
@@ -23,25 +25,32 @@
 //!   (a `status` `resync` event per book; a fresh snapshot follows on the new connection).
 //! - No frame at all (data or ping — Binance pings every 20 s) for `stale_after_ms`
 //!   means a half-open connection: it is dropped and reconnected the same way.
-//! - Rotation, make-before-break: after `rotate_after_secs` (default 23.5 h, before
-//!   Binance's 24 h cut) a second socket to the same URL is opened and subscribed while the
-//!   current one is still read and still the only source of events. The new socket's trades
-//!   and diffs are held (at most 16 384, more counts as a failure of the new socket); its
-//!   tickers and candles are dropped. The feed switches once the new socket has every
-//!   subscription acknowledged and, for every live book, its first diff starts at or
-//!   before the next update id the book needs (`U <= last + 1`;
-//!   update ids are global per symbol), and its first trade of a symbol is not past the
-//!   next trade id. At the switch the held items are replayed: diffs through the books'
-//!   `BookSync` (covered ones are ignored, the first new one may straddle), trades only if
-//!   their id is above the last one emitted for the symbol (also checked afterwards); books
-//!   not yet live start their sync over on the new socket. The old socket is then closed.
-//!   No status event is emitted; `exchange_reconnects_total{reason="rotate"}` counts it.
+//! - Rotation, make-before-break ([`rotation`]): after `rotate_after_secs` (default 23.5 h,
+//!   before Binance's 24 h cut) a second socket to the same URL is opened and subscribed
+//!   while the current one is still read and still the only source of events. The new
+//!   socket's trades and book messages are held (at most 16 384, more counts as a failure
+//!   of the new socket); its tickers and candles are dropped. The feed switches once the
+//!   new socket has every subscription acknowledged and continues every live book (a
+//!   REST-snapshot book: its first diff starts at or before the next update id the book
+//!   needs; a WebSocket-snapshot book: it has sent its own snapshot, emitted at the switch
+//!   with the book's numbering going on; an executor tells its bots `resync` before any
+//!   snapshot in the middle of a chain) and its trades lose
+//!   none (by the venue's trade-id rule). At the switch the held items are replayed
+//!   through the books and the trade de-duplication; books not yet live start over. The
+//!   old socket is then closed. No status event is emitted;
+//!   `exchange_reconnects_total{reason="rotate"}` counts it.
+//! - A venue that numbers the messages of a connection (Coinbase `sequence_num`): a gap
+//!   ends the connection (`sequence_gap`) and every book it carried resyncs; a
+//!   WebSocket-snapshot book that needs a fresh snapshot ends it too (`book_resync`).
 //! - If the new socket cannot be opened or fails before the switch, the current one is kept
 //!   and rotation is tried again after 1 s, doubling up to 60 s (the exchange's own cut is
 //!   then a normal reconnect). If it is open but has not caught up within 10 s (or
 //!   `rotate_after`, if shorter), the feed falls back to a plain reconnect at once:
 //!   `disconnected`, books `resync`, `reconnecting` (reason `rotate_fallback`).
-//! - Binance's `serverShutdown` notice drops the connection on our terms and a new one is
+//! - A venue whose client must speak first (`Heartbeat::ClientSends`) gets its frame every
+//!   `every` on the current socket; server pings are answered below, server heartbeat
+//!   messages only feed the stale timer.
+//! - A venue's shutdown notice (Binance `serverShutdown`) drops the connection on our terms and a new one is
 //!   made at once (no backoff delay); books resync as after any reconnect.
 //! - Pings are answered by tungstenite (it queues the pong); the pong is flushed right away
 //!   so it does not wait for the next read.
@@ -56,8 +65,6 @@
 //!   forever.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,16 +73,22 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::socket::{Socket, CONNECT_TIMEOUT};
-use super::{Adapter, BookSnapshot, BookSync, Parsed, Recovery, SnapshotError, SnapshotRequest};
+mod frames;
+mod rotation;
+
+use super::feed_books::FeedBooks;
+use super::socket::{OpenOptions, Socket, CONNECT_TIMEOUT};
+use super::trades::TradeDedup;
+use super::{Adapter, BookSnapshot, Heartbeat, Parsed, Recovery, SnapshotError};
 use crate::config::{FeedChannel, FeedConfig};
-use crate::event::{now_micros, Event, Exchange, StatusState};
+use crate::event::{Event, Exchange, StatusState};
 use crate::health::HealthHandle;
 use crate::metrics;
+use rotation::{Overlap, Rotation, Step, ROTATE_RETRY_MIN, ROTATE_SWITCH_TIMEOUT};
 
 /// Capacity of the channel bringing snapshots back from the fetch tasks.
 const SNAPSHOT_CHANNEL: usize = 64;
@@ -83,15 +96,8 @@ const SNAPSHOT_CHANNEL: usize = 64;
 const SNAPSHOT_FETCHES_IN_FLIGHT: usize = 4;
 /// Longest `Retry-After` honoured as given; longer ones are cut (the feed stays responsive).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
-/// Rotation: how long the new connection may take, once open, to be subscribed and to
-/// continue every live book (or `rotate_after`, if shorter) before the feed falls back to
-/// a plain reconnect.
-const ROTATE_SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Rotation: first and longest delay before trying again after the new connection failed.
-const ROTATE_RETRY_MIN: Duration = Duration::from_secs(1);
-const ROTATE_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Rotation: trades and diffs of the new connection held until the switch.
-const ROTATE_BUFFER: usize = 16 * 1024;
+/// Frame buffer capacity kept between frames; a larger one is given back after use.
+const KEEP_BUFFER: usize = 256 * 1024;
 
 /// Why a connection ended (other than shutdown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +120,10 @@ pub enum ConnError {
     RotateStalled(Duration),
     #[error("the exchange announced a server shutdown")]
     ServerShutdown,
+    #[error("message sequence gap on the connection: expected {expected}, got {got}")]
+    SequenceGap { expected: u64, got: u64 },
+    #[error("book needs a fresh snapshot: {0}")]
+    BookResync(String),
 }
 
 impl ConnError {
@@ -135,6 +145,8 @@ impl ConnError {
             ConnError::Rotate(_) => "rotate",
             ConnError::RotateStalled(_) => "rotate_fallback",
             ConnError::ServerShutdown => "server_shutdown",
+            ConnError::SequenceGap { .. } => "sequence_gap",
+            ConnError::BookResync(_) => "book_resync",
         }
     }
 
@@ -160,54 +172,6 @@ enum SessionEnd {
 
 type SnapshotResult = (String, u64, Result<BookSnapshot, SnapshotError>);
 
-type Opening = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnError>> + Send>>;
-
-/// Where the make-before-break rotation of a session stands.
-enum Rotation {
-    /// Rotate at `at`.
-    Idle { at: Instant },
-    /// The new socket is connecting and subscribing (the current one is still read).
-    Opening(Opening),
-    /// Both sockets are read; events still come from the current one.
-    Overlap(Box<Overlap>),
-}
-
-struct Overlap {
-    sock: Socket,
-    /// Give up (plain reconnect) if not switched by then.
-    deadline: Instant,
-    /// Trades and diffs of the new socket, replayed (deduplicated) at the switch.
-    buffered: VecDeque<Parsed>,
-    /// Per symbol, `U` of the new socket's first diff.
-    first_update: HashMap<String, u64>,
-    /// Per symbol, the id of the new socket's first trade.
-    first_trade: HashMap<String, u64>,
-}
-
-enum Step {
-    Due,
-    Opened(Result<Box<Socket>, ConnError>),
-    Frame(Option<Result<Message, WsError>>),
-    TimedOut,
-}
-
-impl Rotation {
-    /// Waits for the next thing the rotation has to act on.
-    async fn step(&mut self) -> Step {
-        match self {
-            Rotation::Idle { at } => {
-                sleep_until(*at).await;
-                Step::Due
-            }
-            Rotation::Opening(open) => Step::Opened(open.as_mut().await),
-            Rotation::Overlap(o) => tokio::select! {
-                msg = o.sock.ws.next() => Step::Frame(msg),
-                _ = sleep_until(o.deadline) => Step::TimedOut,
-            },
-        }
-    }
-}
-
 struct Feed {
     adapter: Arc<dyn Adapter>,
     exchange: Exchange,
@@ -218,6 +182,7 @@ struct Feed {
     depth_limit: u32,
     stale_after: Duration,
     rotate_after: Duration,
+    max_message_bytes: usize,
     http: reqwest::Client,
     /// REST snapshots in flight at once for this feed: after a reconnect every book wants
     /// one, and a burst of depth requests (weight 50 each at limit 1000) is how an IP gets
@@ -226,9 +191,12 @@ struct Feed {
     events: mpsc::Sender<Event>,
     health: HealthHandle,
     shutdown: CancellationToken,
-    books: HashMap<String, BookSync>,
-    /// Last trade id emitted per symbol in this session (see [`Feed::fresh_trade`]).
-    last_trade: HashMap<String, u64>,
+    books: FeedBooks,
+    /// Trade ids emitted, by the venue's rule (repeats across a rotation or a batch).
+    trades: TradeDedup,
+    /// Set while handling a frame when a book needs a fresh snapshot that only a new
+    /// subscription gives (WebSocket-snapshot venues): the session ends after the frame.
+    need_snapshot: Option<String>,
     invalid_frames: u64,
     /// This feed's socket is counted in the `exchange_connected` gauge.
     counted_connected: std::sync::atomic::AtomicBool,
@@ -246,6 +214,19 @@ fn new_backoff(feed: &FeedConfig) -> ExponentialBackoff {
         .build()
 }
 
+/// When to rotate: `rotate_after_secs`, but never later than 30 minutes before the venue
+/// cuts a connection (or at 95 % of so short a lifetime).
+fn rotate_after(configured_secs: u64, lifetime: Option<Duration>) -> Duration {
+    let configured = Duration::from_secs(configured_secs.max(1));
+    match lifetime {
+        None => configured,
+        Some(life) => {
+            let margin = Duration::from_secs(30 * 60).min(life / 20);
+            configured.min(life.saturating_sub(margin).max(Duration::from_secs(1)))
+        }
+    }
+}
+
 /// Runs the feed's socket until `shutdown` (see the module doc for the behaviour).
 pub async fn run(
     adapter: Arc<dyn Adapter>,
@@ -258,13 +239,11 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let exchange = adapter.exchange();
     let books = if feed.channels.contains(&FeedChannel::Book) {
-        feed.symbols
-            .iter()
-            .map(|s| (s.clone(), BookSync::new(exchange, s.clone())))
-            .collect()
+        FeedBooks::new(exchange, &feed.symbols, adapter.book_sync())
     } else {
-        HashMap::new()
+        FeedBooks::default()
     };
+    let trades = TradeDedup::new(adapter.trade_ids());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(CONNECT_TIMEOUT)
@@ -285,7 +264,8 @@ pub async fn run(
         channels: feed.channels.clone(),
         depth_limit: feed.depth_limit,
         stale_after: Duration::from_millis(feed.stale_after_ms.max(1)),
-        rotate_after: Duration::from_secs(feed.rotate_after_secs.max(1)),
+        rotate_after: rotate_after(feed.rotate_after_secs, adapter.max_connection_lifetime()),
+        max_message_bytes: feed.max_message_bytes,
         adapter,
         http,
         fetch_slots: Arc::new(Semaphore::new(SNAPSHOT_FETCHES_IN_FLIGHT)),
@@ -293,7 +273,8 @@ pub async fn run(
         health,
         shutdown,
         books,
-        last_trade: HashMap::new(),
+        trades,
+        need_snapshot: None,
         invalid_frames: 0,
         counted_connected: std::sync::atomic::AtomicBool::new(false),
     };
@@ -347,9 +328,7 @@ pub async fn run(
                     debug!(exchange = %exchange, cause = %error, "exchange connect failed");
                 }
                 let reason = error.to_string();
-                for book in state.books.values_mut() {
-                    book.on_disconnect(&reason, &mut out);
-                }
+                state.books.disconnect_all(&reason, &mut out);
                 if !state.emit_all(out).await {
                     break;
                 }
@@ -411,47 +390,11 @@ impl Feed {
         true
     }
 
-    fn spawn_fetch(
-        &self,
-        fetches: &mut JoinSet<()>,
-        tx: &mpsc::Sender<SnapshotResult>,
-        req: SnapshotRequest,
-    ) {
-        let fetch =
-            self.adapter
-                .fetch_snapshot(&self.http, &self.rest_url, &req.symbol, self.depth_limit);
-        let tx = tx.clone();
-        let slots = self.fetch_slots.clone();
-        debug!(exchange = %self.exchange, symbol = %req.symbol, delay_ms = req.delay.as_millis() as u64, "fetching book snapshot");
-        fetches.spawn(async move {
-            if !req.delay.is_zero() {
-                sleep(req.delay).await;
-            }
-            // Closed only if the feed is gone, and then nobody waits for the answer.
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
-            };
-            let result = fetch.await;
-            if let Some(wait) = result.as_ref().err().and_then(SnapshotError::retry_after) {
-                // Keep the slot while the exchange asked us to stay away, so the feed's
-                // other fetches slow down with this one.
-                warn!(
-                    wait_ms = wait.as_millis() as u64,
-                    "exchange asked to retry the snapshot later"
-                );
-                sleep(wait.min(MAX_RETRY_AFTER)).await;
-            }
-            let _ = tx.send((req.symbol, req.generation, result)).await;
-        });
-    }
-
-    fn invalid_frame(&mut self, cause: &dyn std::fmt::Display, frame: &[u8]) {
-        metrics::exchange_frame_invalid(self.exchange);
-        self.invalid_frames += 1;
-        // First one and every 1000th: a broken feed must not flood the log.
-        if self.invalid_frames == 1 || self.invalid_frames % 1000 == 0 {
-            let shown = String::from_utf8_lossy(&frame[..frame.len().min(200)]);
-            warn!(exchange = %self.exchange, %cause, frame = %shown, count = self.invalid_frames, "invalid exchange frame skipped");
+    fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            pacing: self.adapter.subscribe_pacing(),
+            max_message_bytes: self.max_message_bytes,
+            stale_after: self.stale_after,
         }
     }
 
@@ -469,7 +412,7 @@ impl Feed {
         let requests = self.adapter.subscribe_frames(&self.symbols, &self.channels);
         let mut sock = tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            r = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after) => match r {
+            r = Socket::open(self.ws_url.clone(), requests.clone(), self.open_options()) => match r {
                 Ok(sock) => sock,
                 Err(e) => {
                     let opened = !matches!(e, ConnError::Connect(_) | ConnError::ConnectTimeout(_));
@@ -480,7 +423,8 @@ impl Feed {
         debug!(exchange = %self.exchange, url = %self.ws_url, "exchange socket open");
         // Trade ids of this session's connections; a new session may face a restarted
         // (simulated) exchange whose ids start over.
-        self.last_trade.clear();
+        self.trades.new_session();
+        self.need_snapshot = None;
 
         let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotResult>(SNAPSHOT_CHANNEL);
         // Dropped with the session: fetches of a dead connection are aborted.
@@ -494,6 +438,15 @@ impl Feed {
         let mut streaming = false;
         let mut refused_shown = false;
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        // Venues that want the client to speak first on a quiet connection.
+        let client_ping = match self.adapter.heartbeat() {
+            Heartbeat::ClientSends { every, frame } => {
+                Some((every.max(Duration::from_millis(10)), frame))
+            }
+            Heartbeat::ServerPings | Heartbeat::ServerMessages => None,
+        };
+        let ping_every = client_ping.map_or(Duration::from_secs(3600), |(every, _)| every);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut out: Vec<Event> = Vec::new();
         if sock.subscribed {
             out.push(self.on_subscribed());
@@ -510,7 +463,7 @@ impl Feed {
                     return SessionEnd::Shutdown;
                 }
                 Some((symbol, generation, result)) = snap_rx.recv() => {
-                    if let Some(book) = self.books.get_mut(&symbol) {
+                    if let Some(book) = self.books.rest(&symbol) {
                         if let Some(req) = book.on_snapshot(generation, result, &mut out) {
                             self.spawn_fetch(&mut fetches, &snap_tx, req);
                         }
@@ -528,10 +481,16 @@ impl Feed {
                             let _ = self.emit_all(std::mem::take(&mut out)).await;
                             return lost(ConnError::ServerShutdown, true, sock.subscribed);
                         }
-                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_)) {
+                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book(_)) {
                             flowing = true;
                         }
                         self.handle(item, &mut sock, &mut out, &mut fetches, &snap_tx);
+                    }
+                    if let Some(why) = self.need_snapshot.take() {
+                        let _ = self.emit_all(std::mem::take(&mut out)).await;
+                        let subscribed = sock.subscribed;
+                        sock.close().await;
+                        return lost(ConnError::BookResync(why), true, subscribed);
                     }
                     // Healthy once every subscription is acknowledged: a quiet market is not a
                     // fault (a silent socket is caught by the stale timer). Once per state
@@ -554,7 +513,7 @@ impl Feed {
                     match step {
                         Step::Due => {
                             info!(exchange = %self.exchange, url = %self.ws_url, "rotating the exchange connection: opening the new one");
-                            let open = Socket::open(self.ws_url.clone(), requests.clone(), self.stale_after);
+                            let open = Socket::open(self.ws_url.clone(), requests.clone(), self.open_options());
                             rotation = Rotation::Opening(Box::pin(async move { open.await.map(Box::new) }));
                             continue;
                         }
@@ -565,6 +524,7 @@ impl Feed {
                                 deadline: Instant::now() + self.rotate_after.min(ROTATE_SWITCH_TIMEOUT),
                                 buffered: VecDeque::new(),
                                 first_update: HashMap::new(),
+                                ws_snapshots: Default::default(),
                                 first_trade: HashMap::new(),
                             }));
                         }
@@ -593,6 +553,13 @@ impl Feed {
                     }
                 }
                 _ = sleep_until(sock.stale_at) => return lost(ConnError::Stale(self.stale_after), true, sock.subscribed),
+                _ = ping.tick(), if client_ping.is_some() => {
+                    if let Some((_, frame)) = client_ping {
+                        if let Err(e) = sock.ws.send(Message::text(frame)).await {
+                            return lost(ConnError::Socket(e.to_string()), true, sock.subscribed);
+                        }
+                    }
+                }
             }
             // Switch once the new socket is subscribed and continues every live book.
             if let Rotation::Overlap(o) = &rotation {
@@ -612,234 +579,6 @@ impl Feed {
         }
     }
 
-    /// Makes `new` the socket of the session (see the module doc): books continue on it,
-    /// its held trades and diffs are replayed without repeats, the old socket is closed.
-    fn switch(
-        &mut self,
-        sock: &mut Socket,
-        new: Overlap,
-        out: &mut Vec<Event>,
-        fetches: &mut JoinSet<()>,
-        snap_tx: &mpsc::Sender<SnapshotResult>,
-    ) {
-        let old = std::mem::replace(sock, new.sock);
-        // Closed aside: the new socket is read meanwhile.
-        tokio::spawn(old.close());
-        for book in self.books.values_mut() {
-            if book.is_live() {
-                book.continue_on_new_stream();
-            } else {
-                // No book emitted since the last snapshot (or resync): start its sync over
-                // on the new socket. Emits nothing.
-                book.on_disconnect("rotation", out);
-            }
-        }
-        let replayed = new.buffered.len();
-        for item in new.buffered {
-            self.handle(item, sock, out, fetches, snap_tx);
-        }
-        metrics::exchange_reconnect(self.exchange, ConnError::Rotate(self.rotate_after).reason());
-        info!(exchange = %self.exchange, replayed, "rotated to the new exchange connection (make-before-break)");
-    }
-
-    /// The new socket of a rotation failed: keep the current one, try again later.
-    fn rotation_failed(&self, why: &dyn std::fmt::Display, retry: &mut Duration) -> Rotation {
-        warn!(exchange = %self.exchange, cause = %why, retry_in_ms = retry.as_millis() as u64, "rotation failed: keeping the current connection");
-        let at = Instant::now() + *retry;
-        *retry = (*retry * 2).min(ROTATE_RETRY_MAX);
-        Rotation::Idle { at }
-    }
-
-    /// Turns one read off `sock` into parsed items (none for control frames and bad
-    /// frames); `Err` when the socket is lost.
-    async fn receive(
-        &mut self,
-        sock: &mut Socket,
-        msg: Option<Result<Message, WsError>>,
-        buf: &mut Vec<u8>,
-    ) -> Result<Vec<Parsed>, ConnError> {
-        let ts_recv = now_micros();
-        sock.stale_at = Instant::now() + self.stale_after;
-        let bytes: &[u8] = match &msg {
-            None => return Err(ConnError::Closed("end of stream".into())),
-            Some(Err(e)) => return Err(ConnError::Socket(e.to_string())),
-            Some(Ok(Message::Close(frame))) => {
-                let why = frame.as_ref().map_or_else(
-                    || "close frame without reason".to_string(),
-                    |f| format!("code {} {}", u16::from(f.code), f.reason),
-                );
-                return Err(ConnError::Closed(why));
-            }
-            Some(Ok(Message::Ping(_))) => {
-                // tungstenite queued the pong; write it now, not at the next read.
-                sock.ws
-                    .flush()
-                    .await
-                    .map_err(|e| ConnError::Socket(e.to_string()))?;
-                return Ok(Vec::new());
-            }
-            Some(Ok(Message::Pong(_) | Message::Frame(_))) => return Ok(Vec::new()),
-            Some(Ok(Message::Text(t))) => t.as_bytes(),
-            Some(Ok(Message::Binary(b))) => b,
-        };
-        buf.clear();
-        buf.extend_from_slice(bytes);
-        match self.adapter.parse(buf, ts_recv) {
-            Ok(p) => Ok(p),
-            Err(e) => {
-                // Recovery::Skip for every parse error: count, log, carry on.
-                self.invalid_frame(&e, bytes);
-                Ok(Vec::new())
-            }
-        }
-    }
-
-    /// Handles one item of the socket whose events are emitted (not `ServerShutdown`).
-    fn handle(
-        &mut self,
-        item: Parsed,
-        sock: &mut Socket,
-        out: &mut Vec<Event>,
-        fetches: &mut JoinSet<()>,
-        snap_tx: &mpsc::Sender<SnapshotResult>,
-    ) {
-        match item {
-            Parsed::Event(e) => {
-                if self.fresh_trade(&e) {
-                    out.push(e);
-                }
-            }
-            Parsed::Diff(d) => match self.books.get_mut(&d.symbol) {
-                Some(book) => {
-                    if let Some(req) = book.on_diff(d, out) {
-                        self.spawn_fetch(fetches, snap_tx, req);
-                    }
-                }
-                None => {
-                    let why = format!("book diff for unsubscribed symbol {}", d.symbol);
-                    self.invalid_frame(&why, d.symbol.as_bytes());
-                }
-            },
-            Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
-                if let Parsed::Refused { detail, .. } = &item {
-                    error!(exchange = %self.exchange, url = %self.ws_url, %detail, "the exchange refused a subscription: the feed is unhealthy");
-                    metrics::exchange_subscribe_refused(self.exchange);
-                    out.push(Event::status(
-                        self.exchange,
-                        StatusState::Error,
-                        Some(format!("subscription refused by the exchange: {detail}")),
-                    ));
-                    sock.refused.get_or_insert_with(|| detail.clone());
-                }
-                if sock.on_answer(id) && sock.refused.is_none() {
-                    out.push(self.on_subscribed());
-                }
-            }
-            Parsed::Ack { .. } | Parsed::ServerShutdown => {}
-            Parsed::Refused { detail, .. } => {
-                error!(exchange = %self.exchange, %detail, "request refused");
-                out.push(Event::status(
-                    self.exchange,
-                    StatusState::Error,
-                    Some(detail),
-                ));
-            }
-        }
-    }
-
-    /// False for a trade already emitted (id not above the last one of its symbol): after
-    /// a rotation both sockets carried it. Trade ids increase per symbol on Binance.
-    fn fresh_trade(&mut self, e: &Event) -> bool {
-        let Event::Trade(t) = e else { return true };
-        let Ok(id) = t.trade_id.parse::<u64>() else {
-            return true;
-        };
-        match self.last_trade.get_mut(&t.symbol) {
-            Some(last) if id <= *last => false,
-            Some(last) => {
-                *last = id;
-                true
-            }
-            None => {
-                self.last_trade.insert(t.symbol.clone(), id);
-                true
-            }
-        }
-    }
-
-    /// One frame of the new socket during a rotation: acks are counted, trades and diffs
-    /// kept for the switch, tickers and candles dropped (the old socket still emits them).
-    /// `Err` when the rotation has to be given up.
-    fn overlap_frame(
-        &mut self,
-        o: &mut Overlap,
-        parsed: Vec<Parsed>,
-        out: &mut Vec<Event>,
-    ) -> Result<(), String> {
-        for item in parsed {
-            match item {
-                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) => {
-                    if o.buffered.len() >= ROTATE_BUFFER {
-                        return Err(format!(
-                            "more than {ROTATE_BUFFER} events before the switch"
-                        ));
-                    }
-                    match &item {
-                        Parsed::Diff(d) => {
-                            o.first_update
-                                .entry(d.symbol.clone())
-                                .or_insert(d.first_update_id);
-                        }
-                        Parsed::Event(Event::Trade(t)) => {
-                            if let Ok(id) = t.trade_id.parse() {
-                                o.first_trade.entry(t.symbol.clone()).or_insert(id);
-                            }
-                        }
-                        _ => {}
-                    }
-                    o.buffered.push_back(item);
-                }
-                Parsed::Event(_) => {}
-                Parsed::Ack { id } => {
-                    o.sock.on_answer(id);
-                }
-                Parsed::Refused { detail, .. } => {
-                    error!(exchange = %self.exchange, %detail, "request refused on the new connection");
-                    out.push(Event::status(
-                        self.exchange,
-                        StatusState::Error,
-                        Some(detail.clone()),
-                    ));
-                    return Err(format!("request refused: {detail}"));
-                }
-                Parsed::ServerShutdown => {
-                    return Err("the exchange announced a server shutdown".into());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The new socket is subscribed and, for every live book, its first diff starts at or
-    /// before the next update id the book needs (update ids are global per symbol, so its
-    /// diffs continue the book without a new snapshot). Likewise its first trade of a
-    /// symbol, when it has one, must not be past the next trade id (no trade is lost).
-    fn ready_to_switch(&self, o: &Overlap) -> bool {
-        let books = self.books.values().all(|book| match book.last_seq() {
-            None => true,
-            Some(last) => o
-                .first_update
-                .get(book.symbol())
-                .is_some_and(|&first| first <= last + 1),
-        });
-        let trades = o.first_trade.iter().all(|(symbol, &first)| {
-            self.last_trade
-                .get(symbol)
-                .is_none_or(|&last| first <= last + 1)
-        });
-        o.sock.subscribed && books && trades
-    }
-
     fn on_subscribed(&self) -> Event {
         info!(exchange = %self.exchange, url = %self.ws_url, symbols = self.symbols.len(), "exchange feed subscribed");
         self.set_connected(true);
@@ -855,6 +594,26 @@ impl Feed {
 mod tests {
     use super::*;
 
+    #[test]
+    fn rotation_comes_before_the_venues_cut() {
+        let day = Some(Duration::from_secs(24 * 3600));
+        assert_eq!(rotate_after(84_600, day), Duration::from_secs(84_600));
+        assert_eq!(
+            rotate_after(30 * 3600, day),
+            Duration::from_secs(84_600),
+            "capped"
+        );
+        assert_eq!(
+            rotate_after(30 * 3600, None),
+            Duration::from_secs(30 * 3600)
+        );
+        assert_eq!(
+            rotate_after(600, Some(Duration::from_secs(200))),
+            Duration::from_secs(190)
+        );
+        assert_eq!(rotate_after(0, None), Duration::from_secs(1));
+    }
+
     /// Every reason label exists from start (metrics::init), so none may be missing there.
     #[test]
     fn every_reconnect_reason_is_initialised_in_metrics() {
@@ -869,6 +628,11 @@ mod tests {
             ConnError::Rotate(d),
             ConnError::RotateStalled(d),
             ConnError::ServerShutdown,
+            ConnError::SequenceGap {
+                expected: 1,
+                got: 2,
+            },
+            ConnError::BookResync(String::new()),
         ] {
             assert!(
                 metrics::EXCHANGE_RECONNECT_REASONS.contains(&e.reason()),

@@ -16,8 +16,15 @@
 
 pub mod binance;
 pub mod book_sync;
+pub mod coinbase;
 pub mod connection;
+mod feed_books;
+pub mod registry;
 mod socket;
+mod trades;
+mod wire_json;
+pub mod wire_time;
+pub mod ws_book;
 
 use std::future::Future;
 use std::io::{BufRead, Write};
@@ -89,6 +96,8 @@ pub enum SnapshotError {
     Decode(String),
     #[error("bad snapshot url: {0}")]
     Url(String),
+    #[error("this venue sends its book snapshots on the WebSocket, not over REST")]
+    Unsupported,
 }
 
 impl SnapshotError {
@@ -102,7 +111,7 @@ impl SnapshotError {
 
     pub fn recovery(&self) -> Recovery {
         match self {
-            SnapshotError::Url(_) => Recovery::Fatal,
+            SnapshotError::Url(_) | SnapshotError::Unsupported => Recovery::Fatal,
             _ => Recovery::Retry,
         }
     }
@@ -121,6 +130,49 @@ pub enum Parsed {
     Refused { id: Option<u64>, detail: String },
     /// The exchange announced it will close the connection soon: reconnect now.
     ServerShutdown,
+    /// A book message of a venue that sends its snapshots on the WebSocket
+    /// ([`BookSyncMode::WsSnapshot`]): `action` says snapshot or update, sizes are absolute,
+    /// `seq`/`prev_seq` carry the venue's own per-book sequence when it has one (Coinbase:
+    /// none, its sequence numbers the connection). [`ws_book::WsBookSync`] chains them.
+    Book(Book),
+    /// The number the venue gave this message on this connection (Coinbase
+    /// `sequence_num`): the connection checks they follow each other; a gap means every
+    /// book the socket carries lost updates.
+    Sequence(u64),
+}
+
+/// How a venue's order books are synchronised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BookSyncMode {
+    /// REST snapshot + diff stream with update-id ranges ([`BookSync`], Binance).
+    RestSnapshot,
+    /// Snapshot and updates both on the WebSocket ([`ws_book::WsBookSync`], Coinbase).
+    WsSnapshot,
+}
+
+/// Who keeps a quiet connection alive, and how. Any frame at all feeds the stale timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The venue sends WebSocket pings; the socket answers them (Binance: every 20 s).
+    ServerPings,
+    /// The venue sends heartbeat messages on a channel the adapter subscribes to
+    /// (Coinbase `heartbeats`, every second); they parse to nothing.
+    ServerMessages,
+    /// The client sends `frame` every `every` (e.g. a text `ping`); the venue's answer
+    /// parses to nothing.
+    ClientSends {
+        every: std::time::Duration,
+        frame: &'static str,
+    },
+}
+
+/// What identifies a trade when de-duplicating across a rotation or a repeated batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TradeIds {
+    /// Numeric ids increasing per symbol (Binance): anything not above the last is a repeat.
+    Increasing,
+    /// Opaque strings (Coinbase): a bounded set of the ids seen recently per symbol.
+    Opaque,
 }
 
 /// A future returned by [`Adapter::fetch_snapshot`] (boxed to keep the trait object-safe).
@@ -135,12 +187,36 @@ pub trait Adapter: Send + Sync {
     fn exchange(&self) -> Exchange;
     /// The public WebSocket endpoint used when the feed has no `url`.
     fn default_ws_url(&self) -> &'static str;
-    /// The public REST base used when the feed has no `rest_url`.
-    fn default_rest_url(&self) -> &'static str;
+    /// The public REST base used when the feed has no `rest_url` (empty when the venue's
+    /// books need no REST call).
+    fn default_rest_url(&self) -> &'static str {
+        ""
+    }
     /// Most streams one connection may carry; a feed with more is sharded over several
     /// connections ([`shard_symbols`]).
     fn max_streams_per_connection(&self) -> usize {
         usize::MAX
+    }
+    /// Gap between two subscribe requests on one socket (the venue's inbound rate limit).
+    fn subscribe_pacing(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+    /// How this venue's books are synchronised.
+    fn book_sync(&self) -> BookSyncMode {
+        BookSyncMode::RestSnapshot
+    }
+    /// How this venue's trades are told apart.
+    fn trade_ids(&self) -> TradeIds {
+        TradeIds::Increasing
+    }
+    /// How this venue's quiet connections are kept open.
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::ServerPings
+    }
+    /// How long the venue lets one connection live before it cuts it (Binance: 24 h);
+    /// the feed rotates before that, whatever `rotate_after_secs` says.
+    fn max_connection_lifetime(&self) -> Option<std::time::Duration> {
+        None
     }
     /// Text frames to send after connecting, in order. Each one is a request that the
     /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
@@ -148,20 +224,23 @@ pub trait Adapter: Send + Sync {
     /// Parses one frame. `frame` is a scratch buffer the parser may modify in place
     /// (simd-json unescapes into it); `ts_recv` is when the frame was read off the socket.
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError>;
-    /// Fetches a REST order-book snapshot of `symbol` (normalized, `BTC-USDT`).
+    /// Fetches a REST order-book snapshot of `symbol` (normalized, `BTC-USDT`). Only
+    /// asked of [`BookSyncMode::RestSnapshot`] venues.
     fn fetch_snapshot(
         &self,
-        http: &reqwest::Client,
-        rest_url: &str,
-        symbol: &str,
-        limit: u32,
-    ) -> SnapshotFuture;
+        _http: &reqwest::Client,
+        _rest_url: &str,
+        _symbol: &str,
+        _limit: u32,
+    ) -> SnapshotFuture {
+        Box::pin(async { Err(SnapshotError::Unsupported) })
+    }
 }
 
 /// Why no adapter could be built for a feed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdapterError {
-    #[error("no adapter for exchange `{0}` yet (supported: binance, sim)")]
+    #[error("no adapter for exchange `{0}` yet (supported: {list})", list = registry::names().join(", "))]
     Unsupported(Exchange),
 }
 
@@ -171,18 +250,25 @@ impl AdapterError {
     }
 }
 
-/// The adapter for `exchange`, knowing the feed's configured `symbols` (normalized) so it
-/// can map wire symbols back exactly. `Sim` speaks Binance's protocol but labels events `sim`.
+/// The adapter for `exchange` (looked up in the [`registry`]), knowing the feed's
+/// configured `symbols` (normalized) so it can map wire symbols back exactly. `Sim` speaks
+/// Binance's protocol but labels events `sim`.
 pub fn adapter_for(
     exchange: Exchange,
     symbols: &[String],
 ) -> Result<Arc<dyn Adapter>, AdapterError> {
-    match exchange {
-        Exchange::Binance | Exchange::Sim => {
-            Ok(Arc::new(binance::BinanceAdapter::new(exchange, symbols)))
-        }
-        other => Err(AdapterError::Unsupported(other)),
-    }
+    adapter_labelled(exchange, exchange, symbols)
+}
+
+/// The adapter of venue `venue` writing `label` into its events (a simulated venue
+/// publishes under the label its operator chose, e.g. `sim`).
+pub fn adapter_labelled(
+    venue: Exchange,
+    label: Exchange,
+    symbols: &[String],
+) -> Result<Arc<dyn Adapter>, AdapterError> {
+    let spec = registry::venue(venue).ok_or(AdapterError::Unsupported(venue))?;
+    Ok((spec.adapter)(label, symbols))
 }
 
 /// Splits `symbols` into groups whose streams (one per channel per symbol) fit in one
@@ -219,14 +305,15 @@ pub async fn run_feed(
     health: HealthHandle,
     shutdown: CancellationToken,
 ) {
-    let adapter = match adapter_for(feed.exchange, &feed.symbols) {
+    let label = feed.label.unwrap_or(feed.exchange);
+    let adapter = match adapter_labelled(feed.exchange, label, &feed.symbols) {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(exchange = %feed.exchange, cause = %e, "feed not started");
             health.down(e.to_string());
             let _ = events
                 .send(Event::status(
-                    feed.exchange,
+                    label,
                     crate::event::StatusState::Error,
                     Some(e.to_string()),
                 ))
@@ -252,7 +339,7 @@ pub async fn run_feed(
     )));
     let mut sockets = tokio::task::JoinSet::new();
     for (k, symbols) in shards.into_iter().enumerate() {
-        let adapter = match adapter_for(feed.exchange, &symbols) {
+        let adapter = match adapter_labelled(feed.exchange, label, &symbols) {
             Ok(a) => a,
             // Same exchange as above: cannot fail here, but never panic on it.
             Err(_) => continue,
@@ -322,9 +409,11 @@ pub fn normalize(
                     let event = match p {
                         Parsed::Event(e) => e,
                         Parsed::Diff(d) => Event::Book(d.into_stateless_delta()),
-                        Parsed::Ack { .. } | Parsed::Refused { .. } | Parsed::ServerShutdown => {
-                            continue
-                        }
+                        Parsed::Book(b) => Event::Book(b),
+                        Parsed::Ack { .. }
+                        | Parsed::Refused { .. }
+                        | Parsed::ServerShutdown
+                        | Parsed::Sequence(_) => continue,
                     };
                     output.write_all(&event.to_json())?;
                     output.write_all(b"\n")?;

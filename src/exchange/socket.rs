@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -18,10 +19,18 @@ use super::connection::ConnError;
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Gap between SUBSCRIBE requests. Binance allows 5 incoming messages per second per
-/// connection, pings and pongs included, and closes with 1008 beyond that: 300 ms (3.3/s)
-/// leaves room for the pong we owe its ping every 20 s.
-pub(super) const SUBSCRIBE_PACING: Duration = Duration::from_millis(300);
+
+/// How to open a socket: the venue's pacing and the feed's message size limit.
+#[derive(Debug, Clone)]
+pub(super) struct OpenOptions {
+    /// Gap between two subscribe requests (the venue's inbound rate limit).
+    pub(super) pacing: Duration,
+    /// Largest message (and frame) accepted; buffers grow to it only while such a message
+    /// is read.
+    pub(super) max_message_bytes: usize,
+    /// No frame until then means a dead connection.
+    pub(super) stale_after: Duration,
+}
 
 /// One open exchange socket and how far its subscription got.
 pub(super) struct Socket {
@@ -34,6 +43,9 @@ pub(super) struct Socket {
     pub(super) refused: Option<String>,
     /// No frame until then means a dead connection.
     pub(super) stale_at: Instant,
+    /// The venue's number of the last message on this connection (Coinbase
+    /// `sequence_num`), where it numbers them.
+    pub(super) last_sequence: Option<u64>,
 }
 
 impl Socket {
@@ -41,11 +53,15 @@ impl Socket {
     pub(super) async fn open(
         url: String,
         requests: Vec<(u64, String)>,
-        stale_after: Duration,
+        options: OpenOptions,
     ) -> Result<Socket, ConnError> {
+        let stale_after = options.stale_after;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(options.max_message_bytes))
+            .max_frame_size(Some(options.max_message_bytes));
         let ws = match timeout(
             CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async(url.as_str()),
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false),
         )
         .await
         {
@@ -59,10 +75,11 @@ impl Socket {
             subscribed: requests.is_empty(),
             refused: None,
             stale_at: Instant::now() + stale_after,
+            last_sequence: None,
         };
         for (i, (_, text)) in requests.into_iter().enumerate() {
-            if i > 0 {
-                sleep(SUBSCRIBE_PACING).await;
+            if i > 0 && !options.pacing.is_zero() {
+                sleep(options.pacing).await;
             }
             sock.ws
                 .send(Message::text(text))
@@ -88,6 +105,17 @@ impl Socket {
         }
         self.subscribed = self.pending_acks.is_empty();
         self.subscribed
+    }
+
+    /// Checks the venue's connection-wide message number: `Err((expected, got))` when
+    /// messages went missing (or came twice) since the last one.
+    pub(super) fn check_sequence(&mut self, seq: u64) -> Result<(), (u64, u64)> {
+        let expected = self.last_sequence.map(|last| last.wrapping_add(1));
+        self.last_sequence = Some(seq);
+        match expected {
+            Some(expected) if expected != seq => Err((expected, seq)),
+            _ => Ok(()),
+        }
     }
 
     /// Closes with a Close frame and reads on (discarding) until the exchange answers it,
@@ -136,7 +164,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn open_err(url: String) -> String {
-        match Socket::open(url, Vec::new(), Duration::from_secs(5)).await {
+        let options = OpenOptions {
+            pacing: Duration::ZERO,
+            max_message_bytes: 1 << 20,
+            stale_after: Duration::from_secs(5),
+        };
+        match Socket::open(url, Vec::new(), options).await {
             Err(ConnError::Connect(cause)) => cause,
             Err(other) => panic!("expected a connect error, got {other}"),
             Ok(_) => panic!("connected"),

@@ -3,17 +3,22 @@
 //!
 //! What lives here:
 //! * the public API ([`SimConfig`], [`Faults`], [`serve_binance`],
-//!   [`sim_exchanges`]);
+//!   [`serve_coinbase`]; which venues are simulated is said by
+//!   `crate::exchange::registry`);
 //! * the exchange-agnostic market model ([`Market`]): one per symbol, a
 //!   seeded random walk that produces abstract trades, L2 book diffs with
 //!   monotonically increasing update ids, rolling ticker statistics and
 //!   candles. Prices and sizes are integers (ticks of 0.01, units of 1e-8)
 //!   so the model is exact and deterministic; front-ends only *render* them.
 //!
-//! The Binance front-end lives in [`binance`]; further exchanges can reuse
-//! [`Market`] and only add a rendering/route module.
+//! Each venue adds only a front-end: its wire rendering, subscribe protocol and
+//! heartbeat ([`binance`], [`coinbase`]); the model lives here, the market loop, the
+//! drop fault and serving in [`runtime`], the `/_sim/` control API in [`control`].
 
 mod binance;
+mod coinbase;
+mod control;
+mod runtime;
 
 use std::collections::BTreeMap;
 
@@ -21,11 +26,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub use binance::serve_binance;
-
-/// Exchanges that have a simulator front-end.
-pub fn sim_exchanges() -> &'static [&'static str] {
-    &["binance"]
-}
+pub use coinbase::serve_coinbase;
+pub(crate) use runtime::{lock, now_ms};
 
 /// Simulator configuration.
 #[derive(Debug, Clone)]

@@ -209,8 +209,14 @@ impl Proc {
         }
     }
 
-    /// Starts `mdbridge simulate` on a free port and waits until it answers.
+    /// Starts `mdbridge simulate` (Binance) on a free port and waits until it answers.
     pub async fn simulator(extra: &[&str]) -> Proc {
+        Proc::simulator_of("binance", extra).await
+    }
+
+    /// Starts `mdbridge simulate --exchange <exchange>` on a free port and waits until its
+    /// control API answers.
+    pub async fn simulator_of(exchange: &str, extra: &[&str]) -> Proc {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
@@ -218,7 +224,7 @@ impl Proc {
             .args([
                 "simulate",
                 "--exchange",
-                "binance",
+                exchange,
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ])
@@ -234,7 +240,7 @@ impl Proc {
             bots: None,
             name: "simulate".into(),
         };
-        let url = format!("http://127.0.0.1:{port}/api/v3/ping");
+        let url = format!("http://127.0.0.1:{port}/_sim/stats");
         wait_until("simulator up", WAIT, || async {
             reqwest::get(&url).await.is_ok()
         })
