@@ -219,3 +219,57 @@ async fn since_older_than_the_stream_is_history_truncated_then_live() {
     }
     assert!(live.windows(2).all(|w| w[1] == w[0] + 1), "{live:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_delivers_its_own_durable_trades_once_with_ids_and_the_rest_in_process() {
+    let redis = RedisServer::start();
+    let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
+    let feed = sim_feed(
+        sim.http.expect("port"),
+        "binance",
+        &["BTC-USDT"],
+        &["trade", "ticker"],
+    );
+    let (h, b) = (free_port(), free_port());
+    let mut hybrid = Proc::role(
+        "hybrid",
+        &role_config(&redis.url(), h, b, &format!("{DURABLE}{feed}")),
+        h,
+        Some(b),
+    );
+    hybrid.wait_healthy().await;
+    let mut bot = Bot::connect(&hybrid.bots_url()).await;
+    bot.subscribe(&["trade:binance:BTC-USDT", "ticker:binance:BTC-USDT"])
+        .await;
+    let (mut trades, mut tickers) = (Vec::new(), 0);
+    while trades.len() < 300 || tickers < 3 {
+        let v = bot.next(WAIT).await.expect("bot connection closed");
+        match v["type"].as_str() {
+            Some("trade") => trades.push(v),
+            Some("ticker") => {
+                // Not durable: in-process, as before, without an id.
+                assert!(v.get("id").is_none(), "{v}");
+                tickers += 1;
+            }
+            Some("error") => panic!("unexpected error: {v}"),
+            _ => {}
+        }
+    }
+    // Durable: through the stream (each with its id), each trade once, in order.
+    for pair in trades.windows(2) {
+        assert_eq!(
+            trade_id(&pair[1]),
+            trade_id(&pair[0]) + 1,
+            "{} {}",
+            pair[0],
+            pair[1]
+        );
+        assert!(stream_id(&pair[1]) > stream_id(&pair[0]));
+    }
+    assert_eq!(
+        hybrid
+            .metric("mdbridge_stream_redeliveries_dropped_total")
+            .await,
+        0.0
+    );
+}
