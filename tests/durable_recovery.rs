@@ -273,3 +273,88 @@ async fn a_hybrid_delivers_its_own_durable_trades_once_with_ids_and_the_rest_in_
         0.0
     );
 }
+
+/// Appends trade `n` with the real append script (which also publishes it).
+async fn append_trade(conn: &mut redis::aio::MultiplexedConnection, src: uuid::Uuid, n: u64) {
+    use mdbridge::event::{now_micros, Event, Exchange, Side, Trade};
+    let now = now_micros();
+    let msg = mdbridge::envelope::BusMessage::encode(
+        src,
+        n,
+        now,
+        Event::Trade(Trade {
+            exchange: Exchange::Binance,
+            symbol: "BTC-USDT".into(),
+            ts: Some(now),
+            ts_recv: now,
+            trade_id: n.to_string(),
+            price: "1.5".into(),
+            size: "2".into(),
+            side: Some(Side::Buy),
+        }),
+    );
+    let (head, tail) = msg.id_split().expect("no id yet");
+    let cap = mdbridge::durable::StreamCap {
+        maxlen: 1000,
+        approximate: false,
+    };
+    mdbridge::bus::redis::append::AppendScript::new()
+        .append(
+            conn,
+            "md:stream:trade:binance:BTC-USDT",
+            "md:trade:binance:BTC-USDT",
+            cap,
+            &head,
+            &tail,
+        )
+        .await
+        .expect("append");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_pubsub_envelope_with_a_far_id_neither_reaches_bots_nor_silences_the_stream() {
+    let redis = RedisServer::start();
+    let mut ex = executor(&redis);
+    ex.wait_healthy().await;
+    let channel = "trade:binance:BTC-USDT";
+    let mut bot = Bot::connect(&ex.bots_url()).await;
+    // Both an exact and a wildcard subscriber: the wildcard one is what pub/sub covers.
+    bot.subscribe(&[channel]).await;
+    let mut wild = Bot::connect(&ex.bots_url()).await;
+    wild.subscribe(&["trade:*:*"]).await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let src = uuid::Uuid::new_v4();
+    append_trade(&mut conn, src, 1).await;
+    for b in [&mut bot, &mut wild] {
+        let (v, _) = b.until(WAIT, |v| v["type"] == "trade").await;
+        assert_eq!(v["trade_id"], "1", "{v}");
+    }
+    // A forged publish: a valid trade, its "id" far in the future and not where our
+    // encoder puts it.
+    let now = mdbridge::event::now_micros();
+    let forged = format!(
+        r#"{{"src":"{}","seq":99,"ts_pub":{now},"event":{{"type":"trade","exchange":"binance","symbol":"BTC-USDT","ts":{now},"ts_recv":{now},"trade_id":"forged","price":"1","size":"1","side":"buy"}},"id":"99999999999999-0"}}"#,
+        uuid::Uuid::new_v4()
+    );
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("md:{channel}"))
+        .arg(forged)
+        .query_async(&mut conn)
+        .await
+        .expect("publish");
+    for n in 2..=4 {
+        append_trade(&mut conn, src, n).await;
+    }
+    for b in [&mut bot, &mut wild] {
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let (v, _) = b.until(WAIT, |v| v["type"] == "trade").await;
+            got.push(v["trade_id"].as_str().expect("trade_id").to_string());
+        }
+        assert_eq!(got, ["2", "3", "4"], "the genuine entries, and only them");
+    }
+}

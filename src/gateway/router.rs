@@ -410,6 +410,15 @@ impl Router {
     /// pattern), delivering each channel's latest value or snapshot first (not when
     /// `quiet`: a `since` replay brings the history instead).
     fn add_to_channels(&mut self, pattern: &Pattern, queue: &Arc<ClientQueue>, quiet: bool) {
+        // An exact pattern may name a channel no message has created yet: clients whose
+        // wildcards match it must be in its subscriber list from the start too (otherwise
+        // they would miss it until the channel's state is made again).
+        let holders = match Channel::parse(pattern.as_str()) {
+            Ok(channel) if !pattern.is_wildcard() && !self.channels.contains_key(&channel) => {
+                self.resolve(&channel)
+            }
+            _ => Vec::new(),
+        };
         let mut join = Joining {
             quiet,
             has_store: self.store.is_some(),
@@ -432,6 +441,9 @@ impl Router {
                 // Named now: no longer a channel only a wildcard reached.
                 state.by_wildcard = false;
                 self.wildcard_channels -= 1;
+            }
+            for other in holders.iter().filter(|q| q.id() != queue.id()) {
+                join.join(&channel, state, other);
             }
             join.join(&channel, state, queue);
         }

@@ -452,6 +452,17 @@ impl Subscriber {
                 return None;
             }
         };
+        // An id placed where the fast check above does not look (another encoder, or a
+        // forged publish): on a durable channel only the stream consumer may deliver —
+        // its ids move the router's redelivery floor and produce acks. Elsewhere the id
+        // is not this executor's to honour: delivered as a plain pub/sub event.
+        let mut decoded = decoded;
+        if decoded.id.is_some() {
+            if self.durable.is_durable(&decoded.channel) {
+                return None;
+            }
+            decoded.id = None;
+        }
         metrics::envelope_received();
         if decoded.src == self.src {
             metrics::envelope_self_filtered();

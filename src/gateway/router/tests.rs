@@ -376,3 +376,23 @@ async fn channels_only_wildcards_reach_are_capped_and_their_messages_still_deliv
     assert_eq!(r.channel_count(), 1);
     assert_eq!(r.wildcard_channels, 0);
 }
+
+#[tokio::test]
+async fn a_wildcard_holder_is_not_left_out_when_another_bot_names_a_fresh_channel() {
+    // With a store (executor): the exact subscribe creates the channel's state before any
+    // message; the bot holding a matching wildcard must be in it from the start.
+    let (mut r, _interest) = router(Some(Arc::new(Empty)));
+    let wild = client(&mut r, 1);
+    let exact = client(&mut r, 2);
+    subscribe(&mut r, 1, "trade:*:*");
+    subscribe(&mut r, 2, "trade:binance:BTC-USDT");
+    for n in 1..=3 {
+        r.on_message(trade("BTC-USDT", n), false);
+    }
+    assert_eq!(trades(&wild), ["1", "2", "3"]);
+    assert_eq!(trades(&exact), ["1", "2", "3"]);
+    // And each once, however many patterns match.
+    subscribe(&mut r, 1, "trade:binance:BTC-USDT");
+    r.on_message(trade("BTC-USDT", 4), false);
+    assert_eq!(trades(&wild), ["4"]);
+}

@@ -76,6 +76,10 @@ impl Consumer {
                 return End::Reconnect(format!("connect: {failure}"));
             }
         };
+        // A new session re-reads its pending entries: acks of the last one that never came
+        // back (lost, or the router's queue was full) must not hold deliveries back.
+        self.in_flight = 0;
+        self.outstanding.clear();
         for s in self.streams.values_mut() {
             s.created = false;
             s.cursor = Cursor::Pending(StreamId::MIN);
