@@ -150,8 +150,10 @@ async fn start_inner(
 /// too (the replay then still delivers everything held: nothing is lost by the caution).
 fn lost_after(bounds: &StreamBounds, since: StreamId) -> bool {
     if bounds.added == Some(bounds.len) {
-        // Nothing was ever trimmed or deleted.
-        return false;
+        // Nothing was ever trimmed or deleted from this stream, yet `since` (not the
+        // stream's start) is older than all of it: the stream is younger than the bot's
+        // history (Redis restarted without persistence, or the key was recreated).
+        return since != StreamId::MIN && bounds.first.is_some_and(|first| since < first);
     }
     if bounds.max_deleted.is_some_and(|d| d > since) {
         return true;
@@ -172,5 +174,35 @@ pub(in crate::gateway::router) async fn durable_latest(
     match streams.newest(&channel).await? {
         Some(msg) => Ok(Some(msg)),
         None => store.latest(&channel).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(len: u64, first: u64, last: u64, added: u64) -> StreamBounds {
+        StreamBounds {
+            len,
+            first: Some(StreamId::new(first, 0)),
+            last: StreamId::new(last, 0),
+            max_deleted: Some(StreamId::MIN),
+            added: Some(added),
+        }
+    }
+
+    #[test]
+    fn history_is_lost_when_trimmed_past_since_or_when_the_stream_is_younger_than_it() {
+        let id = |ms| StreamId::new(ms, 0);
+        // Trimmed: 10 added, 5 held from 6.
+        assert!(lost_after(&bounds(5, 6, 10, 10), id(3)));
+        assert!(!lost_after(&bounds(5, 6, 10, 10), id(7)));
+        // Never trimmed, and since is inside what is held: nothing lost.
+        assert!(!lost_after(&bounds(5, 1, 5, 5), id(2)));
+        // Never trimmed but older than all of it: a recreated stream (Redis restarted
+        // without persistence) does not hold the bot's history.
+        assert!(lost_after(&bounds(5, 100, 104, 5), id(50)));
+        // From the very start is never "lost".
+        assert!(!lost_after(&bounds(5, 100, 104, 5), StreamId::MIN));
     }
 }
