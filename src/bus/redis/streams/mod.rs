@@ -15,9 +15,12 @@
 //!   durable, and wildcards expanded against the registry SET `{p}streams`, re-read every
 //!   `block_ms` (at least 100 ms) while a wildcard is held, so a wildcard reaches streams
 //!   created after the subscription. At most [`MAX_STREAMS`] streams.
-//! - A group this consumer creates starts at the Redis time the pattern was first held,
-//!   less `block_ms` + 1 s (not at `$`): entries appended between the bot's `subscribed`
-//!   reply and the consumer noticing it (or re-reading the registry) are not skipped. An
+//! - A group this consumer creates starts at the Redis time the pattern was first held
+//!   (not at `$`): Redis's `TIME` when the consumer noticed, less the time it took to notice
+//!   (measured on this process's clock by a watcher of the interest, since a blocking read
+//!   may hold it for up to `block_ms`) and a 250 ms margin. So entries appended between the
+//!   bot's `subscribed` reply and the consumer noticing it are not skipped, and a plain
+//!   subscribe is not handed seconds of history. An
 //!   existing group goes on from its own cursor: a channel held again after a pause gets
 //!   what was appended meanwhile (up to `MAXLEN`; a `gap` beyond).
 //! - Group `DurableConfig::group_name`, consumer = the instance name; `XGROUP CREATE key
@@ -53,6 +56,7 @@ mod targets;
 mod trim;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -122,10 +126,32 @@ impl StreamConsumer {
                 }
             };
             let mut consumer = Consumer::new(setup, links, target);
+            let watcher = watch_interest(
+                consumer.interest.clone(),
+                consumer.interest_changed_at.clone(),
+            );
             consumer.run(shutdown).await;
+            watcher.abort();
         })
     }
 }
+
+/// Records the moment of the first interest change the consumer has not looked at yet.
+fn watch_interest(
+    mut interest: watch::Receiver<Interest>,
+    changed_at: Arc<Mutex<Option<std::time::Instant>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while interest.changed().await.is_ok() {
+            let mut at = changed_at.lock().unwrap_or_else(PoisonError::into_inner);
+            at.get_or_insert_with(std::time::Instant::now);
+        }
+    })
+}
+
+/// Added to the measured wait before a new interest was noticed, for the `TIME` round trip
+/// and scheduling.
+const NOTICE_MARGIN_MS: u64 = 250;
 
 /// Why one session ended.
 enum End {
@@ -179,6 +205,10 @@ struct Consumer {
     streams: BTreeMap<Channel, StreamState>,
     /// Redis time (ms, back-dated) at which each held pattern was first seen.
     held_since: HashMap<Pattern, u64>,
+    /// When the interest last changed, by this process's clock, before this consumer
+    /// looked (a watcher task sets it): a blocking read may hold the consumer up to
+    /// `block_ms` before it notices a new subscription.
+    interest_changed_at: Arc<Mutex<Option<std::time::Instant>>>,
     /// Channels of the registry SET, as last read.
     registry: Vec<Channel>,
     registry_at: Option<tokio::time::Instant>,
@@ -230,6 +260,7 @@ impl Consumer {
             bus_state: links.bus_state,
             streams: BTreeMap::new(),
             held_since: HashMap::new(),
+            interest_changed_at: Arc::default(),
             registry: Vec::new(),
             registry_at: None,
             refresh_now: true,

@@ -211,11 +211,21 @@ impl Consumer {
             return Ok(());
         }
         self.refresh_now = false;
+        // When the interest changed (measured here, so no clock but Redis's is compared).
+        let changed_at = self
+            .interest_changed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if interest.iter().any(|p| !self.held_since.contains_key(p)) {
-            // Back-dated by the time this consumer may take to notice a new interest (one
-            // blocking read, plus a second): entries appended right after the bot's
-            // `subscribed` reply are not skipped.
-            let margin = self.durable.block_ms.saturating_add(1_000);
+            // Back-dated to when the interest changed (the consumer may have noticed a
+            // blocking read later), plus a margin for the Redis round trips: entries
+            // appended right after the bot's `subscribed` reply are not skipped, and a
+            // plain subscribe is not handed seconds of history.
+            let waited = changed_at.map_or(Duration::ZERO, |at| at.elapsed());
+            let margin = u64::try_from(waited.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(super::NOTICE_MARGIN_MS);
             let now = match targets::redis_time_ms(conn).await {
                 Ok(ms) => ms.saturating_sub(margin),
                 Err(e) => {
