@@ -20,8 +20,8 @@ sleep 5
 pids=()
 for child in $(cat /proc/$bench/task/*/children 2>/dev/null); do
   name=$(tr '\0' ' ' </proc/"$child"/cmdline | awk '{print ($2=="" ? $1 : $2)}')
-  case $name in simulate|publisher|executor) ;; *) name=$(basename "$(awk '{print $1}' <<<"$name")") ;; esac
-  perf record -F 999 -g -o "$OUT/$name.data" -p "$child" -- sleep 8 >/dev/null 2>&1 &
+  case $name in simulate|publisher|executor) ;; *) name=redis-server ;; esac
+  perf record -F 999 -o "$OUT/$name.data" -p "$child" -- sleep 8 >/dev/null 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}" || true
@@ -29,7 +29,7 @@ wait "$bench" || true
 for data in "$OUT"/*.data; do
   role=$(basename "$data" .data)
   perf report -i "$data" --no-children --sort symbol --stdio --percent-limit 1.5 2>/dev/null \
-    | grep -E '^ +[0-9]' >"$OUT/$role.txt" || true
+    | grep -E '^ +[0-9]' | sed -E 's/ +-? +-? *$//' >"$OUT/$role.txt" || true
   echo "== $role"; head -15 "$OUT/$role.txt"
 done
 cat "$OUT/bench.txt"

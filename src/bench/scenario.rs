@@ -202,10 +202,10 @@ impl Stack {
     /// Sum of the executor's counter `name` (all label sets); 0 when unreadable.
     async fn executor_counter(&self, name: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/metrics", self.exe_http);
-        let Ok(resp) = reqwest::get(&url).await else {
+        let fetch = async { reqwest::get(&url).await.ok()?.text().await.ok() };
+        let Ok(Some(text)) = tokio::time::timeout(Duration::from_secs(3), fetch).await else {
             return 0;
         };
-        let text = resp.text().await.unwrap_or_default();
         text.lines()
             .filter(|l| {
                 l.strip_prefix(name)
@@ -347,13 +347,14 @@ async fn measure(
         .map(|ws| tokio::spawn(bots::read_until(ws, start, end)))
         .collect();
     tokio::time::sleep_until(start).await;
+    // CPU first: reading the executor's /metrics can take a while when it is saturated.
     let procs = stack.procs();
     let before: Vec<u64> = procs.iter().map(|p| p.cpu_ticks()).collect();
+    let cpu_t0 = Instant::now();
     let dropped_before = stack
         .executor_counter(crate::metrics::BOT_FRAMES_DROPPED)
         .await;
     let lost_before = stack.executor_counter(crate::metrics::ENVELOPES_LOST).await;
-    let t0 = Instant::now();
     let mut all = BotStats::default();
     let mut hist = Histogram::default();
     let mut events = 0;
@@ -364,7 +365,9 @@ async fn measure(
         all.trade_gaps += s.trade_gaps;
         hist.merge(&s.hist);
     }
-    let seconds = t0.elapsed().as_secs_f64().max(1e-3);
+    // The bots count what arrives inside [start, end]: that is the rate's denominator.
+    let seconds = window.secs.as_secs_f64();
+    let cpu_elapsed = cpu_t0.elapsed().as_secs_f64().max(1e-3);
     let after: Vec<u64> = procs.iter().map(|p| p.cpu_ticks()).collect();
     let drops = Drops {
         executor_frames_dropped: stack
@@ -386,7 +389,7 @@ async fn measure(
                 role: p.name.clone(),
                 pid: p.pid(),
                 cpu_secs: cpu,
-                cpu_share: cpu / seconds,
+                cpu_share: cpu / cpu_elapsed,
                 cpu_secs_per_million_events: cpu / (events.max(1) as f64 / 1e6),
                 cpu_us_per_frame: cpu * 1e6 / all.frames.max(1) as f64,
                 peak_rss_kib: procs::status_kib(p.pid(), "VmHWM"),
