@@ -14,11 +14,12 @@ mkdir -p "$OUT"
 cargo build --release --quiet
 BIN=target/release/mdbridge
 scenarios=("$@")
-[ ${#scenarios[@]} -eq 0 ] && scenarios=(ingest latency latency5k fanout slow idle durable)
+[ ${#scenarios[@]} -eq 0 ] && scenarios=(ingest idlehop latency latency5k fanout slow idle durable)
 for s in "${scenarios[@]}"; do
   args=(--scenario "$s" --secs "$SECS")
   case $s in
     latency5k) args=(--scenario latency --rate 5000 --secs "$SECS") ;;
+    idlehop) args=(--scenario latency --rate 100 --bots 1 --secs "$SECS") ;;
   esac
   echo "== $s ($(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$OUT/summary.txt"
   "$BIN" bench "${args[@]}" --json "$OUT/$s.json" | tee -a "$OUT/summary.txt"
