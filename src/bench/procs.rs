@@ -243,3 +243,34 @@ pub async fn redis_baseline(
         publish_per_sec: rps,
     })
 }
+
+/// Calls per command from `INFO commandstats` (`cmdstat_xadd:calls=12,…` → `xadd: 12`);
+/// empty when Redis cannot be read.
+pub async fn redis_command_calls(port: u16) -> std::collections::BTreeMap<String, u64> {
+    let read = async {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    let text = tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}

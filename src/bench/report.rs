@@ -51,6 +51,9 @@ pub struct RunReport {
     pub latency: Quantiles,
     pub drops: Drops,
     pub roles: Vec<RoleUsage>,
+    /// Redis commands run during the window (`INFO commandstats` calls, deltas): shows
+    /// e.g. `publish` against `xadd` for pub/sub against durable channels.
+    pub redis_commands: std::collections::BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle: Option<IdleFigures>,
 }
@@ -114,6 +117,15 @@ impl Report {
                 q.p50_us, q.p99_us, q.p999_us, q.max_us,
                 r.drops.executor_frames_dropped, r.drops.envelopes_lost, r.drops.trade_ids_skipped
             );
+            let cmds: Vec<String> = r
+                .redis_commands
+                .iter()
+                .filter(|(_, n)| **n >= 100)
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            if !cmds.is_empty() {
+                s += &format!("    redis commands: {}\n", cmds.join(", "));
+            }
             for u in &r.roles {
                 s += &format!(
                     "    {:<10} cpu {:.2} s ({:.0} %), {:.2} s per M events, {:.3} us per frame, peak RSS {} KiB\n",

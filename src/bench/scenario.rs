@@ -355,6 +355,7 @@ async fn measure(
         .executor_counter(crate::metrics::BOT_FRAMES_DROPPED)
         .await;
     let lost_before = stack.executor_counter(crate::metrics::ENVELOPES_LOST).await;
+    let redis_before = procs::redis_command_calls(stack.redis_port).await;
     let mut all = BotStats::default();
     let mut hist = Histogram::default();
     let mut events = 0;
@@ -369,6 +370,15 @@ async fn measure(
     let seconds = window.secs.as_secs_f64();
     let cpu_elapsed = cpu_t0.elapsed().as_secs_f64().max(1e-3);
     let after: Vec<u64> = procs.iter().map(|p| p.cpu_ticks()).collect();
+    let redis_commands = procs::redis_command_calls(stack.redis_port)
+        .await
+        .into_iter()
+        .map(|(c, n)| {
+            let before = redis_before.get(&c).copied().unwrap_or(0);
+            (c, n.saturating_sub(before))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
     let drops = Drops {
         executor_frames_dropped: stack
             .executor_counter(crate::metrics::BOT_FRAMES_DROPPED)
@@ -409,6 +419,7 @@ async fn measure(
         latency: hist.quantiles(),
         drops,
         roles,
+        redis_commands,
         idle: None,
     })
 }
