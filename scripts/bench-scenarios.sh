@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 cargo build --release --quiet
 BIN=target/release/mdbridge
 scenarios=("$@")
-[ ${#scenarios[@]} -eq 0 ] && scenarios=(ingest idlehop latency latency5k fanout slow idle durable)
+[ ${#scenarios[@]} -eq 0 ] && scenarios=(simulate ingest idlehop latency latency5k fanout slow idle durable)
 for s in "${scenarios[@]}"; do
   args=(--scenario "$s" --secs "$SECS")
   case $s in

@@ -80,7 +80,8 @@ struct BenchArgs {
     #[arg(long, default_value = "ws://127.0.0.1:8765")]
     url: String,
     /// Run a scenario instead: start a private redis-server, the simulator, a publisher
-    /// and an executor, measure, tear down. ingest | latency | fanout | slow | idle | durable
+    /// and an executor, measure, tear down.
+    /// ingest | latency | fanout | slow | idle | durable | simulate
     #[arg(long)]
     scenario: Option<String>,
     /// Scenario: write the JSON report here.

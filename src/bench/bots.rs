@@ -31,6 +31,15 @@ pub struct BotStats {
 /// Opens a WebSocket to the bot server; `recv_buffer` sets SO_RCVBUF first (a slow bot
 /// with a small buffer makes the server's queue fill quickly).
 pub async fn connect(port: u16, recv_buffer: Option<u32>) -> Result<Ws, ScenarioError> {
+    connect_path(port, "/", recv_buffer).await
+}
+
+/// [`connect`] to `path` (e.g. the simulator's `/stream?streams=…`).
+pub async fn connect_path(
+    port: u16,
+    path: &str,
+    recv_buffer: Option<u32>,
+) -> Result<Ws, ScenarioError> {
     let err = |e: std::io::Error| ScenarioError::Bot(format!("connect :{port}: {e}"));
     let socket = TcpSocket::new_v4().map_err(err)?;
     if let Some(n) = recv_buffer {
@@ -41,7 +50,7 @@ pub async fn connect(port: u16, recv_buffer: Option<u32>) -> Result<Ws, Scenario
         .await
         .map_err(err)?;
     stream.set_nodelay(true).map_err(err)?;
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/"), stream)
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}{path}"), stream)
         .await
         .map_err(|e| ScenarioError::Bot(format!("upgrade :{port}: {e}")))?;
     Ok(ws)
@@ -150,6 +159,17 @@ pub async fn read_until(mut ws: Ws, start: Instant, end: Instant) -> BotStats {
     }
     let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
     stats
+}
+
+/// Counts text frames that arrive inside [`start`, `end`] (the simulator's raw feed).
+pub async fn count_until(mut ws: Ws, start: Instant, end: Instant) -> u64 {
+    let mut n = 0;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, ws.next()).await {
+        if msg.is_text() && Instant::now() >= start {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Reads and discards until `end` (idle connections must still drain what they get).

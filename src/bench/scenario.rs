@@ -27,7 +27,7 @@ use crate::event::{now_micros, Event, Exchange, Side, Trade};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("unknown scenario `{0}` (ingest, latency, fanout, slow, idle, durable)")]
+    #[error("unknown scenario `{0}` (ingest, latency, fanout, slow, idle, durable, simulate)")]
     Unknown(String),
     #[error("cannot start: {0}")]
     Spawn(String),
@@ -45,6 +45,8 @@ pub enum Scenario {
     Slow,
     Idle,
     Durable,
+    /// The simulator alone, flat out, one socket: what the ingest runs can be fed.
+    Simulate,
 }
 
 impl FromStr for Scenario {
@@ -57,6 +59,7 @@ impl FromStr for Scenario {
             "slow" => Scenario::Slow,
             "idle" => Scenario::Idle,
             "durable" => Scenario::Durable,
+            "simulate" => Scenario::Simulate,
             other => return Err(ScenarioError::Unknown(other.to_string())),
         })
     }
@@ -71,13 +74,14 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Idle => "idle",
             Scenario::Durable => "durable",
+            Scenario::Simulate => "simulate",
         }
     }
 
     /// (bots, trades per second; 0 = flat out) when not given.
     fn defaults(self) -> (usize, u32) {
         match self {
-            Scenario::Ingest => (1, 0),
+            Scenario::Ingest | Scenario::Simulate => (1, 0),
             Scenario::Latency | Scenario::Slow | Scenario::Durable => (100, 1_000),
             Scenario::Fanout | Scenario::Idle => (1_000, 1_000),
         }
@@ -270,7 +274,9 @@ pub async fn run_scenario(opts: ScenarioOptions) -> Result<Report, ScenarioError
         rate
     };
     stack.start_sim(sim_rate).await?;
-    stack.start_roles(false).await?;
+    if opts.scenario != Scenario::Simulate {
+        stack.start_roles(false).await?;
+    }
     let window = Window {
         warmup: Duration::from_secs(opts.warmup_secs),
         secs: Duration::from_secs(opts.secs.max(1)),
@@ -290,6 +296,7 @@ pub async fn run_scenario(opts: ScenarioOptions) -> Result<Report, ScenarioError
             runs.push(measure(&stack, "durable", bots, &channels, false, window).await?);
         }
         Scenario::Idle => runs.push(idle(&stack, bots).await?),
+        Scenario::Simulate => runs.push(simulate(&stack, window).await?),
     }
     for r in &mut runs {
         r.ratio_to_redis = r.events_per_sec / baseline.publish_per_sec.max(1.0);
@@ -459,6 +466,60 @@ async fn idle(stack: &Stack, n: usize) -> Result<RunReport, ScenarioError> {
             kib_per_connection: per(rss_connected),
             kib_per_subscribed_connection: per(rss_subscribed),
         }),
+        ..RunReport::default()
+    })
+}
+
+/// One socket straight to the simulator (trades and depth updates of every symbol),
+/// flat out: frames per second and the simulator's CPU per frame.
+async fn simulate(stack: &Stack, window: Window) -> Result<RunReport, ScenarioError> {
+    let streams: Vec<String> = stack
+        .symbols
+        .iter()
+        .flat_map(|s| {
+            let s = s.replace('-', "").to_lowercase();
+            [format!("{s}@trade"), format!("{s}@depth@100ms")]
+        })
+        .collect();
+    let path = format!("/stream?streams={}", streams.join("/"));
+    let ws = bots::connect_path(stack.sim_port, &path, None).await?;
+    let start = Instant::now() + window.warmup;
+    let end = start + window.secs;
+    let task = tokio::spawn(bots::count_until(ws, start, end));
+    tokio::time::sleep_until(start).await;
+    let procs = stack.procs();
+    let before: Vec<u64> = procs.iter().map(|p| p.cpu_ticks()).collect();
+    let t0 = Instant::now();
+    let frames = task.await.unwrap_or(0);
+    let elapsed = t0.elapsed().as_secs_f64().max(1e-3);
+    let seconds = window.secs.as_secs_f64();
+    let roles = procs
+        .iter()
+        .zip(&before)
+        .filter(|(p, _)| p.name == "simulate")
+        .map(|(p, b)| {
+            let cpu = procs::ticks_to_secs(p.cpu_ticks().saturating_sub(*b));
+            RoleUsage {
+                role: p.name.clone(),
+                pid: p.pid(),
+                cpu_secs: cpu,
+                cpu_share: cpu / elapsed,
+                cpu_secs_per_million_events: cpu / (frames.max(1) as f64 / 1e6),
+                cpu_us_per_frame: cpu * 1e6 / frames.max(1) as f64,
+                peak_rss_kib: procs::status_kib(p.pid(), "VmHWM"),
+                rss_kib: procs::status_kib(p.pid(), "VmRSS"),
+            }
+        })
+        .collect();
+    Ok(RunReport {
+        label: "simulator, one socket".into(),
+        bots: 1,
+        seconds,
+        events: frames,
+        events_per_sec: frames as f64 / seconds,
+        frames,
+        frames_per_sec: frames as f64 / seconds,
+        roles,
         ..RunReport::default()
     })
 }
