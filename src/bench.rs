@@ -7,6 +7,17 @@
 //! It measures a running deployment (demo, hybrid, publisher + executor); it does not start
 //! one. Run it on the same machine as the host so `ts_recv` and this clock agree.
 
+mod bots;
+mod hist;
+mod procs;
+mod report;
+mod scenario;
+
+pub use hist::Quantiles;
+pub use procs::RedisBaseline;
+pub use report::{Drops, IdleFigures, Params, Report, RoleUsage, RunReport};
+pub use scenario::{run_scenario, Scenario, ScenarioError, ScenarioOptions};
+
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};

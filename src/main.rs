@@ -76,9 +76,37 @@ struct WatchArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Bot server to measure.
+    /// Bot server to measure (measuring mode, without --scenario).
     #[arg(long, default_value = "ws://127.0.0.1:8765")]
     url: String,
+    /// Run a scenario instead: start a private redis-server, the simulator, a publisher
+    /// and an executor, measure, tear down.
+    /// ingest | latency | fanout | slow | idle | durable | simulate
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Scenario: write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Scenario: measuring bots (default: ingest 1, latency/slow/durable 100, fanout/idle 1000).
+    #[arg(long)]
+    bots: Option<usize>,
+    /// Scenario: trades per second offered over all symbols, 0 = flat out
+    /// (default: ingest 0, others 1000).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Scenario: seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Scenario: simulated symbols.
+    #[arg(
+        long,
+        default_value = "BTC-USDT,ETH-USDT,SOL-USDT,BNB-USDT",
+        value_delimiter = ','
+    )]
+    symbols: Vec<String>,
+    /// Scenario: PUBLISH requests of the same-run redis-benchmark baseline.
+    #[arg(long, default_value_t = 300_000)]
+    baseline_requests: u64,
     /// Comma-separated channel patterns to subscribe to.
     #[arg(
         long,
@@ -331,6 +359,9 @@ fn watch_command() -> String {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.scenario {
+        return bench_scenario(name, &args).await;
+    }
     let options = mdbridge::bench::BenchOptions {
         url: args.url,
         channels: args.channels,
@@ -353,6 +384,31 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "checks: book chain breaks {} | trade ids out of order or repeated {} | trade ids skipped {}",
         v.book_chain, v.trade_order, v.trade_gaps
     );
+    Ok(())
+}
+
+async fn bench_scenario(name: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let scenario: mdbridge::bench::Scenario = name.parse()?;
+    if let Some(bad) = args.symbols.iter().find(|s| !valid_symbol(s)) {
+        anyhow::bail!("--symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
+    }
+    let options = mdbridge::bench::ScenarioOptions {
+        scenario,
+        binary: std::env::current_exe().context("cannot find this binary")?,
+        secs: args.secs.max(1),
+        warmup_secs: args.warmup,
+        bots: args.bots,
+        trades_per_sec: args.rate,
+        symbols: args.symbols.clone(),
+        baseline_requests: args.baseline_requests.max(1_000),
+    };
+    let report = mdbridge::bench::run_scenario(options).await?;
+    print!("{}", report.text());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }
 
