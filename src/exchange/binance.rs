@@ -26,7 +26,8 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
 use super::{
-    levels, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError, SnapshotFuture,
+    levels, AckId, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError,
+    SnapshotFuture,
 };
 use crate::config::FeedChannel;
 use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
@@ -530,7 +531,7 @@ fn from_value<'a, T: Deserialize<'a>>(
 
 /// `request 3`, or `a request` when the reply names none (bots read this text: no
 /// `Some(3)`).
-fn request_name(id: Option<u64>) -> String {
+fn request_name(id: Option<&AckId>) -> String {
     match id {
         Some(id) => format!("request {id}"),
         None => "a request".to_string(),
@@ -565,7 +566,11 @@ impl Adapter for BinanceAdapter {
 
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
     /// [`STREAMS_PER_REQUEST`] streams each, ids from 1.
-    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
+    fn subscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
         let streams: Vec<String> = symbols
             .iter()
             .flat_map(|s| stream_names(s, channels))
@@ -575,7 +580,7 @@ impl Adapter for BinanceAdapter {
             .zip(1u64..)
             .map(|(chunk, id)| {
                 let frame = serde_json::json!({"method": "SUBSCRIBE", "params": chunk, "id": id});
-                (id, frame.to_string())
+                (AckId::Num(id), frame.to_string())
             })
             .collect()
     }
@@ -588,7 +593,7 @@ impl Adapter for BinanceAdapter {
         if v.as_object().is_none() {
             return Err(ParseError::NotObject);
         }
-        let id = v.get("id").and_then(|i| i.as_u64());
+        let id = v.get("id").and_then(|i| i.as_u64()).map(AckId::Num);
         // Request replies: `{"result":null,"id":1}` / `{"error":{"code":2,"msg":".."},"id":1}`
         // (older docs: `{"code":2,"msg":"..","id":1}`).
         if let Some(err) = v.get("error") {
@@ -597,9 +602,9 @@ impl Adapter for BinanceAdapter {
                 err.get("msg").and_then(|m| m.as_str()),
             ) {
                 (Some(code), Some(msg)) => {
-                    format!("{} refused: code {code}: {msg}", request_name(id))
+                    format!("{} refused: code {code}: {msg}", request_name(id.as_ref()))
                 }
-                _ => format!("{} refused: {err}", request_name(id)),
+                _ => format!("{} refused: {err}", request_name(id.as_ref())),
             };
             return Ok(vec![Parsed::Refused { id, detail }]);
         }
@@ -610,10 +615,8 @@ impl Adapter for BinanceAdapter {
             v.get("code").and_then(|c| c.as_i64()),
             v.get("msg").and_then(|m| m.as_str()),
         ) {
-            return Ok(vec![Parsed::Refused {
-                id,
-                detail: format!("{} refused: code {code}: {msg}", request_name(id)),
-            }]);
+            let detail = format!("{} refused: code {code}: {msg}", request_name(id.as_ref()));
+            return Ok(vec![Parsed::Refused { id, detail }]);
         }
         // Combined stream: `{"stream":"btcusdt@trade","data":{...}}`; raw stream: the payload.
         match (v.get("stream"), v.get("data")) {

@@ -37,7 +37,7 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
 use super::wire_time::rfc3339_micros;
-use super::{levels, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds};
+use super::{levels, AckId, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds};
 use crate::config::FeedChannel;
 use crate::event::{
     Book, BookAction, Candle, Event, Exchange, Side, Status, StatusState, Ticker, Trade,
@@ -51,24 +51,21 @@ const CANDLE_SECONDS: u64 = 300;
 /// Our pacing of subscribe requests (one per channel; the first must arrive within 5 s).
 const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The channels we subscribe to, with the request id we give each one (the answer, a
-/// `subscriptions` message, names channels, not requests).
-const CHANNEL_IDS: [(&str, u64); 6] = [
-    ("heartbeats", 1),
-    ("level2", 2),
-    ("market_trades", 3),
-    ("ticker", 4),
-    ("candles", 5),
-    ("status", 6),
+/// The channels we subscribe to, in this order; each request is keyed by its channel
+/// name, which is what the answer (a `subscriptions` message) lists.
+const CHANNELS: [&str; 6] = [
+    "heartbeats",
+    "level2",
+    "market_trades",
+    "ticker",
+    "candles",
+    "status",
 ];
 
-fn channel_id(name: &str) -> Option<u64> {
-    // `l2_data` is how level2 messages name their channel.
-    let name = if name == "l2_data" { "level2" } else { name };
-    CHANNEL_IDS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, id)| *id)
+/// The request key of a channel named in an answer (`l2_data` is how level2 messages name
+/// their channel).
+fn channel_key(name: &str) -> AckId {
+    AckId::from(if name == "l2_data" { "level2" } else { name })
 }
 
 /// The Coinbase Advanced Trade adapter.
@@ -237,7 +234,7 @@ impl CoinbaseAdapter {
                 };
                 side.push((u.price_level, u.new_quantity));
             }
-            out.push(Parsed::Book(Book {
+            let book = Book {
                 exchange: self.label,
                 symbol: self.symbol(e.product_id)?,
                 ts: Some(ts),
@@ -247,7 +244,11 @@ impl CoinbaseAdapter {
                 asks: levels(asks),
                 seq: None,
                 prev_seq: None,
-            }));
+            };
+            out.push(Parsed::Book {
+                book,
+                checksum: None,
+            });
         }
         Ok(())
     }
@@ -380,9 +381,9 @@ impl CoinbaseAdapter {
         for e in events.into_iter().flatten() {
             if let Some(subs) = e.get("subscriptions").and_then(|s| s.as_object()) {
                 for name in subs.keys() {
-                    if let Some(id) = channel_id(name) {
-                        out.push(Parsed::Ack { id: Some(id) });
-                    }
+                    out.push(Parsed::Ack {
+                        id: Some(channel_key(name)),
+                    });
                 }
             }
         }
@@ -480,7 +481,11 @@ impl Adapter for CoinbaseAdapter {
 
     /// One `{"type":"subscribe","product_ids":[..],"channel":".."}` per channel (the venue
     /// takes one channel per request), `heartbeats` and `status` always.
-    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
+    fn subscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
         let mut wanted = vec!["heartbeats"];
         for c in channels {
             wanted.push(match c {
@@ -492,12 +497,12 @@ impl Adapter for CoinbaseAdapter {
         }
         wanted.push("status");
         wanted.dedup();
-        CHANNEL_IDS
+        CHANNELS
             .iter()
-            .filter(|(name, _)| wanted.contains(name))
-            .map(|(name, id)| {
+            .filter(|name| wanted.contains(name))
+            .map(|name| {
                 let frame = serde_json::json!({"type": "subscribe", "product_ids": symbols, "channel": name});
-                (*id, frame.to_string())
+                (AckId::from(*name), frame.to_string())
             })
             .collect()
     }

@@ -239,7 +239,12 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let exchange = adapter.exchange();
     let books = if feed.channels.contains(&FeedChannel::Book) {
-        FeedBooks::new(exchange, &feed.symbols, adapter.book_sync())
+        FeedBooks::new(
+            exchange,
+            &feed.symbols,
+            adapter.book_sync(),
+            adapter.book_checksum(),
+        )
     } else {
         FeedBooks::default()
     };
@@ -481,7 +486,7 @@ impl Feed {
                             let _ = self.emit_all(std::mem::take(&mut out)).await;
                             return lost(ConnError::ServerShutdown, true, sock.subscribed);
                         }
-                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book(_)) {
+                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book { .. }) {
                             flowing = true;
                         }
                         self.handle(item, &mut sock, &mut out, &mut fetches, &snap_tx);

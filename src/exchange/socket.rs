@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::connection::ConnError;
+use super::AckId;
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -35,7 +36,7 @@ pub(super) struct OpenOptions {
 /// One open exchange socket and how far its subscription got.
 pub(super) struct Socket {
     pub(super) ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pending_acks: HashSet<u64>,
+    pending_acks: HashSet<AckId>,
     /// Every SUBSCRIBE request has been answered.
     pub(super) subscribed: bool,
     /// The exchange's reason for the first SUBSCRIBE it refused on this socket: the feed
@@ -52,7 +53,7 @@ impl Socket {
     /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
     pub(super) async fn open(
         url: String,
-        requests: Vec<(u64, String)>,
+        requests: Vec<(AckId, String)>,
         options: OpenOptions,
     ) -> Result<Socket, ConnError> {
         let stale_after = options.stale_after;
@@ -71,7 +72,7 @@ impl Socket {
         };
         let mut sock = Socket {
             ws,
-            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
+            pending_acks: requests.iter().map(|(id, _)| id.clone()).collect(),
             subscribed: requests.is_empty(),
             refused: None,
             stale_at: Instant::now() + stale_after,
@@ -91,7 +92,7 @@ impl Socket {
     }
 
     /// Counts an answer to a request; true when it was the last one missing.
-    pub(super) fn on_answer(&mut self, id: Option<u64>) -> bool {
+    pub(super) fn on_answer(&mut self, id: Option<AckId>) -> bool {
         if self.subscribed {
             return false;
         }

@@ -194,13 +194,15 @@ fn depth_update_from_docs_is_a_diff_and_a_stateless_delta() {
 fn control_frames_produce_no_events() {
     assert_eq!(
         parse_fixture("subscribe_ack.json").unwrap(),
-        vec![Parsed::Ack { id: Some(1) }]
+        vec![Parsed::Ack {
+            id: Some(AckId::Num(1))
+        }]
     );
     let refused = parse_fixture("subscribe_error.json").unwrap();
     let [Parsed::Refused { id, detail }] = refused.as_slice() else {
         panic!("{refused:?}")
     };
-    assert_eq!(*id, Some(1));
+    assert_eq!(*id, Some(AckId::Num(1)));
     assert!(
         detail.starts_with("request 1 refused: code 2: Invalid request"),
         "{detail}"
@@ -283,8 +285,8 @@ fn subscribe_frames_name_streams_in_lower_case() {
     let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
     let frames = adapter.subscribe_frames(&many, &[FeedChannel::Trade]);
     assert_eq!(
-        frames.iter().map(|f| f.0).collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        frames.iter().map(|f| f.0.clone()).collect::<Vec<_>>(),
+        vec![AckId::Num(1), AckId::Num(2), AckId::Num(3)]
     );
 }
 

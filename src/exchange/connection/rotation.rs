@@ -128,7 +128,7 @@ impl Feed {
     ) -> Result<(), String> {
         for item in parsed {
             match item {
-                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book(_) => {
+                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book { .. } => {
                     if o.buffered.len() >= ROTATE_BUFFER {
                         return Err(format!(
                             "more than {ROTATE_BUFFER} events before the switch"
@@ -140,7 +140,7 @@ impl Feed {
                                 .entry(d.symbol.clone())
                                 .or_insert(d.first_update_id);
                         }
-                        Parsed::Book(b) if b.action == BookAction::Snapshot => {
+                        Parsed::Book { book: b, .. } if b.action == BookAction::Snapshot => {
                             o.ws_snapshots.insert(b.symbol.clone());
                         }
                         Parsed::Event(Event::Trade(t)) => {
