@@ -538,6 +538,23 @@ fn request_name(id: Option<&AckId>) -> String {
     }
 }
 
+/// Live `SUBSCRIBE` / `UNSUBSCRIBE` requests for the streams of `symbols` × `channels`, at
+/// most [`STREAMS_PER_REQUEST`] streams each, ids from 1.
+fn requests(method: &str, symbols: &[String], channels: &[FeedChannel]) -> Vec<(AckId, String)> {
+    let streams: Vec<String> = symbols
+        .iter()
+        .flat_map(|s| stream_names(s, channels))
+        .collect();
+    streams
+        .chunks(STREAMS_PER_REQUEST)
+        .zip(1u64..)
+        .map(|(chunk, id)| {
+            let frame = serde_json::json!({"method": method, "params": chunk, "id": id});
+            (AckId::Num(id), frame.to_string())
+        })
+        .collect()
+}
+
 impl Adapter for BinanceAdapter {
     fn exchange(&self) -> Exchange {
         self.label
@@ -571,18 +588,17 @@ impl Adapter for BinanceAdapter {
         symbols: &[String],
         channels: &[FeedChannel],
     ) -> Vec<(AckId, String)> {
-        let streams: Vec<String> = symbols
-            .iter()
-            .flat_map(|s| stream_names(s, channels))
-            .collect();
-        streams
-            .chunks(STREAMS_PER_REQUEST)
-            .zip(1u64..)
-            .map(|(chunk, id)| {
-                let frame = serde_json::json!({"method": "SUBSCRIBE", "params": chunk, "id": id});
-                (AckId::Num(id), frame.to_string())
-            })
-            .collect()
+        requests("SUBSCRIBE", symbols, channels)
+    }
+
+    /// `{"method":"UNSUBSCRIBE","params":["btcusdt@depth"],"id":312}`, chunked like the
+    /// subscriptions.
+    fn unsubscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("UNSUBSCRIBE", symbols, channels)
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {

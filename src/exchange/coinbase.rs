@@ -454,6 +454,29 @@ impl CoinbaseAdapter {
     }
 }
 
+/// One `{"type":<kind>,"product_ids":[..],"channel":".."}` per channel the feed needs,
+/// keyed by the channel's name, `heartbeats` and `status` always.
+fn requests(kind: &str, symbols: &[String], channels: &[FeedChannel]) -> Vec<(AckId, String)> {
+    let mut wanted = vec!["heartbeats"];
+    for c in channels {
+        wanted.push(match c {
+            FeedChannel::Book => "level2",
+            FeedChannel::Trade => "market_trades",
+            FeedChannel::Ticker => "ticker",
+            FeedChannel::Candle(_) => "candles",
+        });
+    }
+    wanted.push("status");
+    CHANNELS
+        .iter()
+        .filter(|name| wanted.contains(name))
+        .map(|name| {
+            let frame = serde_json::json!({"type": kind, "product_ids": symbols, "channel": name});
+            (AckId::from(*name), frame.to_string())
+        })
+        .collect()
+}
+
 impl Adapter for CoinbaseAdapter {
     fn exchange(&self) -> Exchange {
         self.label
@@ -486,25 +509,17 @@ impl Adapter for CoinbaseAdapter {
         symbols: &[String],
         channels: &[FeedChannel],
     ) -> Vec<(AckId, String)> {
-        let mut wanted = vec!["heartbeats"];
-        for c in channels {
-            wanted.push(match c {
-                FeedChannel::Book => "level2",
-                FeedChannel::Trade => "market_trades",
-                FeedChannel::Ticker => "ticker",
-                FeedChannel::Candle(_) => "candles",
-            });
-        }
-        wanted.push("status");
-        wanted.dedup();
-        CHANNELS
-            .iter()
-            .filter(|name| wanted.contains(name))
-            .map(|name| {
-                let frame = serde_json::json!({"type": "subscribe", "product_ids": symbols, "channel": name});
-                (AckId::from(*name), frame.to_string())
-            })
-            .collect()
+        requests("subscribe", symbols, channels)
+    }
+
+    /// The same requests with `"type":"unsubscribe"` (answered by a `subscriptions`
+    /// message listing what is left).
+    fn unsubscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("unsubscribe", symbols, channels)
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {

@@ -37,7 +37,7 @@
 //!   snapshot in the middle of a chain) and its trades lose
 //!   none (by the venue's trade-id rule). At the switch the held items are replayed
 //!   through the books and the trade de-duplication; books not yet live start over. The
-//!   old socket is then closed. No status event is emitted;
+//!   old socket is then sent the venue's unsubscribe requests and closed. No status event is emitted;
 //!   `exchange_reconnects_total{reason="rotate"}` counts it.
 //! - A venue that numbers the messages of a connection (Coinbase `sequence_num`): a gap
 //!   ends the connection (`sequence_gap`) and every book it carried resyncs; a

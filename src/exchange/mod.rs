@@ -277,6 +277,17 @@ pub trait Adapter: Send + Sync {
         symbols: &[String],
         channels: &[FeedChannel],
     ) -> Vec<(AckId, String)>;
+    /// The frames that drop what [`Self::subscribe_frames`] asked for, keyed the same way
+    /// (Binance `UNSUBSCRIBE`, Coinbase `unsubscribe`). Sent on a socket the feed lets go
+    /// (the old one at a rotation's cut-over) before it is closed, so the venue stops
+    /// sending at once; their answers are not awaited. Empty: closing is enough.
+    fn unsubscribe_frames(
+        &self,
+        _symbols: &[String],
+        _channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        Vec::new()
+    }
     /// Parses one frame. `frame` is a scratch buffer the parser may modify in place
     /// (simd-json unescapes into it); `ts_recv` is when the frame was read off the socket.
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError>;

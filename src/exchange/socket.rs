@@ -20,6 +20,8 @@ use super::AckId;
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest time spent sending unsubscribe requests on a socket being let go.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to open a socket: the venue's pacing and the feed's message size limit.
 #[derive(Debug, Clone)]
@@ -117,6 +119,24 @@ impl Socket {
             Some(expected) if expected != seq => Err((expected, seq)),
             _ => Ok(()),
         }
+    }
+
+    /// Sends the venue's unsubscribe `requests` (paced like the subscriptions, not awaited,
+    /// all within [`LEAVE_TIMEOUT`]), then [`Self::close`]s: the venue stops sending on a
+    /// socket the feed lets go before the socket is gone.
+    pub(super) async fn leave(mut self, requests: Vec<(AckId, String)>, pacing: Duration) {
+        let _ = timeout(LEAVE_TIMEOUT, async {
+            for (i, (_, text)) in requests.into_iter().enumerate() {
+                if i > 0 && !pacing.is_zero() {
+                    sleep(pacing).await;
+                }
+                if self.ws.send(Message::text(text)).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.close().await;
     }
 
     /// Closes with a Close frame and reads on (discarding) until the exchange answers it,

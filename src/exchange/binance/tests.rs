@@ -333,3 +333,33 @@ fn normalize_fixture_stream() {
     assert_eq!(events[2]["ts"], serde_json::Value::Null);
     assert_eq!(events[2]["last"], serde_json::Value::Null);
 }
+
+#[test]
+fn unsubscribe_frames_mirror_the_subscriptions() {
+    // web-socket-streams.md, "Unsubscribe to a stream":
+    // {"method":"UNSUBSCRIBE","params":["btcusdt@depth"],"id":312} → {"result":null,"id":312}
+    let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+    let frames = adapter.unsubscribe_frames(&["BTC-USDT".into()], &[FeedChannel::Book]);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, AckId::Num(1));
+    let v: serde_json::Value = serde_json::from_str(&frames[0].1).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"method":"UNSUBSCRIBE","params":["btcusdt@depth@100ms"],"id":1})
+    );
+    let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
+    assert_eq!(
+        adapter
+            .unsubscribe_frames(&many, &[FeedChannel::Trade])
+            .len(),
+        3,
+        "chunked like the subscriptions"
+    );
+    let mut answer = br#"{"result":null,"id":312}"#.to_vec();
+    assert_eq!(
+        adapter.parse(&mut answer, TS_RECV).unwrap(),
+        vec![Parsed::Ack {
+            id: Some(AckId::Num(312))
+        }]
+    );
+}

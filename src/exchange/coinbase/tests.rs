@@ -183,3 +183,19 @@ fn fast_and_general_paths_agree() {
     cut.truncate(60);
     assert!(adapter.parse(&mut cut, TS_RECV).is_err());
 }
+
+#[test]
+fn unsubscribe_requests_mirror_the_subscriptions() {
+    // Advanced Trade WebSocket Overview, "Unsubscribing": the same structure as subscribe,
+    // one channel per message: {"type":"unsubscribe","product_ids":["ETH-USD","ETH-EUR"],"channel":"level2"}.
+    let adapter = CoinbaseAdapter::new(Exchange::Coinbase, &[]);
+    let symbols = ["ETH-USD".to_string(), "ETH-EUR".to_string()];
+    let frames = adapter.unsubscribe_frames(&symbols, &[FeedChannel::Book]);
+    let keys: Vec<String> = frames.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(keys, ["heartbeats", "level2", "status"]);
+    let level2: serde_json::Value = serde_json::from_str(&frames[1].1).unwrap();
+    assert_eq!(
+        level2,
+        serde_json::json!({"type":"unsubscribe","product_ids":["ETH-USD","ETH-EUR"],"channel":"level2"})
+    );
+}
