@@ -14,9 +14,7 @@
 //! This module never imports `bus` or `gateway`: events leave through a bounded
 //! `tokio::sync::mpsc::Sender<Event>` owned by `app`.
 
-pub mod binance;
 pub mod book_sync;
-pub mod coinbase;
 pub mod connection;
 mod feed_books;
 pub mod registry;
@@ -442,7 +440,7 @@ pub struct NormalizeStats {
 ///
 /// Book diffs become `delta` events with `seq` = the exchange's final update id and
 /// `prev_seq` = its first update id − 1 (Binance `u` and `U - 1`). Symbols are mapped
-/// without config by splitting off a known quote asset (see [`binance::split_symbol`]).
+/// without config by splitting off a known quote asset (see [`registry::binance::split_symbol`]).
 /// Blank lines are counted but produce nothing. Errors only for I/O failures or an
 /// exchange without an adapter.
 pub fn normalize(

@@ -41,8 +41,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::control::Control;
-use super::{
+use crate::simulator::control::Control;
+use crate::simulator::{
     lock, now_ms, Bbo, BookDiff, Candle, Market, Price, Qty, SimConfig, Stats, Trade,
     KLINE_INTERVALS, PRICE_DECIMALS,
 };
@@ -611,9 +611,9 @@ fn publish_periodic(shared: &Shared, sym: usize) {
     }
 }
 
-impl super::runtime::Ticking for Shared {
-    fn pace(&self) -> super::runtime::Pace<'_> {
-        super::runtime::Pace {
+impl crate::simulator::runtime::Ticking for Shared {
+    fn pace(&self) -> crate::simulator::runtime::Pace<'_> {
+        crate::simulator::runtime::Pace {
             config: &self.config,
             shutdown: &self.shutdown,
             paused: &self.paused,
@@ -1118,7 +1118,7 @@ fn router(shared: AppState) -> Router {
         .route("/api/v3/time", get(rest_time))
         .route("/_sim/snapshot_delay", post(sim_snapshot_delay))
         .with_state(shared.clone())
-        .merge(super::control::routes(shared))
+        .merge(crate::simulator::control::routes(shared))
 }
 
 /// Serve the Binance-compatible simulator on `listener` until `shutdown` is
@@ -1132,17 +1132,23 @@ pub async fn serve_binance(
     for sym in 0..shared.symbols.len() {
         shared
             .tracker
-            .spawn(super::runtime::market_task(shared.clone(), sym));
+            .spawn(crate::simulator::runtime::market_task(shared.clone(), sym));
     }
     let s = shared.clone();
-    super::runtime::spawn_drop_fault(
+    crate::simulator::runtime::spawn_drop_fault(
         &shared.tracker,
         &shared.config.faults,
         shutdown.clone(),
         move || s.drop_all_connections(),
     );
     tracing::info!(addr = ?listener.local_addr().ok(), symbols = shared.symbols.len(), "binance simulator listening");
-    super::runtime::serve_until(listener, router(shared.clone()), shutdown, &shared.tracker).await
+    crate::simulator::runtime::serve_until(
+        listener,
+        router(shared.clone()),
+        shutdown,
+        &shared.tracker,
+    )
+    .await
 }
 
 #[cfg(test)]

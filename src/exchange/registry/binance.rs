@@ -25,12 +25,12 @@ use serde::Deserialize;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-use super::{
+use crate::config::FeedChannel;
+use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
+use crate::exchange::{
     levels, AckId, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError,
     SnapshotFuture,
 };
-use crate::config::FeedChannel;
-use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
 
 /// Public combined-stream endpoint; streams are added with live `SUBSCRIBE` requests.
 pub const DEFAULT_WS_URL: &str = "wss://stream.binance.com:9443/stream";
@@ -514,11 +514,11 @@ fn from_frame<'a, T: Deserialize<'a>>(
     kind: &'static str,
 ) -> Result<T, ParseError> {
     if combined {
-        super::wire_json::from_slice::<Combined<T>>(frame)
+        crate::exchange::wire_json::from_slice::<Combined<T>>(frame)
             .map(|c| c.data)
             .map_err(payload_err(kind))
     } else {
-        super::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
+        crate::exchange::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
     }
 }
 
@@ -685,6 +685,10 @@ impl Adapter for BinanceAdapter {
         })
     }
 }
+
+/// The simulated venue (`mdbridge simulate --exchange binance`), written from the same
+/// documentation and sharing no type with the adapter above.
+pub(crate) mod simulator;
 
 #[cfg(test)]
 mod tests;

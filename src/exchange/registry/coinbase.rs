@@ -12,7 +12,7 @@
 //! to the connection as [`Parsed::Sequence`], which treats a gap as the loss of every book
 //! on that socket. Books come as `l2_data` events of type `snapshot`, then `update`, with
 //! absolute quantities (`new_quantity`, `"0"` removes the level), sides `bid`/`offer`; they
-//! become [`Parsed::Book`] with no sequence of their own ([`super::ws_book`] numbers them).
+//! become [`Parsed::Book`] with no sequence of their own ([`crate::exchange::ws_book`] numbers them).
 //!
 //! Mapping decisions:
 //! - `market_trades` `side` is the **maker's** side (the docs' definition): the bridge's
@@ -26,7 +26,7 @@
 //!   the bucket has ended by the message's `timestamp` (the channel sends no flag).
 //! - `status`: a product whose `status` is not `online` becomes a `status` `error` event
 //!   naming it (`ts`: the message `timestamp`); online products produce nothing.
-//! - Times are RFC 3339 with nanoseconds, truncated to µs ([`super::wire_time`]).
+//! - Times are RFC 3339 with nanoseconds, truncated to µs ([`crate::exchange::wire_time`]).
 //!
 //! This file knows nothing about sockets or book state.
 
@@ -36,11 +36,13 @@ use serde::Deserialize;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-use super::wire_time::rfc3339_micros;
-use super::{levels, AckId, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds};
 use crate::config::FeedChannel;
 use crate::event::{
     Book, BookAction, Candle, Event, Exchange, Side, Status, StatusState, Ticker, Trade,
+};
+use crate::exchange::wire_time::rfc3339_micros;
+use crate::exchange::{
+    levels, AckId, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds,
 };
 
 /// Public market data endpoint (no API key for these channels).
@@ -421,7 +423,7 @@ fn message<'a, E: Deserialize<'a>>(
     out: &mut Vec<Parsed>,
 ) -> Result<Message<'a, E>, ParseError> {
     let m: Message<'a, E> =
-        super::wire_json::from_slice(frame).map_err(|e| bad(kind, e.to_string()))?;
+        crate::exchange::wire_json::from_slice(frame).map_err(|e| bad(kind, e.to_string()))?;
     out.extend(m.sequence_num.map(Parsed::Sequence));
     Ok(m)
 }
@@ -562,6 +564,10 @@ impl Adapter for CoinbaseAdapter {
         Ok(out)
     }
 }
+
+/// The simulated venue (`mdbridge simulate --exchange coinbase`), written from the same
+/// documentation and sharing no type with the adapter above.
+pub(crate) mod simulator;
 
 #[cfg(test)]
 mod tests;
