@@ -160,6 +160,17 @@ impl Adapter for TextVenue {
             })
             .collect()
     }
+    fn unsubscribe_frames(&self, _: &[String], channels: &[FeedChannel]) -> Vec<(AckId, String)> {
+        self.subscribe_frames(&[], channels)
+            .into_iter()
+            .map(|(id, frame)| {
+                (
+                    id,
+                    frame.replace(r#""op":"subscribe""#, r#""op":"unsubscribe""#),
+                )
+            })
+            .collect()
+    }
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
         let v: Value =
             serde_json::from_slice(frame).map_err(|e| ParseError::Json(e.to_string()))?;
@@ -242,7 +253,11 @@ async fn run_text_venue(
     channels: Vec<FeedChannel>,
     done: fn(&[Event]) -> bool,
 ) -> Vec<Event> {
-    let mut feed = FeedConfig::new(Exchange::Bybit, vec!["BTC-USDT".into()], channels);
+    let feed = FeedConfig::new(Exchange::Bybit, vec!["BTC-USDT".into()], channels);
+    run_text_feed(port, feed, done).await
+}
+
+async fn run_text_feed(port: u16, mut feed: FeedConfig, done: fn(&[Event]) -> bool) -> Vec<Event> {
     feed.url = Some(format!("ws://127.0.0.1:{port}/"));
     (feed.reconnect_min_ms, feed.reconnect_max_ms) = (10, 50);
     let (tx, mut rx) = mpsc::channel::<Event>(64);
@@ -368,4 +383,58 @@ async fn a_checksum_mismatch_resyncs_and_the_fresh_snapshot_is_right() {
         ]
     );
     assert!(levels_checksum(&rebuilt, 202));
+}
+
+/// What the server of `the_old_socket_is_unsubscribed_at_a_rotation` was asked to drop,
+/// by connection.
+static UNSUBSCRIBED: std::sync::Mutex<Vec<(usize, String)>> = std::sync::Mutex::new(Vec::new());
+
+#[tokio::test]
+async fn the_old_socket_is_unsubscribed_at_a_rotation() {
+    // Every connection is acked; the second one (the rotation's new socket) also carries a
+    // trade, emitted once the feed has switched to it.
+    let port = scripted_server(|conn, got| match got["op"].as_str() {
+        Some("subscribe") => {
+            let mut out =
+                vec![json!({"op": "subscribe", "success": true, "req_id": got["req_id"]})];
+            if conn == 1 {
+                out.push(json!({"trade": "1"}));
+            }
+            out
+        }
+        Some("unsubscribe") => {
+            if let Ok(mut u) = UNSUBSCRIBED.lock() {
+                u.push((conn, got["topic"].as_str().unwrap_or("").to_string()));
+            }
+            Vec::new()
+        }
+        _ => Vec::new(),
+    })
+    .await;
+    let mut feed = FeedConfig::new(
+        Exchange::Bybit,
+        vec!["BTC-USDT".into()],
+        vec![FeedChannel::Trade],
+    );
+    feed.rotate_after_secs = 1;
+    let events = run_text_feed(port, feed, |e| {
+        e.iter().any(|e| matches!(e, Event::Trade(_)))
+    })
+    .await;
+    let seen: Vec<String> = events.iter().map(describe).collect();
+    assert_eq!(
+        seen,
+        ["Connected", "Trade 1"],
+        "a rotation says nothing to bots"
+    );
+    wait_until("the old socket unsubscribed", WAIT, || async {
+        UNSUBSCRIBED.lock().map(|u| !u.is_empty()).unwrap_or(false)
+    })
+    .await;
+    let asked = UNSUBSCRIBED.lock().map(|u| u.clone()).unwrap_or_default();
+    assert_eq!(
+        asked,
+        [(0, "trades".to_string())],
+        "only the old socket, for what it carried"
+    );
 }
