@@ -33,6 +33,7 @@ use crate::config::{Config, FeedChannel, FeedConfig, Role};
 use crate::durable::DurablePolicy;
 use crate::envelope::BusMessage;
 use crate::event::{Event, Exchange};
+use crate::exchange::registry::Simulator;
 use crate::gateway::Gateway;
 use crate::health::Health;
 use crate::http::AdminState;
@@ -287,10 +288,8 @@ pub async fn run(
 /// Options of `mdbridge demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Symbols of the simulated Binance-format venue.
-    pub symbols: Vec<String>,
-    /// Products of the simulated Coinbase-format venue (empty: none).
-    pub coinbase_symbols: Vec<String>,
+    /// The simulated venues and their symbols (`exchange::registry::demo_venues`).
+    pub venues: Vec<(Exchange, Vec<String>)>,
     pub rate: u32,
     pub summary_every: Duration,
     /// How to run `mdbridge watch` from here, for the banner (`cargo run -- watch`, a
@@ -311,48 +310,48 @@ pub async fn run_demo(
     let stops = Stops::new();
     let src = Uuid::new_v4();
 
-    // One simulator per venue, each feed labelled `sim`: Binance on `symbols`, Coinbase on
-    // `coinbase_symbols` (none: not started).
+    // One simulator per venue, each feed labelled `sim`; where a feed finds it and which
+    // candles it asks for are said by the venue's registry entry.
     let sim_stop = CancellationToken::new();
     let mut sim_tasks = Vec::new();
     let mut feeds = Vec::new();
     let mut banner = Vec::new();
-    for (venue, symbols, channels) in [
-        (Exchange::Binance, &options.symbols, "1m"),
-        (Exchange::Coinbase, &options.coinbase_symbols, "5m"),
-    ] {
-        let Some(serve) = crate::exchange::registry::venue(venue).and_then(|v| v.simulator) else {
+    let mut candles = Vec::new();
+    for (venue, symbols) in &options.venues {
+        let Some(sim) = crate::exchange::registry::venue(*venue).and_then(|v| v.simulator.as_ref())
+        else {
             continue;
         };
         if symbols.is_empty() {
             continue;
         }
         let listener = bind("simulator", "127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let addr = listener.local_addr()?.to_string();
         let sim_config = crate::simulator::SimConfig {
             symbols: symbols.clone(),
             rate: options.rate,
             ..crate::simulator::SimConfig::default()
         };
-        sim_tasks.push(tokio::spawn(serve(listener, sim_config, sim_stop.clone())));
+        sim_tasks.push(tokio::spawn((sim.serve)(
+            listener,
+            sim_config,
+            sim_stop.clone(),
+        )));
         let mut feed = FeedConfig::new(
-            venue,
+            *venue,
             symbols.clone(),
             vec![
                 FeedChannel::Trade,
                 FeedChannel::Ticker,
                 FeedChannel::Book,
-                FeedChannel::Candle(channels.to_string()),
+                FeedChannel::Candle(sim.demo_candle.to_string()),
             ],
         );
         feed.label = Some(Exchange::Sim);
-        if venue == Exchange::Binance {
-            feed.url = Some(format!("ws://{addr}/stream"));
-            feed.rest_url = Some(format!("http://{addr}"));
-        } else {
-            feed.url = Some(format!("ws://{addr}/"));
-        }
+        feed.url = Some(Simulator::at(sim.ws_url, &addr));
+        feed.rest_url = sim.rest_url.map(|r| Simulator::at(r, &addr));
         banner.push(format!("{venue}-format on {addr} ({})", symbols.join(", ")));
+        candles.push(format!("{venue}-format :{}", sim.demo_candle));
         feeds.push(feed);
     }
 
@@ -392,7 +391,10 @@ pub async fn run_demo(
     );
     println!("  bots:    ws://{bots_addr}   e.g. {{\"op\":\"subscribe\",\"channels\":[\"trade:sim:*\",\"book:sim:BTC-USDT\"]}}");
     println!("  status:  http://{http_addr}/ (live page)   metrics: http://{http_addr}/metrics   health: http://{http_addr}/health");
-    println!("  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:1m (Coinbase-format: :5m), status:sim");
+    println!(
+        "  channels: trade|ticker|book:sim:<SYMBOL>, candle:sim:<SYMBOL>:<interval> ({}), status:sim",
+        candles.join(", ")
+    );
     println!(
         "  watch:   {} --url ws://{bots_addr} 'trade:sim:BTC-USDT' 'book:sim:*'",
         options.watch_command

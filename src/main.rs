@@ -14,6 +14,7 @@ use tracing::error;
 use mdbridge::app::{self, DemoOptions, Listeners};
 use mdbridge::config::{Config, LogConfig, LogFormat, Role};
 use mdbridge::event::{valid_symbol, Exchange};
+use mdbridge::exchange::registry::Simulator;
 use mdbridge::simulator::{Faults, SimConfig};
 
 // Every event allocates a few small strings; glibc's malloc was a quarter of the
@@ -141,12 +142,11 @@ struct DemoArgs {
     /// Simulated market events (trades + depth updates) per second, over all symbols.
     #[arg(long, default_value_t = 100)]
     rate: u32,
-    /// Comma-separated symbols of the simulated Binance-format venue.
-    #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
-    symbols: Vec<String>,
-    /// Comma-separated products of the simulated Coinbase-format venue ("" for none).
-    #[arg(long, default_value = "BTC-USD,ETH-USD", value_delimiter = ',')]
-    coinbase_symbols: Vec<String>,
+    /// A venue to simulate, with its comma-separated symbols (default: the venue's demo
+    /// symbols); repeat for several. Without it, every simulated venue runs
+    /// (binance=BTC-USDT,ETH-USDT and coinbase=BTC-USD,ETH-USD).
+    #[arg(long = "venue", value_name = "NAME[=SYMBOLS]")]
+    venues: Vec<String>,
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 5)]
     summary_secs: u64,
@@ -287,15 +287,11 @@ fn run_role(role: Role, args: RoleArgs) -> ExitCode {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    if let Some(bad) = args
-        .symbols
-        .iter()
-        .chain(&args.coinbase_symbols)
-        .filter(|s| !s.is_empty())
-        .find(|s| !valid_symbol(s))
-    {
-        anyhow::bail!("--symbols: `{bad}` is not BASE-QUOTE in upper case (e.g. BTC-USDT)");
-    }
+    let venues = mdbridge::exchange::registry::demo_venues(&args.venues)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .into_iter()
+        .map(|(v, symbols)| (v.exchange, symbols))
+        .collect();
     let mut config = Config::default();
     config.bots.listen = args.listen.clone();
     config.http.listen = args.http.clone();
@@ -313,12 +309,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let options = DemoOptions {
-        symbols: args.symbols,
-        coinbase_symbols: args
-            .coinbase_symbols
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect(),
+        venues,
         rate: args.rate,
         summary_every: Duration::from_secs(args.summary_secs.max(1)),
         watch_command: watch_command(),
@@ -418,8 +409,8 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         .parse::<Exchange>()
         .ok()
         .and_then(mdbridge::exchange::registry::venue)
-        .and_then(|v| v.simulator.map(|serve| (v, serve)));
-    let Some((venue, serve)) = venue else {
+        .and_then(|v| v.simulator.as_ref().map(|sim| (v, sim)));
+    let Some((venue, sim)) = venue else {
         eprintln!(
             "mdbridge: --exchange {}: not simulated yet (available: {})",
             args.exchange,
@@ -438,7 +429,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
             println!(
                 "mdbridge simulate: {} on {}",
                 venue.exchange,
-                venue.simulator_paths.replace("{addr}", &addr)
+                Simulator::at(sim.paths, &addr)
             );
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -452,7 +443,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
                     malformed_every_frames: args.fault_malformed_every,
                 },
             };
-            serve(listener, config, shutdown).await?;
+            (sim.serve)(listener, config, shutdown).await?;
             Ok(())
         })
     }))

@@ -37,7 +37,7 @@
 //!   snapshot in the middle of a chain) and its trades lose
 //!   none (by the venue's trade-id rule). At the switch the held items are replayed
 //!   through the books and the trade de-duplication; books not yet live start over. The
-//!   old socket is then closed. No status event is emitted;
+//!   old socket is then sent the venue's unsubscribe requests and closed. No status event is emitted;
 //!   `exchange_reconnects_total{reason="rotate"}` counts it.
 //! - A venue that numbers the messages of a connection (Coinbase `sequence_num`): a gap
 //!   ends the connection (`sequence_gap`) and every book it carried resyncs; a
@@ -239,7 +239,12 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let exchange = adapter.exchange();
     let books = if feed.channels.contains(&FeedChannel::Book) {
-        FeedBooks::new(exchange, &feed.symbols, adapter.book_sync())
+        FeedBooks::new(
+            exchange,
+            &feed.symbols,
+            adapter.book_sync(),
+            adapter.book_checksum(),
+        )
     } else {
         FeedBooks::default()
     };
@@ -481,7 +486,7 @@ impl Feed {
                             let _ = self.emit_all(std::mem::take(&mut out)).await;
                             return lost(ConnError::ServerShutdown, true, sock.subscribed);
                         }
-                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book(_)) {
+                        if matches!(item, Parsed::Event(_) | Parsed::Diff(_) | Parsed::Book { .. }) {
                             flowing = true;
                         }
                         self.handle(item, &mut sock, &mut out, &mut fetches, &snap_tx);

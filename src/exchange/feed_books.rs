@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use super::ws_book::{Outcome, WsBookSync};
-use super::{BookSync, BookSyncMode};
+use super::{BookChecksum, BookSync, BookSyncMode};
 use crate::event::{Event, Exchange};
 
 /// One book of a feed.
@@ -49,8 +49,14 @@ pub struct FeedBooks {
 }
 
 impl FeedBooks {
-    /// One book per symbol, synchronised by `mode`.
-    pub fn new(exchange: Exchange, symbols: &[String], mode: BookSyncMode) -> FeedBooks {
+    /// One book per symbol, synchronised by `mode` (WebSocket books verified by
+    /// `checksum`, when the venue has one).
+    pub fn new(
+        exchange: Exchange,
+        symbols: &[String],
+        mode: BookSyncMode,
+        checksum: Option<BookChecksum>,
+    ) -> FeedBooks {
         let books = symbols
             .iter()
             .map(|s| {
@@ -58,7 +64,9 @@ impl FeedBooks {
                     BookSyncMode::RestSnapshot => {
                         FeedBook::Rest(BookSync::new(exchange, s.clone()))
                     }
-                    BookSyncMode::WsSnapshot => FeedBook::Ws(WsBookSync::new(exchange, s.clone())),
+                    BookSyncMode::WsSnapshot => {
+                        FeedBook::Ws(WsBookSync::new(exchange, s.clone()).with_checksum(checksum))
+                    }
                 };
                 (s.clone(), book)
             })
@@ -73,10 +81,16 @@ impl FeedBooks {
         }
     }
 
-    /// A WebSocket book message for `symbol`; None when the feed has no such book.
-    pub fn ws(&mut self, msg: crate::event::Book, out: &mut Vec<Event>) -> Option<Outcome> {
+    /// A WebSocket book message (with the venue's checksum, if any) for its symbol; None
+    /// when the feed has no such book.
+    pub fn ws(
+        &mut self,
+        msg: crate::event::Book,
+        checksum: Option<u32>,
+        out: &mut Vec<Event>,
+    ) -> Option<Outcome> {
         match self.books.get_mut(&msg.symbol) {
-            Some(FeedBook::Ws(b)) => Some(b.on_book(msg, out)),
+            Some(FeedBook::Ws(b)) => Some(b.on_book_checked(msg, checksum, out)),
             _ => None,
         }
     }

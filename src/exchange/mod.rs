@@ -14,9 +14,7 @@
 //! This module never imports `bus` or `gateway`: events leave through a bounded
 //! `tokio::sync::mpsc::Sender<Event>` owned by `app`.
 
-pub mod binance;
 pub mod book_sync;
-pub mod coinbase;
 pub mod connection;
 mod feed_books;
 pub mod registry;
@@ -124,21 +122,63 @@ pub enum Parsed {
     Event(Event),
     /// A raw order-book diff for the synchroniser (or, in `normalize`, a stateless delta).
     Diff(BookDiff),
-    /// A request was accepted (`{"result":null,"id":1}`): a control frame, no event.
-    Ack { id: Option<u64> },
+    /// A request was accepted (Binance `{"result":null,"id":1}`): a control frame, no
+    /// event. `id` is the key the request was sent under ([`Adapter::subscribe_frames`]);
+    /// None when the answer names no request (then every request counts as answered).
+    Ack { id: Option<AckId> },
     /// A request was refused (`{"error":{...},"id":1}`): becomes a `status` `error` event.
-    Refused { id: Option<u64>, detail: String },
+    Refused { id: Option<AckId>, detail: String },
     /// The exchange announced it will close the connection soon: reconnect now.
     ServerShutdown,
     /// A book message of a venue that sends its snapshots on the WebSocket
     /// ([`BookSyncMode::WsSnapshot`]): `action` says snapshot or update, sizes are absolute,
     /// `seq`/`prev_seq` carry the venue's own per-book sequence when it has one (Coinbase:
     /// none, its sequence numbers the connection). [`ws_book::WsBookSync`] chains them.
-    Book(Book),
+    /// `checksum` is the venue's checksum of the book once this message is applied (Kraken,
+    /// OKX: CRC32 of the top levels; an OKX signed value is cast), checked by
+    /// [`Adapter::book_checksum`]; None when the venue sends none.
+    Book { book: Book, checksum: Option<u32> },
     /// The number the venue gave this message on this connection (Coinbase
     /// `sequence_num`): the connection checks they follow each other; a gap means every
     /// book the socket carries lost updates.
     Sequence(u64),
+}
+
+/// What a venue's answer names to say which request it answers: Binance a number it
+/// echoes (`"id":1`), OKX or Bybit a string they echo (`"id":"1a"`, `"req_id":"t1"`),
+/// Coinbase the channel it subscribed (`level2`). The adapter picks the key when it writes
+/// the request and reads the same key back from the answer; nothing else interprets it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AckId {
+    Num(u64),
+    Text(String),
+}
+
+impl From<u64> for AckId {
+    fn from(n: u64) -> AckId {
+        AckId::Num(n)
+    }
+}
+
+impl From<&str> for AckId {
+    fn from(s: &str) -> AckId {
+        AckId::Text(s.to_string())
+    }
+}
+
+impl From<String> for AckId {
+    fn from(s: String) -> AckId {
+        AckId::Text(s)
+    }
+}
+
+impl std::fmt::Display for AckId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AckId::Num(n) => write!(f, "{n}"),
+            AckId::Text(s) => f.write_str(s),
+        }
+    }
 }
 
 /// How a venue's order books are synchronised.
@@ -149,6 +189,10 @@ pub enum BookSyncMode {
     /// Snapshot and updates both on the WebSocket ([`ws_book::WsBookSync`], Coinbase).
     WsSnapshot,
 }
+
+/// A venue's check of a WebSocket-snapshot book against the checksum of the message just
+/// applied (see [`Adapter::book_checksum`]): true when they agree. Plain data in, no I/O.
+pub type BookChecksum = fn(&crate::book::OrderBook, u32) -> bool;
 
 /// Who keeps a quiet connection alive, and how. Any frame at all feeds the stale timer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +249,12 @@ pub trait Adapter: Send + Sync {
     fn book_sync(&self) -> BookSyncMode {
         BookSyncMode::RestSnapshot
     }
+    /// How this venue's WebSocket-snapshot books are verified, if it sends checksums
+    /// ([`Parsed::Book`] `checksum`): called after each applied snapshot or update with the
+    /// book; a mismatch is handled like a gap (`resync`, then a fresh snapshot).
+    fn book_checksum(&self) -> Option<BookChecksum> {
+        None
+    }
     /// How this venue's trades are told apart.
     fn trade_ids(&self) -> TradeIds {
         TradeIds::Increasing
@@ -218,9 +268,24 @@ pub trait Adapter: Send + Sync {
     fn max_connection_lifetime(&self) -> Option<std::time::Duration> {
         None
     }
-    /// Text frames to send after connecting, in order. Each one is a request that the
-    /// exchange acknowledges with [`Parsed::Ack`] carrying the returned id.
-    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)>;
+    /// Text frames to send after connecting, in order, each under the key its answer
+    /// names ([`Parsed::Ack`] / [`Parsed::Refused`] carry it back; any [`AckId`]).
+    fn subscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)>;
+    /// The frames that drop what [`Self::subscribe_frames`] asked for, keyed the same way
+    /// (Binance `UNSUBSCRIBE`, Coinbase `unsubscribe`). Sent on a socket the feed lets go
+    /// (the old one at a rotation's cut-over) before it is closed, so the venue stops
+    /// sending at once; their answers are not awaited. Empty: closing is enough.
+    fn unsubscribe_frames(
+        &self,
+        _symbols: &[String],
+        _channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        Vec::new()
+    }
     /// Parses one frame. `frame` is a scratch buffer the parser may modify in place
     /// (simd-json unescapes into it); `ts_recv` is when the frame was read off the socket.
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError>;
@@ -375,7 +440,7 @@ pub struct NormalizeStats {
 ///
 /// Book diffs become `delta` events with `seq` = the exchange's final update id and
 /// `prev_seq` = its first update id − 1 (Binance `u` and `U - 1`). Symbols are mapped
-/// without config by splitting off a known quote asset (see [`binance::split_symbol`]).
+/// without config by splitting off a known quote asset (see [`registry::binance::split_symbol`]).
 /// Blank lines are counted but produce nothing. Errors only for I/O failures or an
 /// exchange without an adapter.
 pub fn normalize(
@@ -409,7 +474,7 @@ pub fn normalize(
                     let event = match p {
                         Parsed::Event(e) => e,
                         Parsed::Diff(d) => Event::Book(d.into_stateless_delta()),
-                        Parsed::Book(b) => Event::Book(b),
+                        Parsed::Book { book, .. } => Event::Book(book),
                         Parsed::Ack { .. }
                         | Parsed::Refused { .. }
                         | Parsed::ServerShutdown

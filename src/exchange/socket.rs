@@ -16,9 +16,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::connection::ConnError;
+use super::AckId;
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest time spent sending unsubscribe requests on a socket being let go.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to open a socket: the venue's pacing and the feed's message size limit.
 #[derive(Debug, Clone)]
@@ -35,7 +38,7 @@ pub(super) struct OpenOptions {
 /// One open exchange socket and how far its subscription got.
 pub(super) struct Socket {
     pub(super) ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pending_acks: HashSet<u64>,
+    pending_acks: HashSet<AckId>,
     /// Every SUBSCRIBE request has been answered.
     pub(super) subscribed: bool,
     /// The exchange's reason for the first SUBSCRIBE it refused on this socket: the feed
@@ -52,7 +55,7 @@ impl Socket {
     /// Connects (bounded by [`CONNECT_TIMEOUT`]) and sends the SUBSCRIBE requests, paced.
     pub(super) async fn open(
         url: String,
-        requests: Vec<(u64, String)>,
+        requests: Vec<(AckId, String)>,
         options: OpenOptions,
     ) -> Result<Socket, ConnError> {
         let stale_after = options.stale_after;
@@ -71,7 +74,7 @@ impl Socket {
         };
         let mut sock = Socket {
             ws,
-            pending_acks: requests.iter().map(|(id, _)| *id).collect(),
+            pending_acks: requests.iter().map(|(id, _)| id.clone()).collect(),
             subscribed: requests.is_empty(),
             refused: None,
             stale_at: Instant::now() + stale_after,
@@ -91,7 +94,7 @@ impl Socket {
     }
 
     /// Counts an answer to a request; true when it was the last one missing.
-    pub(super) fn on_answer(&mut self, id: Option<u64>) -> bool {
+    pub(super) fn on_answer(&mut self, id: Option<AckId>) -> bool {
         if self.subscribed {
             return false;
         }
@@ -116,6 +119,24 @@ impl Socket {
             Some(expected) if expected != seq => Err((expected, seq)),
             _ => Ok(()),
         }
+    }
+
+    /// Sends the venue's unsubscribe `requests` (paced like the subscriptions, not awaited,
+    /// all within [`LEAVE_TIMEOUT`]), then [`Self::close`]s: the venue stops sending on a
+    /// socket the feed lets go before the socket is gone.
+    pub(super) async fn leave(mut self, requests: Vec<(AckId, String)>, pacing: Duration) {
+        let _ = timeout(LEAVE_TIMEOUT, async {
+            for (i, (_, text)) in requests.into_iter().enumerate() {
+                if i > 0 && !pacing.is_zero() {
+                    sleep(pacing).await;
+                }
+                if self.ws.send(Message::text(text)).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.close().await;
     }
 
     /// Closes with a Close frame and reads on (discarding) until the exchange answers it,

@@ -13,12 +13,17 @@
 //! - An update that does not chain onto the venue's per-book sequence, or that the book
 //!   refuses, emits `status` `resync` and asks the connection for a fresh snapshot
 //!   ([`Outcome::NeedSnapshot`]); nothing is emitted for the book until it arrives.
+//! - A venue that checksums its book (Kraken, OKX: CRC32 of the top levels) gives a
+//!   verifier ([`super::BookChecksum`]): after each applied snapshot or update it is called
+//!   with the book and the message's checksum, and a mismatch is a gap like any other
+//!   (`resync`, fresh snapshot); the message that broke the book is not emitted.
 //! - Snapshots are emitted from the [`OrderBook`] they were applied to, so each side is
 //!   listed best first whatever order the venue sent, with the venue's exact text.
 //!
 //! No I/O, no clock; the connection drives it and tests drive it directly.
 
 use super::book_sync::resync_event;
+use super::BookChecksum;
 use crate::book::OrderBook;
 use crate::event::{Book, BookAction, Event, Exchange};
 
@@ -43,6 +48,8 @@ pub struct WsBookSync {
     numbered: u64,
     /// The venue's own per-book sequence of the last applied message, where it has one.
     venue_seq: Option<u64>,
+    /// The venue's checksum verifier, if it sends checksums.
+    checksum: Option<BookChecksum>,
 }
 
 impl WsBookSync {
@@ -54,7 +61,15 @@ impl WsBookSync {
             live: None,
             numbered: 0,
             venue_seq: None,
+            checksum: None,
         }
+    }
+
+    /// Verifies every applied message that carries a checksum with `checksum` (None: the
+    /// venue sends none).
+    pub fn with_checksum(mut self, checksum: Option<BookChecksum>) -> WsBookSync {
+        self.checksum = checksum;
+        self
     }
 
     pub fn symbol(&self) -> &str {
@@ -76,13 +91,33 @@ impl WsBookSync {
 
     /// One venue book message (snapshot or update, absolute sizes); events go to `out`.
     pub fn on_book(&mut self, msg: Book, out: &mut Vec<Event>) -> Outcome {
+        self.on_book_checked(msg, None, out)
+    }
+
+    /// [`Self::on_book`] for a message carrying the venue's checksum of the book after it.
+    pub fn on_book_checked(
+        &mut self,
+        msg: Book,
+        checksum: Option<u32>,
+        out: &mut Vec<Event>,
+    ) -> Outcome {
         match msg.action {
-            BookAction::Snapshot => self.on_snapshot(msg, out),
-            BookAction::Delta => self.on_update(msg, out),
+            BookAction::Snapshot => self.on_snapshot(msg, checksum, out),
+            BookAction::Delta => self.on_update(msg, checksum, out),
         }
     }
 
-    fn on_snapshot(&mut self, msg: Book, out: &mut Vec<Event>) -> Outcome {
+    /// Why the book disagrees with the venue's checksum, if it does.
+    fn mismatch(&self, checksum: Option<u32>) -> Option<String> {
+        match (self.checksum, checksum) {
+            (Some(verify), Some(sum)) if !verify(&self.book, sum) => {
+                Some(format!("checksum mismatch: the venue says {sum}"))
+            }
+            _ => None,
+        }
+    }
+
+    fn on_snapshot(&mut self, msg: Book, checksum: Option<u32>, out: &mut Vec<Event>) -> Outcome {
         let venue_seq = msg.seq;
         let numbered = Book {
             seq: Some(self.numbered + 1),
@@ -92,6 +127,9 @@ impl WsBookSync {
         if let Err(e) = self.book.reset(&numbered) {
             return self.resync(format!("invalid snapshot: {e}"), out);
         }
+        if let Some(why) = self.mismatch(checksum) {
+            return self.resync(format!("snapshot: {why}"), out);
+        }
         self.numbered += 1;
         self.live = Some(self.numbered);
         self.venue_seq = venue_seq;
@@ -99,7 +137,7 @@ impl WsBookSync {
         Outcome::Ok
     }
 
-    fn on_update(&mut self, msg: Book, out: &mut Vec<Event>) -> Outcome {
+    fn on_update(&mut self, msg: Book, checksum: Option<u32>, out: &mut Vec<Event>) -> Outcome {
         let Some(last) = self.live else {
             return Outcome::Ok; // before the snapshot: covered by it
         };
@@ -117,6 +155,9 @@ impl WsBookSync {
         };
         if let Err(e) = self.book.apply(&delta) {
             return self.resync(format!("invalid update: {e}"), out);
+        }
+        if let Some(why) = self.mismatch(checksum) {
+            return self.resync(why, out);
         }
         self.numbered += 1;
         self.live = Some(self.numbered);

@@ -12,21 +12,22 @@
 //!   so the model is exact and deterministic; front-ends only *render* them.
 //!
 //! Each venue adds only a front-end: its wire rendering, subscribe protocol and
-//! heartbeat ([`binance`], [`coinbase`]); the model lives here, the market loop, the
-//! drop fault and serving in [`runtime`], the `/_sim/` control API in [`control`].
+//! heartbeat, kept with the venue's other files and named by its registry entry
+//! (`crate::exchange::registry::<venue>::simulator`); the model lives here, the market
+//! loop, the drop fault and serving in [`runtime`], the `/_sim/` control API in
+//! [`control`], all `pub(crate)` for those front-ends.
 
-mod binance;
-mod coinbase;
-mod control;
-mod runtime;
+pub(crate) mod control;
+pub(crate) mod runtime;
 
 use std::collections::BTreeMap;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-pub use binance::serve_binance;
-pub use coinbase::serve_coinbase;
+/// The venues' own simulators, under their names of before the registry held them.
+pub use crate::exchange::registry::binance::simulator::serve_binance;
+pub use crate::exchange::registry::coinbase::simulator::serve_coinbase;
 pub(crate) use runtime::{lock, now_ms};
 
 /// Simulator configuration.

@@ -137,9 +137,9 @@ impl Feed {
                     out.push(e);
                 }
             }
-            Parsed::Book(b) => {
-                let symbol = b.symbol.clone();
-                match self.books.ws(b, out) {
+            Parsed::Book { book, checksum } => {
+                let symbol = book.symbol.clone();
+                match self.books.ws(book, checksum, out) {
                     Some(Outcome::Ok) => {}
                     Some(Outcome::NeedSnapshot(why)) => {
                         self.need_snapshot.get_or_insert(format!("{symbol}: {why}"));
@@ -161,7 +161,8 @@ impl Feed {
                     self.invalid_frame(&why, d.symbol.as_bytes());
                 }
             },
-            Parsed::Ack { id } | Parsed::Refused { id, .. } if !sock.subscribed => {
+            Parsed::Ack { ref id } | Parsed::Refused { ref id, .. } if !sock.subscribed => {
+                let id = id.clone();
                 if let Parsed::Refused { detail, .. } = &item {
                     error!(exchange = %self.exchange, url = %self.ws_url, %detail, "the exchange refused a subscription: the feed is unhealthy");
                     metrics::exchange_subscribe_refused(self.exchange);

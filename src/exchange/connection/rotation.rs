@@ -1,7 +1,8 @@
 //! Make-before-break rotation of a feed's socket: the second socket's state while both are
 //! read ([`Overlap`]), when it may take over ([`Feed::ready_to_switch`]) and the switch
 //! itself. What "continues a book" means is asked of the books ([`FeedBook`]) and of the
-//! trade de-duplication, never decided here by venue.
+//! trade de-duplication, never decided here by venue. At the cut-over the old socket is sent
+//! the venue's unsubscribe requests, then closed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -94,8 +95,11 @@ impl Feed {
         snap_tx: &mpsc::Sender<SnapshotResult>,
     ) {
         let old = std::mem::replace(sock, new.sock);
-        // Closed aside: the new socket is read meanwhile.
-        tokio::spawn(old.close());
+        // Unsubscribed and closed aside: the new socket is read meanwhile.
+        let bye = self
+            .adapter
+            .unsubscribe_frames(&self.symbols, &self.channels);
+        tokio::spawn(old.leave(bye, self.adapter.subscribe_pacing()));
         self.books.continue_on_new_stream(out);
         let replayed = new.buffered.len();
         for item in new.buffered {
@@ -128,7 +132,7 @@ impl Feed {
     ) -> Result<(), String> {
         for item in parsed {
             match item {
-                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book(_) => {
+                Parsed::Event(Event::Trade(_)) | Parsed::Diff(_) | Parsed::Book { .. } => {
                     if o.buffered.len() >= ROTATE_BUFFER {
                         return Err(format!(
                             "more than {ROTATE_BUFFER} events before the switch"
@@ -140,7 +144,7 @@ impl Feed {
                                 .entry(d.symbol.clone())
                                 .or_insert(d.first_update_id);
                         }
-                        Parsed::Book(b) if b.action == BookAction::Snapshot => {
+                        Parsed::Book { book: b, .. } if b.action == BookAction::Snapshot => {
                             o.ws_snapshots.insert(b.symbol.clone());
                         }
                         Parsed::Event(Event::Trade(t)) => {

@@ -1,6 +1,7 @@
 //! Unit tests of `ws_book`: the host's numbering, resyncs, and what a bot rebuilds.
 
 use super::*;
+use crate::book::OrderBook;
 use crate::event::Level;
 
 const X: Exchange = Exchange::Coinbase;
@@ -143,4 +144,50 @@ fn a_venue_per_book_sequence_is_checked() {
         seqs(&out),
         ["Snapshot Some(1) None", "Delta Some(2) Some(1)", "Resync"]
     );
+}
+
+/// A made-up venue checksum: the number of levels on both sides.
+fn level_count(book: &OrderBook, sum: u32) -> bool {
+    (book.bids().count() + book.asks().count()) as u64 == u64::from(sum)
+}
+
+#[test]
+fn a_checksum_mismatch_resyncs_and_never_emits_the_broken_message() {
+    let mut s = WsBookSync::new(X, "BTC-USD").with_checksum(Some(level_count));
+    let mut out = Vec::new();
+    let snap = || msg(BookAction::Snapshot, vec![lv("1", "1")], vec![lv("2", "1")]);
+    // A snapshot that disagrees with its checksum is not emitted: nothing was live yet.
+    let r = s.on_book_checked(snap(), Some(5), &mut out);
+    assert!(matches!(r, Outcome::NeedSnapshot(_)), "{r:?}");
+    assert!(out.is_empty());
+    assert_eq!(s.on_book_checked(snap(), Some(2), &mut out), Outcome::Ok);
+    let add = || msg(BookAction::Delta, vec![lv("0.5", "1")], vec![]);
+    assert_eq!(s.on_book_checked(add(), Some(3), &mut out), Outcome::Ok);
+    // No checksum on the message: nothing to check.
+    assert_eq!(
+        s.on_book(
+            msg(BookAction::Delta, vec![lv("0.4", "1")], vec![]),
+            &mut out
+        ),
+        Outcome::Ok
+    );
+    let r = s.on_book_checked(
+        msg(BookAction::Delta, vec![lv("0.3", "1")], vec![]),
+        Some(99),
+        &mut out,
+    );
+    let Outcome::NeedSnapshot(why) = r else {
+        panic!("{r:?}")
+    };
+    assert!(why.contains("checksum mismatch"), "{why}");
+    assert_eq!(
+        seqs(&out),
+        [
+            "Snapshot Some(1) None",
+            "Delta Some(2) Some(1)",
+            "Delta Some(3) Some(2)",
+            "Resync"
+        ]
+    );
+    assert!(!s.is_live());
 }

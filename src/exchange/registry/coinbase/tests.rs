@@ -72,8 +72,18 @@ fn snapshot_trade_batches_come_out_oldest_first() {
 #[test]
 fn subscriptions_answer_the_requests_of_the_channels_they_list() {
     let acks: Vec<Parsed> = parse("subscriptions.json").into_iter().skip(1).collect();
-    assert!(acks.contains(&Parsed::Ack { id: Some(2) }), "level2");
-    assert!(acks.contains(&Parsed::Ack { id: Some(1) }), "heartbeats");
+    assert!(
+        acks.contains(&Parsed::Ack {
+            id: Some("level2".into())
+        }),
+        "level2"
+    );
+    assert!(
+        acks.contains(&Parsed::Ack {
+            id: Some("heartbeats".into())
+        }),
+        "heartbeats"
+    );
     assert_eq!(acks.len(), 2);
     let refused = parse("error.json");
     let [Parsed::Refused { id: None, detail }] = refused.as_slice() else {
@@ -94,8 +104,11 @@ fn subscribe_requests_one_channel_each_with_heartbeats_and_status() {
             FeedChannel::Candle("5m".into()),
         ],
     );
-    let ids: Vec<u64> = frames.iter().map(|(id, _)| *id).collect();
-    assert_eq!(ids, [1, 2, 3, 5, 6]);
+    let ids: Vec<String> = frames.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(
+        ids,
+        ["heartbeats", "level2", "market_trades", "candles", "status"]
+    );
     let level2: serde_json::Value = serde_json::from_str(&frames[1].1).unwrap();
     assert_eq!(
         level2,
@@ -169,4 +182,20 @@ fn fast_and_general_paths_agree() {
     let mut cut = fixture("frames.jsonl");
     cut.truncate(60);
     assert!(adapter.parse(&mut cut, TS_RECV).is_err());
+}
+
+#[test]
+fn unsubscribe_requests_mirror_the_subscriptions() {
+    // Advanced Trade WebSocket Overview, "Unsubscribing": the same structure as subscribe,
+    // one channel per message: {"type":"unsubscribe","product_ids":["ETH-USD","ETH-EUR"],"channel":"level2"}.
+    let adapter = CoinbaseAdapter::new(Exchange::Coinbase, &[]);
+    let symbols = ["ETH-USD".to_string(), "ETH-EUR".to_string()];
+    let frames = adapter.unsubscribe_frames(&symbols, &[FeedChannel::Book]);
+    let keys: Vec<String> = frames.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(keys, ["heartbeats", "level2", "status"]);
+    let level2: serde_json::Value = serde_json::from_str(&frames[1].1).unwrap();
+    assert_eq!(
+        level2,
+        serde_json::json!({"type":"unsubscribe","product_ids":["ETH-USD","ETH-EUR"],"channel":"level2"})
+    );
 }

@@ -194,13 +194,15 @@ fn depth_update_from_docs_is_a_diff_and_a_stateless_delta() {
 fn control_frames_produce_no_events() {
     assert_eq!(
         parse_fixture("subscribe_ack.json").unwrap(),
-        vec![Parsed::Ack { id: Some(1) }]
+        vec![Parsed::Ack {
+            id: Some(AckId::Num(1))
+        }]
     );
     let refused = parse_fixture("subscribe_error.json").unwrap();
     let [Parsed::Refused { id, detail }] = refused.as_slice() else {
         panic!("{refused:?}")
     };
-    assert_eq!(*id, Some(1));
+    assert_eq!(*id, Some(AckId::Num(1)));
     assert!(
         detail.starts_with("request 1 refused: code 2: Invalid request"),
         "{detail}"
@@ -283,8 +285,8 @@ fn subscribe_frames_name_streams_in_lower_case() {
     let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
     let frames = adapter.subscribe_frames(&many, &[FeedChannel::Trade]);
     assert_eq!(
-        frames.iter().map(|f| f.0).collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        frames.iter().map(|f| f.0.clone()).collect::<Vec<_>>(),
+        vec![AckId::Num(1), AckId::Num(2), AckId::Num(3)]
     );
 }
 
@@ -330,4 +332,34 @@ fn normalize_fixture_stream() {
     assert_eq!(events[3]["action"], "delta");
     assert_eq!(events[2]["ts"], serde_json::Value::Null);
     assert_eq!(events[2]["last"], serde_json::Value::Null);
+}
+
+#[test]
+fn unsubscribe_frames_mirror_the_subscriptions() {
+    // web-socket-streams.md, "Unsubscribe to a stream":
+    // {"method":"UNSUBSCRIBE","params":["btcusdt@depth"],"id":312} → {"result":null,"id":312}
+    let adapter = BinanceAdapter::new(Exchange::Binance, &[]);
+    let frames = adapter.unsubscribe_frames(&["BTC-USDT".into()], &[FeedChannel::Book]);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, AckId::Num(1));
+    let v: serde_json::Value = serde_json::from_str(&frames[0].1).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"method":"UNSUBSCRIBE","params":["btcusdt@depth@100ms"],"id":1})
+    );
+    let many: Vec<String> = (0..450).map(|i| format!("A{i}-USDT")).collect();
+    assert_eq!(
+        adapter
+            .unsubscribe_frames(&many, &[FeedChannel::Trade])
+            .len(),
+        3,
+        "chunked like the subscriptions"
+    );
+    let mut answer = br#"{"result":null,"id":312}"#.to_vec();
+    assert_eq!(
+        adapter.parse(&mut answer, TS_RECV).unwrap(),
+        vec![Parsed::Ack {
+            id: Some(AckId::Num(312))
+        }]
+    );
 }

@@ -16,7 +16,7 @@
 //! Deliberate simplifications: no JWT; a connection that sends no subscribe within 5 s is
 //! closed, as documented; `status` lists every subscribed product `online` once.
 //!
-//! Faults (venue-neutral switches of [`super::Faults`] and `/_sim/`): drop every
+//! Faults (venue-neutral switches of [`crate::simulator::Faults`] and `/_sim/`): drop every
 //! connection, skip one `sequence_num` on every connection, send one malformed message.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -38,9 +38,11 @@ use tokio_util::task::TaskTracker;
 
 mod connection;
 
-use super::control::Control;
-use super::runtime::{self, Ticking};
-use super::{lock, now_ms, Market, Price, Qty, SimConfig, KLINE_INTERVALS, PRICE_DECIMALS};
+use crate::simulator::control::Control;
+use crate::simulator::runtime::{self, Ticking};
+use crate::simulator::{
+    lock, now_ms, Market, Price, Qty, SimConfig, KLINE_INTERVALS, PRICE_DECIMALS,
+};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(5);
@@ -168,7 +170,7 @@ fn render_l2<'a>(
     s
 }
 
-fn render_trade(product: &str, time: &str, t: &super::Trade) -> String {
+fn render_trade(product: &str, time: &str, t: &crate::simulator::Trade) -> String {
     // The docs' `side` is the maker's: the buyer made the market when the taker sold.
     let maker = if t.buyer_is_maker { "BUY" } else { "SELL" };
     let mut s = format!(
@@ -206,7 +208,7 @@ fn render_ticker(kind: &str, product: &str, m: &Market) -> String {
     s
 }
 
-fn render_candle(product: &str, c: &super::Candle) -> String {
+fn render_candle(product: &str, c: &crate::simulator::Candle) -> String {
     let mut s = format!(
         r#"[{{"type":"update","candles":[{{"start":"{}","high":""#,
         c.start / 1000
@@ -285,8 +287,8 @@ impl Shared {
 }
 
 impl Ticking for Shared {
-    fn pace(&self) -> super::runtime::Pace<'_> {
-        super::runtime::Pace {
+    fn pace(&self) -> crate::simulator::runtime::Pace<'_> {
+        crate::simulator::runtime::Pace {
             config: &self.config,
             shutdown: &self.shutdown,
             paused: &self.paused,
@@ -420,7 +422,7 @@ pub async fn serve_coinbase(
     let app = Router::new()
         .route("/", get(ws))
         .with_state(shared.clone())
-        .merge(super::control::routes(shared.clone()));
+        .merge(crate::simulator::control::routes(shared.clone()));
     tracing::info!(addr = ?listener.local_addr().ok(), products = shared.products.len(), "coinbase simulator listening");
     runtime::serve_until(listener, app, shutdown, &shared.tracker).await
 }

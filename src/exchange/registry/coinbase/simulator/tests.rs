@@ -21,7 +21,7 @@ fn level2_and_trades_render_the_documented_fields() {
             {"side":"bid","event_time":"t","price_level":"21921.73","new_quantity":"0.06317902"},
             {"side":"offer","event_time":"t","price_level":"21922.00","new_quantity":"0.00000000"}]}])
     );
-    let trade = super::super::Trade {
+    let trade = crate::simulator::Trade {
         id: 7,
         price: 126_001,
         qty: 30_000_000,
@@ -52,7 +52,7 @@ async fn periodic_faults_skip_sequence_numbers_and_send_garbage() {
         symbols: vec!["BTC-USD".into()],
         rate: 400,
         seed: 1,
-        faults: super::super::Faults {
+        faults: crate::simulator::Faults {
             drop_every_secs: None,
             gap_every_updates: Some(5),
             malformed_every_frames: Some(7),

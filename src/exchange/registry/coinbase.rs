@@ -12,7 +12,7 @@
 //! to the connection as [`Parsed::Sequence`], which treats a gap as the loss of every book
 //! on that socket. Books come as `l2_data` events of type `snapshot`, then `update`, with
 //! absolute quantities (`new_quantity`, `"0"` removes the level), sides `bid`/`offer`; they
-//! become [`Parsed::Book`] with no sequence of their own ([`super::ws_book`] numbers them).
+//! become [`Parsed::Book`] with no sequence of their own ([`crate::exchange::ws_book`] numbers them).
 //!
 //! Mapping decisions:
 //! - `market_trades` `side` is the **maker's** side (the docs' definition): the bridge's
@@ -26,7 +26,7 @@
 //!   the bucket has ended by the message's `timestamp` (the channel sends no flag).
 //! - `status`: a product whose `status` is not `online` becomes a `status` `error` event
 //!   naming it (`ts`: the message `timestamp`); online products produce nothing.
-//! - Times are RFC 3339 with nanoseconds, truncated to µs ([`super::wire_time`]).
+//! - Times are RFC 3339 with nanoseconds, truncated to µs ([`crate::exchange::wire_time`]).
 //!
 //! This file knows nothing about sockets or book state.
 
@@ -36,11 +36,13 @@ use serde::Deserialize;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-use super::wire_time::rfc3339_micros;
-use super::{levels, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds};
 use crate::config::FeedChannel;
 use crate::event::{
     Book, BookAction, Candle, Event, Exchange, Side, Status, StatusState, Ticker, Trade,
+};
+use crate::exchange::wire_time::rfc3339_micros;
+use crate::exchange::{
+    levels, AckId, Adapter, BookSyncMode, Heartbeat, ParseError, Parsed, TradeIds,
 };
 
 /// Public market data endpoint (no API key for these channels).
@@ -51,24 +53,21 @@ const CANDLE_SECONDS: u64 = 300;
 /// Our pacing of subscribe requests (one per channel; the first must arrive within 5 s).
 const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The channels we subscribe to, with the request id we give each one (the answer, a
-/// `subscriptions` message, names channels, not requests).
-const CHANNEL_IDS: [(&str, u64); 6] = [
-    ("heartbeats", 1),
-    ("level2", 2),
-    ("market_trades", 3),
-    ("ticker", 4),
-    ("candles", 5),
-    ("status", 6),
+/// The channels we subscribe to, in this order; each request is keyed by its channel
+/// name, which is what the answer (a `subscriptions` message) lists.
+const CHANNELS: [&str; 6] = [
+    "heartbeats",
+    "level2",
+    "market_trades",
+    "ticker",
+    "candles",
+    "status",
 ];
 
-fn channel_id(name: &str) -> Option<u64> {
-    // `l2_data` is how level2 messages name their channel.
-    let name = if name == "l2_data" { "level2" } else { name };
-    CHANNEL_IDS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, id)| *id)
+/// The request key of a channel named in an answer (`l2_data` is how level2 messages name
+/// their channel).
+fn channel_key(name: &str) -> AckId {
+    AckId::from(if name == "l2_data" { "level2" } else { name })
 }
 
 /// The Coinbase Advanced Trade adapter.
@@ -237,7 +236,7 @@ impl CoinbaseAdapter {
                 };
                 side.push((u.price_level, u.new_quantity));
             }
-            out.push(Parsed::Book(Book {
+            let book = Book {
                 exchange: self.label,
                 symbol: self.symbol(e.product_id)?,
                 ts: Some(ts),
@@ -247,7 +246,11 @@ impl CoinbaseAdapter {
                 asks: levels(asks),
                 seq: None,
                 prev_seq: None,
-            }));
+            };
+            out.push(Parsed::Book {
+                book,
+                checksum: None,
+            });
         }
         Ok(())
     }
@@ -380,9 +383,9 @@ impl CoinbaseAdapter {
         for e in events.into_iter().flatten() {
             if let Some(subs) = e.get("subscriptions").and_then(|s| s.as_object()) {
                 for name in subs.keys() {
-                    if let Some(id) = channel_id(name) {
-                        out.push(Parsed::Ack { id: Some(id) });
-                    }
+                    out.push(Parsed::Ack {
+                        id: Some(channel_key(name)),
+                    });
                 }
             }
         }
@@ -420,7 +423,7 @@ fn message<'a, E: Deserialize<'a>>(
     out: &mut Vec<Parsed>,
 ) -> Result<Message<'a, E>, ParseError> {
     let m: Message<'a, E> =
-        super::wire_json::from_slice(frame).map_err(|e| bad(kind, e.to_string()))?;
+        crate::exchange::wire_json::from_slice(frame).map_err(|e| bad(kind, e.to_string()))?;
     out.extend(m.sequence_num.map(Parsed::Sequence));
     Ok(m)
 }
@@ -453,6 +456,29 @@ impl CoinbaseAdapter {
     }
 }
 
+/// One `{"type":<kind>,"product_ids":[..],"channel":".."}` per channel the feed needs,
+/// keyed by the channel's name, `heartbeats` and `status` always.
+fn requests(kind: &str, symbols: &[String], channels: &[FeedChannel]) -> Vec<(AckId, String)> {
+    let mut wanted = vec!["heartbeats"];
+    for c in channels {
+        wanted.push(match c {
+            FeedChannel::Book => "level2",
+            FeedChannel::Trade => "market_trades",
+            FeedChannel::Ticker => "ticker",
+            FeedChannel::Candle(_) => "candles",
+        });
+    }
+    wanted.push("status");
+    CHANNELS
+        .iter()
+        .filter(|name| wanted.contains(name))
+        .map(|name| {
+            let frame = serde_json::json!({"type": kind, "product_ids": symbols, "channel": name});
+            (AckId::from(*name), frame.to_string())
+        })
+        .collect()
+}
+
 impl Adapter for CoinbaseAdapter {
     fn exchange(&self) -> Exchange {
         self.label
@@ -480,26 +506,22 @@ impl Adapter for CoinbaseAdapter {
 
     /// One `{"type":"subscribe","product_ids":[..],"channel":".."}` per channel (the venue
     /// takes one channel per request), `heartbeats` and `status` always.
-    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
-        let mut wanted = vec!["heartbeats"];
-        for c in channels {
-            wanted.push(match c {
-                FeedChannel::Book => "level2",
-                FeedChannel::Trade => "market_trades",
-                FeedChannel::Ticker => "ticker",
-                FeedChannel::Candle(_) => "candles",
-            });
-        }
-        wanted.push("status");
-        wanted.dedup();
-        CHANNEL_IDS
-            .iter()
-            .filter(|(name, _)| wanted.contains(name))
-            .map(|(name, id)| {
-                let frame = serde_json::json!({"type": "subscribe", "product_ids": symbols, "channel": name});
-                (*id, frame.to_string())
-            })
-            .collect()
+    fn subscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("subscribe", symbols, channels)
+    }
+
+    /// The same requests with `"type":"unsubscribe"` (answered by a `subscriptions`
+    /// message listing what is left).
+    fn unsubscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("unsubscribe", symbols, channels)
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
@@ -542,6 +564,10 @@ impl Adapter for CoinbaseAdapter {
         Ok(out)
     }
 }
+
+/// The simulated venue (`mdbridge simulate --exchange coinbase`), written from the same
+/// documentation and sharing no type with the adapter above.
+pub(crate) mod simulator;
 
 #[cfg(test)]
 mod tests;

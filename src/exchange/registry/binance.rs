@@ -25,11 +25,17 @@ use serde::Deserialize;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-use super::{
-    levels, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError, SnapshotFuture,
-};
 use crate::config::FeedChannel;
 use crate::event::{Candle, Decimal, Event, Exchange, Side, Ticker, Trade};
+use crate::exchange::{
+    levels, AckId, Adapter, BookDiff, BookSnapshot, ParseError, Parsed, SnapshotError,
+    SnapshotFuture,
+};
+
+mod wire;
+pub use wire::{
+    BookTickerWire, DepthSnapshotWire, DepthUpdateWire, KlineBody, KlineWire, TickerWire, TradeWire,
+};
 
 /// Public combined-stream endpoint; streams are added with live `SUBSCRIBE` requests.
 pub const DEFAULT_WS_URL: &str = "wss://stream.binance.com:9443/stream";
@@ -121,157 +127,6 @@ impl BinanceAdapter {
         }
         split_symbol(wire).ok_or_else(|| ParseError::UnknownSymbol(wire.to_string()))
     }
-}
-
-/// Trade stream `<symbol>@trade`.
-///
-/// ```json
-/// {"e":"trade","E":1672515782136,"s":"BNBBTC","t":12345,"p":"0.001","q":"100",
-///  "b":88,"a":50,"T":1672515782136,"m":true,"M":true}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#trade-streams>
-#[derive(Debug, Deserialize)]
-pub struct TradeWire<'a> {
-    #[serde(rename = "s")]
-    pub symbol: &'a str,
-    #[serde(rename = "t")]
-    pub trade_id: u64,
-    #[serde(rename = "p")]
-    pub price: &'a str,
-    #[serde(rename = "q")]
-    pub qty: &'a str,
-    #[serde(rename = "T")]
-    pub trade_time: u64,
-    /// Is the buyer the market maker? Then the taker sold.
-    #[serde(rename = "m")]
-    pub buyer_is_maker: bool,
-}
-
-/// Individual symbol ticker `<symbol>@ticker` (24 h rolling window).
-///
-/// ```json
-/// {"e":"24hrTicker","E":1672515782136,"s":"BNBBTC","p":"0.0015","P":"250.00","w":"0.0018",
-///  "x":"0.0009","c":"0.0025","Q":"10","b":"0.0024","B":"10","a":"0.0026","A":"100",
-///  "o":"0.0010","h":"0.0025","l":"0.0010","v":"10000","q":"18","O":0,"C":86400000,
-///  "F":0,"L":18150,"n":18151}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#individual-symbol-ticker-streams>
-#[derive(Debug, Deserialize)]
-pub struct TickerWire<'a> {
-    #[serde(rename = "E")]
-    pub event_time: u64,
-    #[serde(rename = "s")]
-    pub symbol: &'a str,
-    #[serde(rename = "c")]
-    pub last: &'a str,
-    #[serde(rename = "b")]
-    pub bid: &'a str,
-    #[serde(rename = "B")]
-    pub bid_qty: &'a str,
-    #[serde(rename = "a")]
-    pub ask: &'a str,
-    #[serde(rename = "A")]
-    pub ask_qty: &'a str,
-    /// Total traded base asset volume.
-    #[serde(rename = "v")]
-    pub volume: &'a str,
-}
-
-/// Book ticker `<symbol>@bookTicker` (no `e` field, no time).
-///
-/// ```json
-/// {"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000","a":"25.36520000","A":"40.66000000"}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#individual-symbol-book-ticker-streams>
-#[derive(Debug, Deserialize)]
-pub struct BookTickerWire<'a> {
-    #[serde(rename = "s")]
-    pub symbol: &'a str,
-    #[serde(rename = "b")]
-    pub bid: &'a str,
-    #[serde(rename = "B")]
-    pub bid_qty: &'a str,
-    #[serde(rename = "a")]
-    pub ask: &'a str,
-    #[serde(rename = "A")]
-    pub ask_qty: &'a str,
-}
-
-/// Diff. depth stream `<symbol>@depth@100ms`.
-///
-/// ```json
-/// {"e":"depthUpdate","E":1672515782136,"s":"BNBBTC","U":157,"u":160,
-///  "b":[["0.0024","10"]],"a":[["0.0026","100"]]}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#diff-depth-stream>
-#[derive(Debug, Deserialize)]
-pub struct DepthUpdateWire<'a> {
-    #[serde(rename = "E")]
-    pub event_time: u64,
-    #[serde(rename = "s")]
-    pub symbol: &'a str,
-    /// First update id in the event.
-    #[serde(rename = "U")]
-    pub first_update_id: u64,
-    /// Final update id in the event.
-    #[serde(rename = "u")]
-    pub final_update_id: u64,
-    #[serde(rename = "b", borrow)]
-    pub bids: Vec<(&'a str, &'a str)>,
-    #[serde(rename = "a", borrow)]
-    pub asks: Vec<(&'a str, &'a str)>,
-}
-
-/// Kline stream `<symbol>@kline_<interval>`.
-///
-/// ```json
-/// {"e":"kline","E":1672515782136,"s":"BNBBTC","k":{"t":1672515780000,"T":1672515839999,
-///  "s":"BNBBTC","i":"1m","f":100,"L":200,"o":"0.0010","c":"0.0020","h":"0.0025",
-///  "l":"0.0015","v":"1000","n":100,"x":false,"q":"1.0000","V":"500","Q":"0.500","B":"123456"}}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/web-socket-streams.md#klinecandlestick-streams-for-utc>
-#[derive(Debug, Deserialize)]
-pub struct KlineWire<'a> {
-    #[serde(rename = "E")]
-    pub event_time: u64,
-    #[serde(rename = "s")]
-    pub symbol: &'a str,
-    #[serde(rename = "k", borrow)]
-    pub kline: KlineBody<'a>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct KlineBody<'a> {
-    #[serde(rename = "t")]
-    pub start: u64,
-    #[serde(rename = "i")]
-    pub interval: &'a str,
-    #[serde(rename = "o")]
-    pub open: &'a str,
-    #[serde(rename = "h")]
-    pub high: &'a str,
-    #[serde(rename = "l")]
-    pub low: &'a str,
-    #[serde(rename = "c")]
-    pub close: &'a str,
-    #[serde(rename = "v")]
-    pub volume: &'a str,
-    #[serde(rename = "x")]
-    pub closed: bool,
-}
-
-/// REST order book `GET /api/v3/depth?symbol=BNBBTC&limit=1000`.
-///
-/// ```json
-/// {"lastUpdateId":1027024,"bids":[["4.00000000","431.00000000"]],"asks":[["4.00000200","12.00000000"]]}
-/// ```
-/// <https://github.com/binance/binance-spot-api-docs/blob/master/rest-api.md#order-book>
-#[derive(Debug, Deserialize)]
-pub struct DepthSnapshotWire {
-    #[serde(rename = "lastUpdateId")]
-    pub last_update_id: u64,
-    pub bids: Vec<(String, String)>,
-    pub asks: Vec<(String, String)>,
 }
 
 /// Parses a REST depth body for `symbol` (normalized) into a snapshot.
@@ -513,11 +368,11 @@ fn from_frame<'a, T: Deserialize<'a>>(
     kind: &'static str,
 ) -> Result<T, ParseError> {
     if combined {
-        super::wire_json::from_slice::<Combined<T>>(frame)
+        crate::exchange::wire_json::from_slice::<Combined<T>>(frame)
             .map(|c| c.data)
             .map_err(payload_err(kind))
     } else {
-        super::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
+        crate::exchange::wire_json::from_slice::<T>(frame).map_err(payload_err(kind))
     }
 }
 
@@ -530,11 +385,28 @@ fn from_value<'a, T: Deserialize<'a>>(
 
 /// `request 3`, or `a request` when the reply names none (bots read this text: no
 /// `Some(3)`).
-fn request_name(id: Option<u64>) -> String {
+fn request_name(id: Option<&AckId>) -> String {
     match id {
         Some(id) => format!("request {id}"),
         None => "a request".to_string(),
     }
+}
+
+/// Live `SUBSCRIBE` / `UNSUBSCRIBE` requests for the streams of `symbols` × `channels`, at
+/// most [`STREAMS_PER_REQUEST`] streams each, ids from 1.
+fn requests(method: &str, symbols: &[String], channels: &[FeedChannel]) -> Vec<(AckId, String)> {
+    let streams: Vec<String> = symbols
+        .iter()
+        .flat_map(|s| stream_names(s, channels))
+        .collect();
+    streams
+        .chunks(STREAMS_PER_REQUEST)
+        .zip(1u64..)
+        .map(|(chunk, id)| {
+            let frame = serde_json::json!({"method": method, "params": chunk, "id": id});
+            (AckId::Num(id), frame.to_string())
+        })
+        .collect()
 }
 
 impl Adapter for BinanceAdapter {
@@ -565,19 +437,22 @@ impl Adapter for BinanceAdapter {
 
     /// `{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`, at most
     /// [`STREAMS_PER_REQUEST`] streams each, ids from 1.
-    fn subscribe_frames(&self, symbols: &[String], channels: &[FeedChannel]) -> Vec<(u64, String)> {
-        let streams: Vec<String> = symbols
-            .iter()
-            .flat_map(|s| stream_names(s, channels))
-            .collect();
-        streams
-            .chunks(STREAMS_PER_REQUEST)
-            .zip(1u64..)
-            .map(|(chunk, id)| {
-                let frame = serde_json::json!({"method": "SUBSCRIBE", "params": chunk, "id": id});
-                (id, frame.to_string())
-            })
-            .collect()
+    fn subscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("SUBSCRIBE", symbols, channels)
+    }
+
+    /// `{"method":"UNSUBSCRIBE","params":["btcusdt@depth"],"id":312}`, chunked like the
+    /// subscriptions.
+    fn unsubscribe_frames(
+        &self,
+        symbols: &[String],
+        channels: &[FeedChannel],
+    ) -> Vec<(AckId, String)> {
+        requests("UNSUBSCRIBE", symbols, channels)
     }
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
@@ -588,7 +463,7 @@ impl Adapter for BinanceAdapter {
         if v.as_object().is_none() {
             return Err(ParseError::NotObject);
         }
-        let id = v.get("id").and_then(|i| i.as_u64());
+        let id = v.get("id").and_then(|i| i.as_u64()).map(AckId::Num);
         // Request replies: `{"result":null,"id":1}` / `{"error":{"code":2,"msg":".."},"id":1}`
         // (older docs: `{"code":2,"msg":"..","id":1}`).
         if let Some(err) = v.get("error") {
@@ -597,9 +472,9 @@ impl Adapter for BinanceAdapter {
                 err.get("msg").and_then(|m| m.as_str()),
             ) {
                 (Some(code), Some(msg)) => {
-                    format!("{} refused: code {code}: {msg}", request_name(id))
+                    format!("{} refused: code {code}: {msg}", request_name(id.as_ref()))
                 }
-                _ => format!("{} refused: {err}", request_name(id)),
+                _ => format!("{} refused: {err}", request_name(id.as_ref())),
             };
             return Ok(vec![Parsed::Refused { id, detail }]);
         }
@@ -610,10 +485,8 @@ impl Adapter for BinanceAdapter {
             v.get("code").and_then(|c| c.as_i64()),
             v.get("msg").and_then(|m| m.as_str()),
         ) {
-            return Ok(vec![Parsed::Refused {
-                id,
-                detail: format!("{} refused: code {code}: {msg}", request_name(id)),
-            }]);
+            let detail = format!("{} refused: code {code}: {msg}", request_name(id.as_ref()));
+            return Ok(vec![Parsed::Refused { id, detail }]);
         }
         // Combined stream: `{"stream":"btcusdt@trade","data":{...}}`; raw stream: the payload.
         match (v.get("stream"), v.get("data")) {
@@ -666,6 +539,10 @@ impl Adapter for BinanceAdapter {
         })
     }
 }
+
+/// The simulated venue (`mdbridge simulate --exchange binance`), written from the same
+/// documentation and sharing no type with the adapter above.
+pub(crate) mod simulator;
 
 #[cfg(test)]
 mod tests;
