@@ -161,6 +161,7 @@ pub const STREAM_REDELIVERIES_DROPPED: &str = "mdbridge_stream_redeliveries_drop
 pub const STREAM_APPENDED: &str = "mdbridge_stream_appended_total";
 pub const STREAM_BUFFERED_BYTES: &str = "mdbridge_stream_buffered_bytes";
 pub const STREAM_BUFFER_DROPPED: &str = "mdbridge_stream_buffer_dropped_total";
+pub const STREAM_PUBLISH_WAITS: &str = "mdbridge_stream_publish_waits_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its render handle.
 pub fn install() -> PrometheusHandle {
@@ -405,6 +406,10 @@ fn describe() {
         STREAM_BUFFER_DROPPED,
         "Durable envelopes dropped because the publisher's buffer was full (oldest first); announced as an error status."
     );
+    describe_counter!(
+        STREAM_PUBLISH_WAITS,
+        "Durable envelopes that waited for room in the publish queue (Redis appending slower than the feeds deliver) instead of being dropped."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
@@ -521,6 +526,7 @@ pub fn init() {
     counter!(STREAM_APPENDED).increment(0);
     gauge!(STREAM_BUFFERED_BYTES).set(0.0);
     counter!(STREAM_BUFFER_DROPPED).increment(0);
+    counter!(STREAM_PUBLISH_WAITS).increment(0);
 }
 
 /// What `/metrics` serves: the recorder's series, then the per-stream gauges
@@ -713,4 +719,7 @@ pub fn stream_buffered_bytes(bytes: u64) {
 }
 pub fn stream_buffer_dropped(n: u64) {
     counter!(STREAM_BUFFER_DROPPED).increment(n);
+}
+pub fn stream_publish_wait() {
+    counter!(STREAM_PUBLISH_WAITS).increment(1);
 }

@@ -94,6 +94,7 @@ use super::{backoff, Recovery, RedisFailure};
 use crate::book::OrderBook;
 use crate::bus::Bus;
 use crate::config::RedisConfig;
+use crate::durable::DurablePolicy;
 use crate::envelope::BusMessage;
 use crate::event::{now_micros, Book, BookAction, Channel, Event, EventType};
 use crate::health::HealthHandle;
@@ -107,6 +108,8 @@ pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 pub struct RedisPublisher {
     tx: mpsc::Sender<BusMessage>,
     books: SharedBooks,
+    /// Durable channels wait for room in the queue instead of being dropped.
+    durable: Arc<DurablePolicy>,
 }
 
 /// The books behind the `snapshot:` keys. Updated by `publish` *before* the queue, so an
@@ -140,6 +143,7 @@ impl RedisPublisher {
         let (tx, rx) = mpsc::channel(config.publish_queue_size.max(1));
         let books = SharedBooks::default();
         let writer_books = books.clone();
+        let durable = Arc::new(streams.policy.clone());
         let task = tokio::spawn(async move {
             match Target::new(&config, "publish") {
                 Ok(target) => {
@@ -155,7 +159,7 @@ impl RedisPublisher {
                 }
             }
         });
-        (RedisPublisher { tx, books }, task)
+        (RedisPublisher { tx, books, durable }, task)
     }
 }
 
@@ -166,6 +170,18 @@ impl Bus for RedisPublisher {
         }
         match self.tx.try_send(msg) {
             Ok(()) => {}
+            // Redis appends slower than the feeds deliver: a durable envelope is not
+            // dropped, the caller waits (and through its bounded queue, the exchange
+            // socket's reader). While Redis is down the writer keeps taking envelopes
+            // into its byte-bounded buffer, so this wait ends.
+            Err(mpsc::error::TrySendError::Full(msg))
+                if !self.durable.is_empty() && self.durable.is_durable(&msg.channel) =>
+            {
+                metrics::stream_publish_wait();
+                if self.tx.send(msg).await.is_err() {
+                    metrics::envelopes_publish_failed(1, "shutdown");
+                }
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::envelopes_publish_failed(1, "queue_full")
             }

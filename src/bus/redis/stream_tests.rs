@@ -610,3 +610,23 @@ async fn measure_append_rate_and_memory() {
         p.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_publish_queue_makes_durable_envelopes_wait_never_drop() {
+    let server = RedisTestServer::start();
+    // A one-envelope queue: almost every publish finds it full.
+    let config = RedisConfig {
+        publish_queue_size: 1,
+        ..redis_config(&server.url())
+    };
+    let mut p = start(config, setup(&[BTC], Vec::new(), 1 << 20)).await;
+    for n in 1..=3_000 {
+        p.publish(btc(n)).await;
+        // The same flood on a non-durable channel keeps pub/sub's rule: dropped, counted.
+        p.publish(trade(Exchange::Binance, "ETH-USDT", n)).await;
+    }
+    let conn = raw(&server.url()).await;
+    wait_seq(&conn, BTC, 3_000).await;
+    assert_eq!(seqs(&conn, BTC).await, (1..=3_000).collect::<Vec<u64>>());
+    p.stop().await;
+}
