@@ -53,9 +53,9 @@ async fn trades(bot: &mut Bot, n: usize, out: &mut Vec<Value>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_executor_killed_mid_stream_loses_nothing_for_a_bot_that_resumes_with_since() {
-    let redis = RedisServer::start();
+/// A simulator (400 events/s, BTC-USDT) and a healthy publisher of its trades with the
+/// `[durable]` section `durable`. Drop order: publisher, then simulator.
+async fn durable_publisher(redis: &RedisServer, durable: &str) -> (Proc, Proc) {
     let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
     let feed = sim_feed(
         sim.http.expect("port"),
@@ -66,11 +66,18 @@ async fn an_executor_killed_mid_stream_loses_nothing_for_a_bot_that_resumes_with
     let (ph, pb) = (free_port(), free_port());
     let mut publisher = Proc::role(
         "publisher",
-        &role_config(&redis.url(), ph, pb, &format!("{DURABLE}{feed}")),
+        &role_config(&redis.url(), ph, pb, &format!("{durable}{feed}")),
         ph,
         None,
     );
     publisher.wait_healthy().await;
+    (publisher, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_killed_mid_stream_loses_nothing_for_a_bot_that_resumes_with_since() {
+    let redis = RedisServer::start();
+    let (_publisher, _sim) = durable_publisher(&redis, DURABLE).await;
     let mut first = executor(&redis);
     first.wait_healthy().await;
 
@@ -138,7 +145,6 @@ async fn an_executor_killed_mid_stream_loses_nothing_for_a_bot_that_resumes_with
         );
         assert!(stream_id(pair[1]) > stream_id(pair[0]));
     }
-    drop(sim);
 }
 
 fn redis_xlen(redis: &RedisServer, channel: &str) -> u64 {
@@ -166,25 +172,11 @@ fn entries_added(redis: &RedisServer, channel: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_older_than_the_stream_is_history_truncated_then_live() {
     let redis = RedisServer::start();
-    let sim = Proc::simulator(&["--rate", "400", "--symbols", "BTC-USDT"]).await;
-    let feed = sim_feed(
-        sim.http.expect("port"),
-        "binance",
-        &["BTC-USDT"],
-        &["trade"],
-    );
     let capped = DURABLE.replace(
         "[durable]\n",
         "[durable]\nmaxlen = 50\napproximate = false\n",
     );
-    let (ph, pb) = (free_port(), free_port());
-    let mut publisher = Proc::role(
-        "publisher",
-        &role_config(&redis.url(), ph, pb, &format!("{capped}{feed}")),
-        ph,
-        None,
-    );
-    publisher.wait_healthy().await;
+    let (_publisher, _sim) = durable_publisher(&redis, &capped).await;
     let channel = "trade:binance:BTC-USDT";
     common::wait_until(
         "more than the cap appended, so the oldest are trimmed",
@@ -274,43 +266,6 @@ async fn a_hybrid_delivers_its_own_durable_trades_once_with_ids_and_the_rest_in_
     );
 }
 
-/// Appends trade `n` with the real append script (which also publishes it).
-async fn append_trade(conn: &mut redis::aio::MultiplexedConnection, src: uuid::Uuid, n: u64) {
-    use mdbridge::event::{now_micros, Event, Exchange, Side, Trade};
-    let now = now_micros();
-    let msg = mdbridge::envelope::BusMessage::encode(
-        src,
-        n,
-        now,
-        Event::Trade(Trade {
-            exchange: Exchange::Binance,
-            symbol: "BTC-USDT".into(),
-            ts: Some(now),
-            ts_recv: now,
-            trade_id: n.to_string(),
-            price: "1.5".into(),
-            size: "2".into(),
-            side: Some(Side::Buy),
-        }),
-    );
-    let (head, tail) = msg.id_split().expect("no id yet");
-    let cap = mdbridge::durable::StreamCap {
-        maxlen: 1000,
-        approximate: false,
-    };
-    mdbridge::bus::redis::append::AppendScript::new()
-        .append(
-            conn,
-            "md:stream:trade:binance:BTC-USDT",
-            "md:trade:binance:BTC-USDT",
-            cap,
-            &head,
-            &tail,
-        )
-        .await
-        .expect("append");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_pubsub_envelope_with_a_far_id_neither_reaches_bots_nor_silences_the_stream() {
     let redis = RedisServer::start();
@@ -322,13 +277,9 @@ async fn a_forged_pubsub_envelope_with_a_far_id_neither_reaches_bots_nor_silence
     bot.subscribe(&[channel]).await;
     let mut wild = Bot::connect(&ex.bots_url()).await;
     wild.subscribe(&["trade:*:*"]).await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut conn = common::streams::conn(&redis).await;
     let src = uuid::Uuid::new_v4();
-    append_trade(&mut conn, src, 1).await;
+    common::streams::append_one(&mut conn, channel, src, 1).await;
     for b in [&mut bot, &mut wild] {
         let (v, _) = b.until(WAIT, |v| v["type"] == "trade").await;
         assert_eq!(v["trade_id"], "1", "{v}");
@@ -347,7 +298,7 @@ async fn a_forged_pubsub_envelope_with_a_far_id_neither_reaches_bots_nor_silence
         .await
         .expect("publish");
     for n in 2..=4 {
-        append_trade(&mut conn, src, n).await;
+        common::streams::append_one(&mut conn, channel, src, n).await;
     }
     for b in [&mut bot, &mut wild] {
         let mut got = Vec::new();

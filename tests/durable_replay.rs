@@ -5,10 +5,8 @@
 mod common;
 
 use common::*;
-use mdbridge::bus::redis::append::{parse_id, AppendScript};
-use mdbridge::durable::{StreamCap, StreamId};
-use mdbridge::envelope::BusMessage;
-use mdbridge::event::{now_micros, Event, Exchange, Side, Trade};
+use mdbridge::bus::redis::append::parse_id;
+use mdbridge::durable::StreamId;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -18,32 +16,7 @@ const KEY: &str = "md:stream:trade:binance:BTC-USDT";
 
 /// Appends trade `n` (envelope seq `n`) with the real script; returns its stream id.
 async fn append(conn: &mut MultiplexedConnection, src: Uuid, n: u64) -> StreamId {
-    let now = now_micros();
-    let msg = BusMessage::encode(
-        src,
-        n,
-        now,
-        Event::Trade(Trade {
-            exchange: Exchange::Binance,
-            symbol: "BTC-USDT".into(),
-            ts: Some(now),
-            ts_recv: now,
-            trade_id: n.to_string(),
-            price: "1.5".into(),
-            size: "2".into(),
-            side: Some(Side::Buy),
-        }),
-    );
-    let (head, tail) = msg.id_split().expect("no id yet");
-    let cap = StreamCap {
-        maxlen: 100_000,
-        approximate: false,
-    };
-    let id = AppendScript::new()
-        .append(conn, KEY, "md:trade:binance:BTC-USDT", cap, &head, &tail)
-        .await
-        .expect("append");
-    parse_id(&id).expect("an id")
+    parse_id(&common::streams::append_one(conn, BTC, src, n).await).expect("an id")
 }
 
 /// Frames until `recovered`; returns (trade ids with their stream ids, the recovered frame,

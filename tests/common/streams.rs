@@ -37,43 +37,52 @@ pub async fn conn(redis: &RedisServer) -> MultiplexedConnection {
         .expect("connect")
 }
 
+/// Appends trade `seq` of publisher `src` to `channel`'s stream with the real append
+/// script (which also publishes it); returns the entry id.
+pub async fn append_one(
+    conn: &mut MultiplexedConnection,
+    channel: &str,
+    src: uuid::Uuid,
+    seq: u64,
+) -> String {
+    let symbol = channel.rsplit(':').next().expect("symbol");
+    let event = Event::Trade(Trade {
+        exchange: Exchange::Binance,
+        symbol: symbol.into(),
+        ts: Some(now_us()),
+        ts_recv: now_us(),
+        trade_id: seq.to_string(),
+        price: "100.5".into(),
+        size: "0.25".into(),
+        side: Some(Side::Buy),
+    });
+    let (head, tail) = BusMessage::encode(src, seq, now_us(), event)
+        .id_split()
+        .expect("no id yet");
+    let cap = StreamCap {
+        maxlen: 1000,
+        approximate: false,
+    };
+    AppendScript::new()
+        .append(
+            conn,
+            &key(channel),
+            &format!("md:{channel}"),
+            cap,
+            &head,
+            &tail,
+        )
+        .await
+        .expect("append")
+}
+
 /// Appends `n` trades to `channel`'s stream with the append script and registers it;
 /// returns the entry ids.
 pub async fn append(conn: &mut MultiplexedConnection, channel: &str, n: u64) -> Vec<String> {
-    let script = AppendScript::new();
-    let symbol = channel.rsplit(':').next().expect("symbol");
     let src = uuid::Uuid::new_v4();
     let mut ids = Vec::new();
     for seq in 1..=n {
-        let event = Event::Trade(Trade {
-            exchange: Exchange::Binance,
-            symbol: symbol.into(),
-            ts: Some(now_us()),
-            ts_recv: now_us(),
-            trade_id: seq.to_string(),
-            price: "100.5".into(),
-            size: "0.25".into(),
-            side: Some(Side::Buy),
-        });
-        let (head, tail) = BusMessage::encode(src, seq, now_us(), event)
-            .id_split()
-            .expect("no id yet");
-        let cap = StreamCap {
-            maxlen: 1000,
-            approximate: false,
-        };
-        let id = script
-            .append(
-                conn,
-                &key(channel),
-                &format!("md:{channel}"),
-                cap,
-                &head,
-                &tail,
-            )
-            .await
-            .expect("append");
-        ids.push(id);
+        ids.push(append_one(conn, channel, src, seq).await);
     }
     let _: u64 = redis::cmd("SADD")
         .arg("md:streams")
