@@ -530,6 +530,19 @@ impl Consumer {
     ) -> Result<(), End> {
         match source {
             Source::New | Source::Pending => {
+                let repeat = source == Source::New
+                    && self
+                        .streams
+                        .get(channel)
+                        .is_some_and(|s| s.trim.is_repeat(msg.src, msg.seq));
+                if repeat {
+                    // Never handed to the router: acked here, counted with redeliveries.
+                    crate::metrics::stream_redelivery_dropped();
+                    if let Some(id) = msg.id {
+                        self.note_ack(channel.clone(), id);
+                    }
+                    return Ok(());
+                }
                 let seen = self
                     .streams
                     .get_mut(channel)

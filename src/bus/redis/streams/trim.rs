@@ -47,6 +47,14 @@ pub(super) struct TrimTrack {
 }
 
 impl TrimTrack {
+    /// A new entry whose `seq` is not above the last one read from the same publisher in
+    /// this stream: appended again (a publisher re-sending after a lost reply) or an old
+    /// envelope re-appended by someone with write access (its id is not signed). Either
+    /// way the bots have it already.
+    pub fn is_repeat(&self, src: Uuid, seq: u64) -> bool {
+        self.seqs.get(&src).is_some_and(|&last| seq <= last)
+    }
+
     /// Records entry `id` (`src`, `seq`). `Some((missing, last id before))` when `seq`
     /// jumps ahead of the publisher's previous one in this stream.
     pub fn observe(&mut self, src: Uuid, seq: u64, id: StreamId) -> Option<(u64, StreamId)> {
