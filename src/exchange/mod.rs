@@ -70,11 +70,37 @@ pub enum ParseError {
     Payload { kind: &'static str, reason: String },
     #[error("unknown symbol `{0}` (no configured mapping and no known quote asset)")]
     UnknownSymbol(String),
+    /// A refused frame that still carried the venue's connection-wide message number: it
+    /// is counted like any refused frame, and the number still moves the connection on.
+    #[error("{source}")]
+    Numbered {
+        sequence: u64,
+        source: Box<ParseError>,
+    },
 }
 
 impl ParseError {
     pub fn recovery(&self) -> Recovery {
         Recovery::Skip
+    }
+
+    /// `self`, carrying `sequence` when there is one.
+    pub fn with_sequence(self, sequence: Option<u64>) -> ParseError {
+        match sequence {
+            Some(sequence) => ParseError::Numbered {
+                sequence,
+                source: Box::new(self),
+            },
+            None => self,
+        }
+    }
+
+    /// The connection-wide message number of the refused frame, where it had one.
+    pub fn sequence(&self) -> Option<u64> {
+        match self {
+            ParseError::Numbered { sequence, .. } => Some(*sequence),
+            _ => None,
+        }
     }
 }
 

@@ -111,14 +111,11 @@ impl Socket {
     }
 
     /// Checks the venue's connection-wide message number: `Err((expected, got))` when
-    /// messages went missing (or came twice) since the last one.
+    /// messages went missing since the last one. A number at or below the last one is let
+    /// be ("Sequence numbers that are less than the previous number can be ignored or
+    /// represent a message that has arrived out of order", Coinbase's WebSocket overview).
     pub(super) fn check_sequence(&mut self, seq: u64) -> Result<(), (u64, u64)> {
-        let expected = self.last_sequence.map(|last| last.wrapping_add(1));
-        self.last_sequence = Some(seq);
-        match expected {
-            Some(expected) if expected != seq => Err((expected, seq)),
-            _ => Ok(()),
-        }
+        next_sequence(&mut self.last_sequence, seq)
     }
 
     /// Sends the venue's unsubscribe `requests` (paced like the subscriptions, not awaited,
@@ -179,9 +176,39 @@ fn connect_cause(e: &WsError) -> String {
     }
 }
 
+/// [`Socket::check_sequence`] on its own: moves `last` on to `seq` unless `seq` is at or
+/// below it; `Err((expected, got))` when numbers were skipped.
+fn next_sequence(last: &mut Option<u64>, seq: u64) -> Result<(), (u64, u64)> {
+    match *last {
+        Some(prev) if seq <= prev => Ok(()),
+        Some(prev) if seq != prev.saturating_add(1) => {
+            *last = Some(seq);
+            Err((prev.saturating_add(1), seq))
+        }
+        _ => {
+            *last = Some(seq);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_numbers_gap_only_forward_and_late_ones_are_let_be() {
+        let mut last = None;
+        assert_eq!(next_sequence(&mut last, 5), Ok(()));
+        assert_eq!(next_sequence(&mut last, 6), Ok(()));
+        // Repeated or late: ignored, the count stays at 6.
+        assert_eq!(next_sequence(&mut last, 6), Ok(()));
+        assert_eq!(next_sequence(&mut last, 3), Ok(()));
+        assert_eq!(next_sequence(&mut last, 7), Ok(()));
+        // Skipped 8 and 9.
+        assert_eq!(next_sequence(&mut last, 10), Err((8, 10)));
+        assert_eq!(next_sequence(&mut last, 11), Ok(()));
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn open_err(url: String) -> String {

@@ -99,9 +99,10 @@ impl Feed {
         let parsed = match self.adapter.parse(buf, ts_recv) {
             Ok(p) => p,
             Err(e) => {
-                // Recovery::Skip for every parse error: count, log, carry on.
+                // Recovery::Skip for every parse error: count, log, carry on (its message
+                // number, if it had one, still counts).
                 self.invalid_frame(&e, bytes);
-                Vec::new()
+                e.sequence().map(Parsed::Sequence).into_iter().collect()
             }
         };
         // One large message (a Coinbase book snapshot) must not keep its buffer.

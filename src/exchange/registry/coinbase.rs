@@ -50,8 +50,10 @@ pub const DEFAULT_WS_URL: &str = "wss://advanced-trade-ws.coinbase.com";
 /// The only candle granularity the `candles` channel serves.
 pub const CANDLE_INTERVALS: [&str; 1] = ["5m"];
 const CANDLE_SECONDS: u64 = 300;
-/// Our pacing of subscribe requests (one per channel; the first must arrive within 5 s).
-const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(50);
+/// Our pacing of subscribe requests (one per channel; the first must arrive within 5 s):
+/// "WebSocket unauthenticated messages are rate-limited at 8 per second per IP address"
+/// (rate-limits page), so at most 8 a second.
+const SUBSCRIBE_PACING: std::time::Duration = std::time::Duration::from_millis(125);
 
 /// The channels we subscribe to, in this order; each request is keyed by its channel
 /// name, which is what the answer (a `subscriptions` message) lists.
@@ -80,9 +82,23 @@ pub struct CoinbaseAdapter {
 
 impl CoinbaseAdapter {
     pub fn new(label: Exchange, symbols: &[String]) -> CoinbaseAdapter {
+        let mut map: HashMap<String, String> =
+            symbols.iter().map(|s| (s.clone(), s.clone())).collect();
+        // "Subscribing to '-USDC' based products ... other channels will return the same
+        // data as the corresponding '-USD' based products" (channel docs; USDT-USDC and
+        // EURC-USDC excepted): a configured X-USDC is answered as X-USD and published under
+        // the configured name, unless X-USD is configured itself.
+        for s in symbols {
+            if let Some(base) = s.strip_suffix("-USDC") {
+                if base != "USDT" && base != "EURC" {
+                    map.entry(format!("{base}-USD"))
+                        .or_insert_with(|| s.clone());
+                }
+            }
+        }
         CoinbaseAdapter {
             label,
-            symbols: symbols.iter().map(|s| (s.clone(), s.clone())).collect(),
+            symbols: map,
         }
     }
 
@@ -356,8 +372,10 @@ impl CoinbaseAdapter {
     ) -> Result<(), ParseError> {
         let ts = time("status", m.timestamp)?;
         for e in m.events {
+            // The channel lists every product of the venue: only the feed's own matter.
+            let ours = |id: &str| self.symbols.is_empty() || self.symbols.contains_key(id);
             for p in e.products {
-                if p.status != "online" {
+                if p.status != "online" && ours(p.id) {
                     let why = p.status_message.filter(|m| !m.is_empty());
                     let detail = match why {
                         Some(why) => format!("{}: product status `{}`: {why}", p.id, p.status),
@@ -414,6 +432,15 @@ fn sniff(frame: &[u8]) -> Option<Fast> {
         b"heartbeats" => Fast::Heartbeats,
         _ => return None,
     })
+}
+
+/// The frame's `sequence_num`, read on its own (for a frame whose payload is refused).
+fn sequence_of(frame: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Numbered {
+        sequence_num: Option<u64>,
+    }
+    serde_json::from_slice::<Numbered>(frame).ok()?.sequence_num
 }
 
 /// One pass from the frame into `Message<E>`, its `sequence_num` first in `out`.
@@ -526,7 +553,17 @@ impl Adapter for CoinbaseAdapter {
 
     fn parse(&self, frame: &mut Vec<u8>, ts_recv: u64) -> Result<Vec<Parsed>, ParseError> {
         if let Some(channel) = sniff(frame) {
-            return self.parse_fast(frame, channel, ts_recv);
+            // A refused trade/ticker/candle payload (an unknown product, a bad field)
+            // still counts its `sequence_num`: nothing of a book was lost, so the next
+            // message must not look like a gap that resyncs every book of the socket. A
+            // refused `l2_data` frame keeps the gap: its book did miss an update.
+            let sequence = match channel {
+                Fast::L2 => None,
+                _ => sequence_of(frame),
+            };
+            return self
+                .parse_fast(frame, channel, ts_recv)
+                .map_err(|e| e.with_sequence(sequence));
         }
         let v = simd_json::to_borrowed_value(frame).map_err(|e| ParseError::Json(e.to_string()))?;
         if v.as_object().is_none() {
@@ -559,7 +596,9 @@ impl Adapter for CoinbaseAdapter {
             "subscriptions" => Self::subscriptions(&v, &mut out),
             // Keeps quiet channels open; its arrival alone feeds the staleness timer.
             "heartbeats" => {}
-            other => return Err(ParseError::UnknownEvent(other.to_string())),
+            // "New message types can be added at any time. Clients are expected to ignore
+            // messages they do not support" (WebSocket overview): only its number counts.
+            _ => {}
         }
         Ok(out)
     }

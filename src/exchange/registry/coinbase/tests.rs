@@ -126,7 +126,6 @@ fn malformed_and_unknown_messages_are_errors_not_panics() {
         br#"{"channel":"l2_data","timestamp":"2023-02-09T20:32:50Z","sequence_num":1,"events":[{"type":"update","product_id":"BTC-USD","updates":[{"side":"up","price_level":"1","new_quantity":"1"}]}]}"#,
         br#"{"channel":"l2_data","timestamp":"2023-02-09T20:32:50Z","sequence_num":1,"events":[{"type":"update","product_id":"DOGE-USD","updates":[]}]}"#,
         br#"{"channel":"candles","timestamp":"2023-02-09T20:32:50Z","sequence_num":1,"events":[{"type":"update","candles":[{"start":"soon","open":"1","high":"1","low":"1","close":"1","volume":"1","product_id":"BTC-USD"}]}]}"#,
-        br#"{"channel":"futures_balance_summary","timestamp":"2023-02-09T20:32:50Z","sequence_num":1,"events":[]}"#,
         br#"{"no":"channel"}"#,
     ] {
         assert!(adapter.parse(&mut bad.to_vec(), TS_RECV).is_err(), "{}", String::from_utf8_lossy(bad));
@@ -198,4 +197,62 @@ fn unsubscribe_requests_mirror_the_subscriptions() {
         level2,
         serde_json::json!({"type":"unsubscribe","product_ids":["ETH-USD","ETH-EUR"],"channel":"level2"})
     );
+}
+
+const DOGE_TRADE: &[u8] = br#"{"channel":"market_trades","client_id":"","timestamp":"2023-02-09T20:19:36.1Z","sequence_num":8,"events":[{"type":"update","trades":[{"trade_id":"1","product_id":"DOGE-USD","price":"0.1","size":"5","side":"BUY","time":"2023-02-09T20:19:36Z"}]}]}"#;
+
+#[test]
+fn unknown_channels_are_ignored_and_refused_non_book_frames_keep_their_number() {
+    let adapter = CoinbaseAdapter::new(Exchange::Coinbase, &["BTC-USD".into()]);
+    // "Clients are expected to ignore messages they do not support": only the number.
+    let unknown = br#"{"channel":"futures_balance_summary","timestamp":"2023-02-09T20:32:50Z","sequence_num":7,"events":[]}"#;
+    assert_eq!(
+        adapter.parse(&mut unknown.to_vec(), TS_RECV).unwrap(),
+        vec![Parsed::Sequence(7)]
+    );
+    // A trade of a product this feed does not carry is refused, yet numbered: the next
+    // message must not look like a gap.
+    let err = adapter
+        .parse(&mut DOGE_TRADE.to_vec(), TS_RECV)
+        .unwrap_err();
+    assert_eq!(err.sequence(), Some(8), "{err}");
+    // A refused book frame keeps no number: its book did miss an update (gap → resync).
+    let l2 = br#"{"channel":"l2_data","timestamp":"2023-02-09T20:32:50Z","sequence_num":9,"events":[{"type":"update","product_id":"DOGE-USD","updates":[]}]}"#;
+    let err = adapter.parse(&mut l2.to_vec(), TS_RECV).unwrap_err();
+    assert_eq!(err.sequence(), None, "{err}");
+}
+
+#[test]
+fn a_usdc_product_is_answered_as_usd_and_published_under_its_configured_name() {
+    let adapter = CoinbaseAdapter::new(
+        Exchange::Coinbase,
+        &["DOGE-USDC".into(), "USDT-USDC".into()],
+    );
+    let out = adapter.parse(&mut DOGE_TRADE.to_vec(), TS_RECV).unwrap();
+    let symbols: Vec<&str> = out
+        .iter()
+        .filter_map(|p| match p {
+            Parsed::Event(Event::Trade(t)) => Some(t.symbol.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(symbols, ["DOGE-USDC"]);
+    // USDT-USDC is its own market: USDT-USD is not taken for it.
+    assert!(adapter.symbol("USDT-USD").is_err());
+}
+
+#[test]
+fn status_reports_only_the_feeds_own_products() {
+    let frame = br#"{"channel":"status","client_id":"","timestamp":"2023-02-09T20:29:49.753424311Z","sequence_num":0,"events":[{"type":"snapshot","products":[{"product_type":"SPOT","id":"BTC-USD","base_currency":"BTC","quote_currency":"USD","base_increment":"0.00000001","quote_increment":"0.01","display_name":"BTC/USD","status":"delisted","status_message":"","min_market_funds":"1"},{"product_type":"SPOT","id":"DOGE-USD","base_currency":"DOGE","quote_currency":"USD","base_increment":"0.1","quote_increment":"0.00001","display_name":"DOGE/USD","status":"delisted","status_message":"","min_market_funds":"1"}]}]}"#;
+    let adapter = CoinbaseAdapter::new(Exchange::Coinbase, &["BTC-USD".into()]);
+    let out = adapter.parse(&mut frame.to_vec(), TS_RECV).unwrap();
+    let details: Vec<String> = out
+        .iter()
+        .filter_map(|p| match p {
+            Parsed::Event(Event::Status(s)) => s.detail.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(details.len(), 1, "{details:?}");
+    assert!(details[0].starts_with("BTC-USD:"), "{details:?}");
 }
