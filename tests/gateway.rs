@@ -696,8 +696,10 @@ async fn shutdown_flushes_and_sends_a_close_frame() {
 
 #[tokio::test]
 async fn silent_bot_is_closed_after_three_ping_intervals() {
+    // Silence of 3 × 300 ms: long enough that a live bot on a loaded machine (the test
+    // suite runs many binaries at once) is never mistaken for a silent one.
     let cfg = BotsConfig {
-        ping_interval_ms: 50,
+        ping_interval_ms: 300,
         ..config()
     };
     let h = start(cfg).await;
@@ -708,9 +710,14 @@ async fn silent_bot_is_closed_after_three_ping_intervals() {
     // The live bot keeps reading, so its client library answers pings.
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = live.next().await {} });
     wait_until("the silent bot to be closed", || {
-        h.stats.snapshot().clients == 1
+        h.stats.snapshot().clients <= 1
     })
     .await;
+    assert_eq!(
+        h.stats.snapshot().clients,
+        1,
+        "the bot that answers pings stays"
+    );
     assert!(!reader.is_finished(), "the bot that answers pings stays");
     h.stop().await;
 }
